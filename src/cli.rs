@@ -1,0 +1,256 @@
+//! The command line: options and operands, parsed with clap. Nothing here touches files.
+
+use clap::{ArgAction, Parser};
+use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+Operands:
+  SRC DST              modern form; either side may be [user@]host:path (remote, over ssh)
+  SRC HOST [DST]       blocksync.py form; HOST 'localhost' is a local sync, DST defaults to SRC
+  --pull DST HOST SRC  blocksync.py pull: local destination first, remote source last
+  A word with a colon before any slash is host:path. In a two-operand call, a second word
+  with neither '/' nor ':' could be a host or a file: blocksync refuses and names both.
+
+Examples:
+  blocksync /dev/sda /dev/sdb                  copy a failing disk onto a new one
+  blocksync vm.img ./backup/vm.img             sync an image file locally, only changed blocks
+  blocksync -n vm.img ./backup/vm.img          dry run: report what differs, write nothing
+  blocksync /dev/vg/data backup:/srv/data.img  push a volume to a backup host over ssh
+  blocksync backup:/srv/data.img /dev/vg/data  pull it back
+  blocksync -b 4M /dev/sda localhost /dev/sdb  the blocksync.py form, local
+
+Exit codes:
+  0 success (destination equals source)   2 bad command line
+  3 source unusable        4 destination unusable       5 destination device too small
+  6 destination in use     7 same file on both sides    8 not confirmed (use -f)
+  10 I/O error in sync     11 ssh/remote failure        12 protocol error
+  130 interrupted          1 internal error";
+
+/// blocksync: sync a file or block device onto another, locally or over ssh, writing only the
+/// blocks that differ.
+#[derive(Debug, Parser)]
+#[command(
+    name = "blocksync",
+    version,
+    about = "Sync a file or block device onto another, locally or over ssh, sending only changed blocks",
+    after_help = AFTER_HELP,
+    max_term_width = 100
+)]
+pub struct Args {
+    /// SRC DST, or SRC HOST [DST] (blocksync.py form); see below.
+    #[arg(value_name = "OPERANDS", num_args = 2..=3, required = true)]
+    pub operands: Vec<String>,
+
+    /// Pull: the first operand is the local destination, the last the remote source.
+    #[arg(long)]
+    pub pull: bool,
+
+    /// Block size compared and sent, with K/M/G suffix (4K..1G).
+    #[arg(
+        short = 'b',
+        long = "blocksize",
+        value_name = "SIZE",
+        default_value = "1M"
+    )]
+    pub block_size: String,
+
+    /// Report what differs; write nothing, create nothing.
+    #[arg(short = 'n', long = "dry-run", visible_alias = "dryrun")]
+    pub dry_run: bool,
+
+    /// Do not ask before changing an existing destination.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+
+    /// Write to a destination device even if it is mounted or in use (dangerous).
+    #[arg(long)]
+    pub force_mounted: bool,
+
+    /// Digest per block for remote syncs: blake3 (default), xxh3 (fast), sha256.
+    #[arg(
+        short = '1',
+        long = "hash",
+        value_name = "NAME",
+        default_value = "blake3"
+    )]
+    pub hash: String,
+
+    /// A second digest per block (remote syncs), same names as --hash.
+    #[arg(short = '2', long = "additionalhash", value_name = "NAME")]
+    pub additional_hash: Option<String>,
+
+    /// Parallel ssh streams over disjoint ranges (remote syncs).
+    #[arg(short = 'w', long, value_name = "N", default_value_t = 1)]
+    pub workers: u32,
+
+    /// Delay in ms between starting workers (blocksync.py; accepted, streams start at once).
+    #[arg(short = 'l', long, value_name = "MS")]
+    pub splay: Option<u64>,
+
+    /// Drop page cache after use, bitmask: 1 local side, 2 remote side (default 0: keep cache).
+    #[arg(short = 'd', long, value_name = "MASK", default_value_t = 0)]
+    pub fadvise: u8,
+
+    /// Sleep this many ms after each block (crude rate limit).
+    #[arg(short = 'p', long, value_name = "MS", default_value_t = 0)]
+    pub pause: u64,
+
+    /// ssh cipher (ssh -c), e.g. aes128-gcm@openssh.com.
+    #[arg(short = 'c', long, value_name = "CIPHER")]
+    pub cipher: Option<String>,
+
+    /// Compress changed blocks with zstd at LEVEL (remote default 3; write -C or --compress=N).
+    #[arg(short = 'C', long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "3")]
+    pub compress: Option<i32>,
+
+    /// Do not compress changed blocks.
+    #[arg(long, conflicts_with = "compress")]
+    pub no_compress: bool,
+
+    /// ssh identity file (ssh -i).
+    #[arg(short = 'i', long = "id", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+
+    /// Name of an environment variable holding the ssh password (uses sshpass).
+    #[arg(short = 'P', long = "pass", value_name = "ENVVAR")]
+    pub pass: Option<String>,
+
+    /// Run the remote side with sudo -n.
+    #[arg(short = 's', long)]
+    pub sudo: bool,
+
+    /// Extra ssh arguments, split shell-style.
+    #[arg(
+        short = 'x',
+        long = "extraparams",
+        value_name = "ARGS",
+        allow_hyphen_values = true
+    )]
+    pub extra_params: Option<String>,
+
+    /// Remote shell command instead of ssh, like rsync -e.
+    #[arg(short = 'e', long = "rsh", value_name = "CMD")]
+    pub rsh: Option<String>,
+
+    /// Create the destination if missing (blocksync.py; always done, accepted).
+    #[arg(short = 'T', long = "createdest")]
+    pub create_dest: bool,
+
+    /// Path of blocksync on the remote machine.
+    #[arg(
+        short = 'S',
+        long = "script",
+        visible_alias = "remote-bin",
+        value_name = "PATH"
+    )]
+    pub remote_bin: Option<String>,
+
+    /// Remote interpreter (blocksync.py; accepted, none is needed).
+    #[arg(short = 'I', long, value_name = "NAME")]
+    pub interpreter: Option<String>,
+
+    /// Seconds between progress lines when not on a terminal (with -v).
+    #[arg(short = 't', long, value_name = "SECS", default_value_t = 1.0)]
+    pub interval: f64,
+
+    /// Append the log (notes, summary, errors) to FILE.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Print only errors.
+    #[arg(short = 'q', long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More output; progress lines every -t seconds when not on a terminal.
+    #[arg(short = 'v', long, action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Show the progress bar even when stderr is not a terminal.
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+
+    /// Never show the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_valid() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn seed_short_options_parse() {
+        let a = Args::try_parse_from([
+            "blocksync",
+            "-w",
+            "2",
+            "-l",
+            "100",
+            "-b",
+            "4M",
+            "-1",
+            "xxh3",
+            "-2",
+            "sha256",
+            "-d",
+            "1",
+            "-p",
+            "5",
+            "-c",
+            "aes128-gcm@openssh.com",
+            "-C",
+            "-i",
+            "/k",
+            "-P",
+            "PW",
+            "-s",
+            "-x",
+            "-o StrictHostKeyChecking=no",
+            "-n",
+            "-T",
+            "-S",
+            "/usr/bin/blocksync",
+            "-I",
+            "python3",
+            "-t",
+            "2",
+            "-o",
+            "/tmp/log",
+            "-f",
+            "/a",
+            "localhost",
+            "/b",
+        ])
+        .unwrap();
+        assert_eq!(a.workers, 2);
+        assert_eq!(a.block_size, "4M");
+        assert_eq!(a.hash, "xxh3");
+        assert_eq!(a.compress, Some(3));
+        assert_eq!(
+            a.extra_params.as_deref(),
+            Some("-o StrictHostKeyChecking=no")
+        );
+        assert!(a.dry_run && a.force && a.sudo && a.create_dest);
+        assert_eq!(a.operands, vec!["/a", "localhost", "/b"]);
+    }
+
+    #[test]
+    fn compress_level_needs_equals() {
+        let a = Args::try_parse_from(["blocksync", "--compress=7", "/a", "/b"]).unwrap();
+        assert_eq!(a.compress, Some(7));
+        let a = Args::try_parse_from(["blocksync", "-C", "/a", "/b"]).unwrap();
+        assert_eq!(a.compress, Some(3));
+        assert_eq!(a.operands.len(), 2);
+    }
+}

@@ -1,0 +1,160 @@
+//! The destination half: reads the destination a chunk at a time on its own thread and
+//! reports it (bytes or digests), while this thread writes the changed ranges it receives,
+//! then resizes a file destination, flushes, and confirms.
+
+use super::{Compare, Config, Stats};
+use crate::error::{Kind, os_text};
+use crate::pool::Pool;
+use crate::protocol::{ToDest, ToSource};
+use crate::target::{self, Advice, Target, TargetKind};
+use crossbeam_channel::{Receiver, Sender};
+
+/// Runs the destination half until the source says it is finished (or goes away).
+/// Failures are reported to the source as [`ToSource::Failed`].
+pub fn run(
+    dest: Option<&Target>,
+    config: &Config,
+    from_source: Receiver<ToDest>,
+    to_source: Sender<ToSource>,
+    stats: &Stats,
+) {
+    let pool = Pool::new(config.buffers, config.layout.chunk as usize);
+    if let Some(d) = dest {
+        target::advise(&d.file, 0, 0, Advice::Sequential);
+    }
+    std::thread::scope(|s| {
+        let reader_tx = to_source.clone();
+        s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats));
+        write_dest(dest, config, from_source, to_source, stats);
+    });
+}
+
+fn failed(kind: Kind, message: String) -> ToSource {
+    ToSource::Failed { kind, message }
+}
+
+fn read_dest(
+    dest: Option<&Target>,
+    config: &Config,
+    pool: &Pool,
+    out: Sender<ToSource>,
+    stats: &Stats,
+) {
+    let layout = config.layout;
+    let have_size = dest.map_or(0, |d| d.size);
+    for index in 0..layout.chunks() {
+        let (offset, len) = layout.chunk_at(index);
+        let have = have_size.saturating_sub(offset).min(len as u64) as usize;
+        let mut data = pool.get(have);
+        if let Some(d) = dest.filter(|_| have > 0) {
+            match target::read_full_at(&d.file, &mut data, offset) {
+                Ok(n) => {
+                    data.truncate(n);
+                    Stats::add(&stats.dest_read, n as u64);
+                    if config.drop_cache {
+                        target::advise(&d.file, offset, n as u64, Advice::DontNeed);
+                    }
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "reading destination {} at byte {offset}: {}",
+                        d.path.display(),
+                        os_text(&e)
+                    );
+                    let _ = out.send(failed(Kind::Io, msg));
+                    return;
+                }
+            }
+        }
+        let msg = match config.compare {
+            Compare::Bytes => ToSource::Bytes { index, data },
+            Compare::Digest(kind) => {
+                let block = layout.block as usize;
+                // A block counts only if the destination holds all of it.
+                let full = if data.len() == len {
+                    len.div_ceil(block)
+                } else {
+                    data.len() / block
+                };
+                let digests = data
+                    .chunks(block)
+                    .take(full)
+                    .map(|b| kind.digest(b))
+                    .collect();
+                ToSource::Digests { index, digests }
+            }
+        };
+        if out.send(msg).is_err() {
+            return; // the source finished or failed; it no longer needs our reads
+        }
+    }
+}
+
+fn write_dest(
+    dest: Option<&Target>,
+    config: &Config,
+    from_source: Receiver<ToDest>,
+    to_source: Sender<ToSource>,
+    stats: &Stats,
+) {
+    let mut written = 0u64;
+    let writable = dest.filter(|_| !config.dry_run);
+    loop {
+        let msg = from_source.recv();
+        let (finish, size) = match msg {
+            Ok(ToDest::Write { offset, data }) => {
+                let Some(d) = writable else {
+                    let _ = to_source.send(failed(
+                        Kind::Protocol,
+                        "source sent a block in a dry run".into(),
+                    ));
+                    return;
+                };
+                if let Err(e) = target::write_full_at(&d.file, &data, offset) {
+                    let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+                        "; free space on it and run again to resume"
+                    } else {
+                        ""
+                    };
+                    let msg = format!(
+                        "writing destination {} at byte {offset}: {}{hint}",
+                        d.path.display(),
+                        os_text(&e)
+                    );
+                    let _ = to_source.send(failed(Kind::Io, msg));
+                    return;
+                }
+                written += data.len() as u64;
+                Stats::add(&stats.written, data.len() as u64);
+                continue;
+            }
+            Ok(ToDest::Finish { size }) => (true, size),
+            Ok(ToDest::Abort) | Err(_) => (false, 0),
+        };
+        if let Some(d) = writable {
+            if finish
+                && d.kind == TargetKind::File
+                && d.size != size
+                && let Err(e) = d.file.set_len(size)
+            {
+                let msg = format!(
+                    "resizing destination {} to {size} bytes: {}",
+                    d.path.display(),
+                    os_text(&e)
+                );
+                let _ = to_source.send(failed(Kind::Io, msg));
+                return;
+            }
+            if let Err(e) = d.file.sync_all() {
+                let msg = format!("flushing destination {}: {}", d.path.display(), os_text(&e));
+                let _ = to_source.send(failed(Kind::Io, msg));
+                return;
+            }
+            if config.drop_cache {
+                target::advise(&d.file, 0, 0, Advice::DontNeed);
+            }
+        }
+        let _ = to_source.send(ToSource::Done { written });
+        return;
+    }
+}

@@ -1,0 +1,176 @@
+//! The sync engine: a source half that reads, compares and decides what to send, and a
+//! destination half that reads, writes and flushes. They talk only through
+//! [`crate::protocol`] messages; [`sync_local`] runs both halves in one process.
+//!
+//! Both halves are pipelines: a reader thread per side fills pooled buffers a chunk
+//! (several blocks) at a time, while the other threads compare and write, so reading,
+//! comparing and writing overlap and memory stays bounded by the pools.
+
+pub mod dest;
+pub mod source;
+
+use crate::error::Result;
+use crate::hash::HashKind;
+use crate::protocol::{ToDest, ToSource};
+use crate::target::Target;
+use crossbeam_channel::bounded;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Reads are grouped into chunks of about this many bytes: large enough that per-read
+/// and per-message costs vanish, small enough that a few of them bound memory.
+pub const CHUNK_TARGET: u64 = 4 << 20;
+
+/// How the sync's byte range is cut into chunks and blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes to sync (the source size).
+    pub size: u64,
+    /// Block size: the unit compared and written.
+    pub block: u64,
+    /// Chunk size: the unit read and passed between threads, a multiple of `block`.
+    pub chunk: u64,
+}
+
+impl Layout {
+    /// A layout for `size` bytes in blocks of `block` bytes.
+    pub fn new(size: u64, block: u64) -> Self {
+        assert!(block > 0);
+        let per_chunk = (CHUNK_TARGET / block).max(1);
+        Layout {
+            size,
+            block,
+            chunk: per_chunk * block,
+        }
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk)
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(self.block)
+    }
+
+    /// Byte offset and length of chunk `index`.
+    pub fn chunk_at(&self, index: u64) -> (u64, usize) {
+        let offset = index * self.chunk;
+        (offset, (self.size - offset).min(self.chunk) as usize)
+    }
+}
+
+/// How the source half compares its blocks with the destination's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// The destination sends its bytes; compare them directly (one process only).
+    Bytes,
+    /// The destination sends block digests; the source hashes its blocks the same way.
+    Digest(HashKind),
+}
+
+/// Settings shared by both halves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Chunks and blocks.
+    pub layout: Layout,
+    /// Bytes or digests.
+    pub compare: Compare,
+    /// Decide and report, write nothing.
+    pub dry_run: bool,
+    /// Sleep after each block (crude rate limit).
+    pub pause: Duration,
+    /// Drop read data from the page cache after use.
+    pub drop_cache: bool,
+    /// Buffers per reader pool.
+    pub buffers: usize,
+}
+
+impl Config {
+    /// Defaults for `layout`: byte comparison, four buffers per side.
+    pub fn new(layout: Layout) -> Self {
+        Config {
+            layout,
+            compare: Compare::Bytes,
+            dry_run: false,
+            pause: Duration::ZERO,
+            drop_cache: false,
+            buffers: 4,
+        }
+    }
+}
+
+/// Counters both halves update as they go; read by the progress display and the summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes read from the source.
+    pub source_read: AtomicU64,
+    /// Bytes read from the destination.
+    pub dest_read: AtomicU64,
+    /// Bytes written to the destination.
+    pub written: AtomicU64,
+    /// Blocks found equal.
+    pub blocks_same: AtomicU64,
+    /// Blocks found different (written, or to be written in a dry run).
+    pub blocks_changed: AtomicU64,
+    /// Bytes of the changed blocks (what a dry run would write).
+    pub changed_bytes: AtomicU64,
+    /// Source bytes compared so far (progress).
+    pub done: AtomicU64,
+}
+
+impl Stats {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Runs both halves in this process: `dest` is `None` only in a dry run onto a missing
+/// destination. Returns when the destination has confirmed everything is flushed.
+pub fn sync_local(
+    src: &Target,
+    dest: Option<&Target>,
+    config: &Config,
+    stats: &Stats,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let (to_dest, from_source) = bounded::<ToDest>(config.buffers * 16);
+    let (to_source, from_dest) = bounded::<ToSource>(config.buffers);
+    std::thread::scope(|s| {
+        let dest_half = s.spawn(move || dest::run(dest, config, from_source, to_source, stats));
+        let result = source::run(src, config, to_dest, from_dest, stats, cancel);
+        // The destination half reports its own failures through messages; a panic is a bug.
+        let joined = dest_half.join();
+        if joined.is_err() {
+            return Err(crate::error::Error::new(
+                crate::error::Kind::Internal,
+                "destination thread panicked",
+            ));
+        }
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_covers_size_exactly() {
+        let l = Layout::new(10 * CHUNK_TARGET + 5, 1 << 20);
+        assert_eq!(l.chunks(), 11);
+        assert_eq!(l.chunk_at(10), (10 * CHUNK_TARGET, 5));
+        assert_eq!(l.blocks(), 10 * 4 + 1);
+        let l = Layout::new(0, 4096);
+        assert_eq!(l.chunks(), 0);
+        let l = Layout::new(100, 8 << 20);
+        assert_eq!(l.chunk, 8 << 20);
+        assert_eq!(l.chunk_at(0), (0, 100));
+    }
+}

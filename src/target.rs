@@ -1,0 +1,468 @@
+//! Opening the files and block devices a sync reads and writes: kinds, exact sizes, the
+//! checks made before anything is written (directory, same file, mounted or held device),
+//! positioned I/O helpers and page-cache advice.
+
+use crate::error::{Error, Kind, Result};
+use std::fs::{File, Metadata, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// What a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A regular file: its size follows the source.
+    File,
+    /// A block device: fixed size, never resized.
+    BlockDevice,
+}
+
+impl TargetKind {
+    /// "file" or "block device", for messages and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::File => "file",
+            TargetKind::BlockDevice => "block device",
+        }
+    }
+}
+
+/// Identity of a file or device, for the same-file check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Device holding the inode.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// For block devices, the device number they stand for.
+    pub rdev: Option<u64>,
+}
+
+impl Identity {
+    fn of(meta: &Metadata) -> Self {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            rdev: meta.file_type().is_block_device().then(|| meta.rdev()),
+        }
+    }
+}
+
+/// An open file or device with its kind and exact size.
+#[derive(Debug)]
+pub struct Target {
+    /// The path as the user gave it.
+    pub path: PathBuf,
+    /// The open handle.
+    pub file: File,
+    /// File or block device.
+    pub kind: TargetKind,
+    /// Size in bytes (the block-device ioctl for devices).
+    pub size: u64,
+    /// Who it is, for the same-file check.
+    pub id: Identity,
+}
+
+/// What the destination path is before anything is written.
+#[derive(Debug)]
+pub struct DestProbe {
+    /// The path as the user gave it.
+    pub path: PathBuf,
+    /// `None` when the destination does not exist yet (it will be created).
+    pub existing: Option<Existing>,
+}
+
+/// An existing destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Existing {
+    /// File or block device.
+    pub kind: TargetKind,
+    /// Current size.
+    pub size: u64,
+    /// Who it is.
+    pub id: Identity,
+}
+
+fn kind_of(meta: &Metadata, what: &str, path: &Path, err_kind: Kind) -> Result<TargetKind> {
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Ok(TargetKind::File)
+    } else if ft.is_block_device() {
+        Ok(TargetKind::BlockDevice)
+    } else if ft.is_dir() {
+        Err(Error::new(
+            err_kind,
+            format!(
+                "{what} {} is a directory; give a file or block device path",
+                path.display()
+            ),
+        ))
+    } else {
+        Err(Error::new(
+            err_kind,
+            format!(
+                "{what} {} is not a regular file or block device; blocksync syncs files and block devices",
+                path.display()
+            ),
+        ))
+    }
+}
+
+/// Exact size of an open block device, from the BLKGETSIZE64 ioctl.
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    use rustix::ioctl::{Getter, ioctl, opcode};
+    // BLKGETSIZE64 is _IOR(0x12, 114, size_t).
+    const BLKGETSIZE64: rustix::ioctl::Opcode = opcode::read::<u64>(0x12, 114);
+    // SAFETY: BLKGETSIZE64 writes one u64, which is what the Getter provides.
+    let size = unsafe { ioctl(file, Getter::<BLKGETSIZE64, u64>::new()) }?;
+    Ok(size)
+}
+
+fn size_of(file: &File, kind: TargetKind, meta: &Metadata) -> io::Result<u64> {
+    match kind {
+        TargetKind::File => Ok(meta.len()),
+        TargetKind::BlockDevice => block_device_size(file),
+    }
+}
+
+fn hint_for(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::NotFound => "check the path",
+        io::ErrorKind::PermissionDenied => "run as root or fix its permissions",
+        _ => "",
+    }
+}
+
+/// Opens the source for reading and finds its kind and size.
+pub fn open_source(path: &Path) -> Result<Target> {
+    open_read(path, "source", Kind::Source)
+}
+
+/// Opens `path` read-only and finds its kind and size; errors call it `what` and have
+/// `kind`.
+pub fn open_read(path: &Path, what: &str, kind: Kind) -> Result<Target> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(kind, what, path, &e, hint_for(&e)))?;
+    let tkind = kind_of(&meta, what, path, kind)?;
+    let file = File::open(path).map_err(|e| Error::io(kind, what, path, &e, hint_for(&e)))?;
+    let size = size_of(&file, tkind, &meta)
+        .map_err(|e| Error::io(kind, what, path, &e, "cannot read its size"))?;
+    Ok(Target {
+        path: path.to_path_buf(),
+        file,
+        kind: tkind,
+        size,
+        id: Identity::of(&meta),
+    })
+}
+
+/// Looks at the destination without changing anything: exists or not, kind, size.
+pub fn probe_destination(path: &Path) -> Result<DestProbe> {
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let kind = kind_of(&meta, "destination", path, Kind::Destination)?;
+            let size = match kind {
+                TargetKind::File => meta.len(),
+                TargetKind::BlockDevice => {
+                    let f = File::open(path).map_err(|e| {
+                        Error::io(Kind::Destination, "destination", path, &e, hint_for(&e))
+                    })?;
+                    block_device_size(&f).map_err(|e| {
+                        Error::io(
+                            Kind::Destination,
+                            "destination",
+                            path,
+                            &e,
+                            "cannot read its size",
+                        )
+                    })?
+                }
+            };
+            Ok(DestProbe {
+                path: path.to_path_buf(),
+                existing: Some(Existing {
+                    kind,
+                    size,
+                    id: Identity::of(&meta),
+                }),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            match std::fs::metadata(parent) {
+                Ok(m) if m.is_dir() => Ok(DestProbe {
+                    path: path.to_path_buf(),
+                    existing: None,
+                }),
+                Ok(_) => Err(Error::new(
+                    Kind::Destination,
+                    format!(
+                        "destination {}: {} is not a directory; check the path",
+                        path.display(),
+                        parent.display()
+                    ),
+                )),
+                Err(e) => Err(Error::new(
+                    Kind::Destination,
+                    format!(
+                        "destination {}: directory {} does not exist ({}); create it first",
+                        path.display(),
+                        parent.display(),
+                        crate::error::os_text(&e)
+                    ),
+                )),
+            }
+        }
+        Err(e) => Err(Error::io(
+            Kind::Destination,
+            "destination",
+            path,
+            &e,
+            hint_for(&e),
+        )),
+    }
+}
+
+/// `"MAJ:MIN"` of a device number, as /proc and /sys spell it.
+fn dev_name(rdev: u64) -> String {
+    format!("{}:{}", libc::major(rdev), libc::minor(rdev))
+}
+
+/// The file a loop device reads from, if `rdev` is a bound loop device.
+pub fn loop_backing_file(rdev: u64) -> Option<PathBuf> {
+    let p = format!("/sys/dev/block/{}/loop/backing_file", dev_name(rdev));
+    let text = std::fs::read_to_string(p).ok()?;
+    let t = text.trim_end_matches('\n');
+    (!t.is_empty()).then(|| PathBuf::from(t))
+}
+
+/// Whether two identities are the same data: same inode, same device, or a loop device
+/// over the other's file.
+pub fn same_data(a: &Identity, b: &Identity) -> bool {
+    if a.dev == b.dev && a.ino == b.ino {
+        return true;
+    }
+    if let (Some(x), Some(y)) = (a.rdev, b.rdev)
+        && x == y
+    {
+        return true;
+    }
+    let backs = |dev: &Identity, file: &Identity| -> bool {
+        let Some(rdev) = dev.rdev else { return false };
+        let Some(backing) = loop_backing_file(rdev) else {
+            return false;
+        };
+        std::fs::metadata(backing)
+            .map(|m| m.dev() == file.dev && m.ino() == file.ino)
+            .unwrap_or(false)
+    };
+    backs(a, b) || backs(b, a)
+}
+
+/// Device numbers of `rdev` and its partitions.
+fn device_and_partitions(rdev: u64) -> Vec<(String, u64)> {
+    let mut out = vec![(dev_name(rdev), rdev)];
+    let dir = format!("/sys/dev/block/{}", dev_name(rdev));
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path().join("dev")) else {
+                continue;
+            };
+            if e.path().join("partition").exists()
+                && let Some((ma, mi)) = text.trim().split_once(':')
+                && let (Ok(ma), Ok(mi)) = (ma.parse::<u32>(), mi.parse::<u32>())
+            {
+                out.push((text.trim().to_string(), libc::makedev(ma, mi)));
+            }
+        }
+    }
+    out
+}
+
+/// Why a block device is in use (mounted, swap, held by LVM/md/dm), or `None` when free.
+pub fn device_in_use(rdev: u64) -> Option<String> {
+    let devs = device_and_partitions(rdev);
+    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in info.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() > 4
+                && let Some((name, _)) = devs.iter().find(|(n, _)| n == f[2])
+            {
+                return Some(format!("device {name} is mounted on {}", f[4]));
+            }
+        }
+    }
+    if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
+        for line in swaps.lines().skip(1) {
+            let Some(p) = line.split_whitespace().next() else {
+                continue;
+            };
+            if let Ok(m) = std::fs::metadata(p)
+                && m.file_type().is_block_device()
+                && devs.iter().any(|(_, d)| *d == m.rdev())
+            {
+                return Some(format!("it is in use as swap ({p})"));
+            }
+        }
+    }
+    for (name, _) in &devs {
+        if let Ok(mut holders) = std::fs::read_dir(format!("/sys/dev/block/{name}/holders"))
+            && let Some(Ok(h)) = holders.next()
+        {
+            return Some(format!(
+                "device {name} is held by {} (LVM, md, dm or similar)",
+                h.file_name().to_string_lossy()
+            ));
+        }
+    }
+    None
+}
+
+/// Opens (and for a missing file, creates) the destination for reading and writing.
+/// Block devices are opened with O_EXCL unless `force_mounted`, which the kernel refuses
+/// while the device is mounted or claimed, and which keeps others from claiming it meanwhile.
+pub fn open_destination(probe: &DestProbe, force_mounted: bool) -> Result<Target> {
+    let path = &probe.path;
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true);
+    let excl_device =
+        matches!(probe.existing, Some(e) if e.kind == TargetKind::BlockDevice) && !force_mounted;
+    if excl_device {
+        opts.custom_flags(libc::O_EXCL);
+    }
+    if probe.existing.is_none() {
+        opts.create_new(true).mode(0o644);
+    }
+    let file = opts.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            Error::new(
+                Kind::Busy,
+                format!(
+                    "destination {} is in use (mounted or claimed by the kernel); unmount it, or pass --force-mounted",
+                    path.display()
+                ),
+            )
+        } else {
+            Error::io(Kind::Destination, "destination", path, &e, hint_for(&e))
+        }
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(Kind::Destination, "destination", path, &e, ""))?;
+    let kind = kind_of(&meta, "destination", path, Kind::Destination)?;
+    let size = size_of(&file, kind, &meta).map_err(|e| {
+        Error::io(
+            Kind::Destination,
+            "destination",
+            path,
+            &e,
+            "cannot read its size",
+        )
+    })?;
+    Ok(Target {
+        path: path.clone(),
+        file,
+        kind,
+        size,
+        id: Identity::of(&meta),
+    })
+}
+
+/// Reads into `buf` at `offset` until it is full or the end of the file; returns the
+/// number of bytes read (short only at the end).
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes all of `data` at `offset`.
+pub fn write_full_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    file.write_all_at(data, offset)
+}
+
+/// Page-cache advice for a whole file.
+#[derive(Debug, Clone, Copy)]
+pub enum Advice {
+    /// We read front to back: read ahead more.
+    Sequential,
+    /// We are done with this range: drop it from the cache.
+    DontNeed,
+}
+
+/// Gives the kernel page-cache advice for `len` bytes at `offset` (0 = to the end).
+/// Advice is a hint: failures are ignored on purpose.
+pub fn advise(file: &File, offset: u64, len: u64, advice: Advice) {
+    use rustix::fs::{Advice as A, fadvise};
+    let a = match advice {
+        Advice::Sequential => A::Sequential,
+        Advice::DontNeed => A::DontNeed,
+    };
+    let _ = fadvise(file, offset, std::num::NonZeroU64::new(len), a);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_errors_name_path_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let e = open_source(&missing).unwrap_err();
+        assert_eq!(e.kind, Kind::Source);
+        assert!(e.message.contains("nope") && e.message.contains("No such file"));
+        let e = open_source(dir.path()).unwrap_err();
+        assert!(e.message.contains("is a directory"), "{e}");
+        let e = open_source(Path::new("/dev/null")).unwrap_err();
+        assert!(e.message.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn probe_missing_destination_needs_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = probe_destination(&dir.path().join("new")).unwrap();
+        assert!(p.existing.is_none());
+        let e = probe_destination(&dir.path().join("no/such/new")).unwrap_err();
+        assert_eq!(e.kind, Kind::Destination);
+        assert!(e.message.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn same_file_through_hard_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"x").unwrap();
+        let b = dir.path().join("b");
+        std::fs::hard_link(&a, &b).unwrap();
+        let ta = open_source(&a).unwrap();
+        let pb = probe_destination(&b).unwrap();
+        assert!(same_data(&ta.id, &pb.existing.unwrap().id));
+        let c = dir.path().join("c");
+        std::fs::write(&c, b"x").unwrap();
+        let pc = probe_destination(&c).unwrap();
+        assert!(!same_data(&ta.id, &pc.existing.unwrap().id));
+    }
+
+    #[test]
+    fn read_full_at_stops_at_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, vec![7u8; 1000]).unwrap();
+        let f = File::open(&a).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(read_full_at(&f, &mut buf, 0).unwrap(), 1000);
+        assert_eq!(read_full_at(&f, &mut buf, 900).unwrap(), 100);
+        assert_eq!(read_full_at(&f, &mut buf, 5000).unwrap(), 0);
+    }
+}
