@@ -60,3 +60,695 @@ pub enum ToSource {
         message: String,
     },
 }
+
+// ---------------------------------------------------------------------------------------
+// Wire format, for halves on two machines.
+//
+// The server (the remote side) first writes [`GREETING`]. Then every message is a frame:
+// a little-endian u32 length (of what follows), a type byte, and the payload. Lengths are
+// bounded by [`MAX_FRAME`] before anything is allocated; every decoder checks each field
+// and rejects truncated, oversized or trailing bytes with an error, never a panic.
+//
+// Conversation: client Hello -> server Reply (or Failed) -> client Go (or Quit), then the
+// engine messages both ways at once (digests one way, writes the other), ending with the
+// source's Finish or Abort and the destination's Done (or Failed).
+
+use crate::hash::{HashKind, MAX_DIGEST};
+use std::io::{self, Read, Write};
+
+/// What the server writes before anything else: tells blocksync apart from a login banner
+/// or a shell error.
+pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
+/// Protocol version; a mismatch ends the handshake with a clear error on both sides.
+pub const VERSION: u16 = 1;
+/// Largest frame accepted: a chunk of the largest block size plus headers.
+pub const MAX_FRAME: usize = (crate::MAX_BLOCK as usize) + 1024;
+/// Longest path or message text in a frame.
+pub const MAX_TEXT: usize = 8192;
+/// Most digests in one frame (a chunk of the smallest block size).
+pub const MAX_DIGESTS: usize = (super::engine::CHUNK_TARGET / crate::MIN_BLOCK) as usize;
+
+const T_HELLO: u8 = 1;
+const T_REPLY: u8 = 2;
+const T_GO: u8 = 3;
+const T_DIGESTS: u8 = 16;
+const T_WRITE: u8 = 17;
+const T_FINISH: u8 = 18;
+const T_ABORT: u8 = 19;
+const T_DONE: u8 = 20;
+const T_FAILED: u8 = 21;
+
+/// Hello flag: report only, write nothing.
+pub const FLAG_DRY_RUN: u32 = 1;
+/// Hello flag: write to a device even if it is mounted.
+pub const FLAG_FORCE_MOUNTED: u32 = 2;
+/// Hello flag: drop read pages from the cache on the server.
+pub const FLAG_DROP_CACHE: u32 = 4;
+
+/// Which half the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The server reads and sends blocks (pull).
+    Source,
+    /// The server receives and writes blocks (push).
+    Dest,
+}
+
+/// The client's opening message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The server's half.
+    pub role: Role,
+    /// The path on the server.
+    pub path: String,
+    /// Block size.
+    pub block: u64,
+    /// Block digest.
+    pub hash: HashKind,
+    /// zstd level the source compresses written blocks with; 0 = off.
+    pub compress: i32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Sleep after each block, in ms.
+    pub pause_ms: u64,
+    /// For a destination server: the source size, to refuse a too-small device early.
+    pub source_size: u64,
+}
+
+/// The server's answer to [`Hello`] once its checks passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// The size of the server's file or device (0 for a missing destination).
+    pub size: u64,
+    /// 0 missing, 1 file, 2 block device.
+    pub kind: u8,
+}
+
+/// The client's go-ahead (or not) after the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Go {
+    /// False: the user declined; the server exits without writing.
+    pub proceed: bool,
+    /// The source size.
+    pub size: u64,
+    /// The byte range this stream syncs.
+    pub start: u64,
+    /// End of that range (exclusive).
+    pub end: u64,
+}
+
+/// A block payload on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// As is.
+    Raw(Vec<u8>),
+    /// zstd-compressed; `len` is the size after decompression.
+    Zstd {
+        /// Decompressed length.
+        len: u32,
+        /// Compressed bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Reply`].
+    Reply(Reply),
+    /// See [`Go`].
+    Go(Go),
+    /// Destination digests for a chunk.
+    Digests {
+        /// Chunk number in the stream's range.
+        index: u64,
+        /// One per complete block.
+        digests: Vec<Digest>,
+    },
+    /// Bytes to write at an offset.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: Data,
+    },
+    /// All sent; resize, flush, confirm.
+    Finish {
+        /// Source size.
+        size: u64,
+    },
+    /// Stop early; flush, confirm.
+    Abort,
+    /// Everything is flushed.
+    Done {
+        /// Bytes written.
+        written: u64,
+    },
+    /// The peer failed.
+    Failed {
+        /// Exit-code kind.
+        kind: Kind,
+        /// One line.
+        message: String,
+    },
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than a field needs.
+    #[error("frame truncated")]
+    Truncated,
+    /// Bytes left after the last field.
+    #[error("frame has {0} trailing bytes")]
+    Trailing(usize),
+    /// A length or count over its bound.
+    #[error("{0} too large")]
+    TooLarge(&'static str),
+    /// An unknown type, role, hash, kind or codec number.
+    #[error("unknown {0} {1}")]
+    Unknown(&'static str, u64),
+    /// Text that is not UTF-8.
+    #[error("text is not UTF-8")]
+    BadText,
+    /// A compressed payload that does not decompress to its stated length.
+    #[error("compressed block is corrupt")]
+    BadCompression,
+    /// The other side speaks another protocol version.
+    #[error("protocol version {0}, this blocksync speaks {VERSION}")]
+    Version(u16),
+    /// The stream does not start with the greeting or a Hello.
+    #[error("not a blocksync stream")]
+    BadMagic,
+}
+
+/// Checked reads from a frame payload.
+struct Rd<'a>(&'a [u8]);
+
+impl<'a> Rd<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn text(&mut self) -> Result<String, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > MAX_TEXT {
+            return Err(DecodeError::TooLarge("text"));
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::BadText)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+    fn end(self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Trailing(self.0.len()))
+        }
+    }
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    // Texts are ours (paths, messages): cut rather than fail, on a char boundary.
+    let mut n = s.len().min(MAX_TEXT);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..n]);
+}
+
+fn kind_id(kind: Kind) -> u8 {
+    Kind::ALL.iter().position(|k| *k == kind).expect("listed") as u8
+}
+
+impl Frame {
+    /// Type byte and payload.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut p = Vec::new();
+        let t = match self {
+            Frame::Hello(h) => {
+                p.extend_from_slice(GREETING);
+                p.extend_from_slice(&VERSION.to_le_bytes());
+                p.push(match h.role {
+                    Role::Source => 1,
+                    Role::Dest => 2,
+                });
+                put_text(&mut p, &h.path);
+                p.extend_from_slice(&h.block.to_le_bytes());
+                p.push(h.hash.id());
+                p.extend_from_slice(&h.compress.to_le_bytes());
+                p.extend_from_slice(&h.flags.to_le_bytes());
+                p.extend_from_slice(&h.pause_ms.to_le_bytes());
+                p.extend_from_slice(&h.source_size.to_le_bytes());
+                T_HELLO
+            }
+            Frame::Reply(r) => {
+                p.extend_from_slice(&VERSION.to_le_bytes());
+                p.extend_from_slice(&r.size.to_le_bytes());
+                p.push(r.kind);
+                T_REPLY
+            }
+            Frame::Go(g) => {
+                p.push(g.proceed as u8);
+                for v in [g.size, g.start, g.end] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+                T_GO
+            }
+            Frame::Digests { index, digests } => {
+                p.extend_from_slice(&index.to_le_bytes());
+                p.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    p.extend_from_slice(&d.0);
+                }
+                T_DIGESTS
+            }
+            Frame::Write { offset, data } => {
+                p.extend_from_slice(&offset.to_le_bytes());
+                match data {
+                    Data::Raw(b) => {
+                        p.push(0);
+                        p.extend_from_slice(b);
+                    }
+                    Data::Zstd { len, bytes } => {
+                        p.push(1);
+                        p.extend_from_slice(&len.to_le_bytes());
+                        p.extend_from_slice(bytes);
+                    }
+                }
+                T_WRITE
+            }
+            Frame::Finish { size } => {
+                p.extend_from_slice(&size.to_le_bytes());
+                T_FINISH
+            }
+            Frame::Abort => T_ABORT,
+            Frame::Done { written } => {
+                p.extend_from_slice(&written.to_le_bytes());
+                T_DONE
+            }
+            Frame::Failed { kind, message } => {
+                p.push(kind_id(*kind));
+                put_text(&mut p, message);
+                T_FAILED
+            }
+        };
+        (t, p)
+    }
+
+    /// Decodes a frame of type `t` from `payload`.
+    pub fn decode(t: u8, payload: &[u8]) -> Result<Frame, DecodeError> {
+        let mut r = Rd(payload);
+        let f = match t {
+            T_HELLO => {
+                if r.take(GREETING.len())? != GREETING {
+                    return Err(DecodeError::BadMagic);
+                }
+                let v = r.u16()?;
+                if v != VERSION {
+                    return Err(DecodeError::Version(v));
+                }
+                let role = match r.u8()? {
+                    1 => Role::Source,
+                    2 => Role::Dest,
+                    x => return Err(DecodeError::Unknown("role", x.into())),
+                };
+                let path = r.text()?;
+                let block = r.u64()?;
+                if !(crate::MIN_BLOCK..=crate::MAX_BLOCK).contains(&block) {
+                    return Err(DecodeError::TooLarge("block size"));
+                }
+                let h = r.u8()?;
+                let hash = HashKind::from_id(h).ok_or(DecodeError::Unknown("hash", h.into()))?;
+                let compress = r.u32()? as i32;
+                Frame::Hello(Hello {
+                    role,
+                    path,
+                    block,
+                    hash,
+                    compress,
+                    flags: r.u32()?,
+                    pause_ms: r.u64()?,
+                    source_size: r.u64()?,
+                })
+            }
+            T_REPLY => {
+                let v = r.u16()?;
+                if v != VERSION {
+                    return Err(DecodeError::Version(v));
+                }
+                let size = r.u64()?;
+                let kind = r.u8()?;
+                if kind > 2 {
+                    return Err(DecodeError::Unknown("target kind", kind.into()));
+                }
+                Frame::Reply(Reply { size, kind })
+            }
+            T_GO => {
+                let proceed = r.u8()? != 0;
+                let (size, start, end) = (r.u64()?, r.u64()?, r.u64()?);
+                if start > end || end > size {
+                    return Err(DecodeError::Unknown("range end", end));
+                }
+                Frame::Go(Go {
+                    proceed,
+                    size,
+                    start,
+                    end,
+                })
+            }
+            T_DIGESTS => {
+                let index = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_DIGESTS {
+                    return Err(DecodeError::TooLarge("digest count"));
+                }
+                let bytes = r.take(n * MAX_DIGEST)?;
+                let digests = bytes
+                    .chunks_exact(MAX_DIGEST)
+                    .map(|c| Digest(c.try_into().expect("digest size")))
+                    .collect();
+                Frame::Digests { index, digests }
+            }
+            T_WRITE => {
+                let offset = r.u64()?;
+                let data = match r.u8()? {
+                    0 => Data::Raw(r.rest().to_vec()),
+                    1 => {
+                        let len = r.u32()?;
+                        if len as usize > MAX_FRAME {
+                            return Err(DecodeError::TooLarge("block"));
+                        }
+                        Data::Zstd {
+                            len,
+                            bytes: r.rest().to_vec(),
+                        }
+                    }
+                    x => return Err(DecodeError::Unknown("codec", x.into())),
+                };
+                Frame::Write { offset, data }
+            }
+            T_FINISH => Frame::Finish { size: r.u64()? },
+            T_ABORT => Frame::Abort,
+            T_DONE => Frame::Done { written: r.u64()? },
+            T_FAILED => {
+                let k = r.u8()?;
+                let kind = *Kind::ALL
+                    .get(k as usize)
+                    .ok_or(DecodeError::Unknown("error kind", k.into()))?;
+                Frame::Failed {
+                    kind,
+                    message: r.text()?,
+                }
+            }
+            x => return Err(DecodeError::Unknown("frame type", x.into())),
+        };
+        r.end()?;
+        Ok(f)
+    }
+}
+
+impl Data {
+    /// `raw` compressed at `level` when that saves at least 1/16, else as is.
+    pub fn pack(raw: &[u8], level: i32) -> Data {
+        if level > 0
+            && let Ok(c) = zstd::bulk::compress(raw, level)
+            && c.len() < raw.len() - raw.len() / 16
+        {
+            return Data::Zstd {
+                len: raw.len() as u32,
+                bytes: c,
+            };
+        }
+        Data::Raw(raw.to_vec())
+    }
+
+    /// The bytes, decompressed, with a bounded output size.
+    pub fn unpack(self) -> Result<Vec<u8>, DecodeError> {
+        match self {
+            Data::Raw(b) => Ok(b),
+            Data::Zstd { len, bytes } => {
+                let out = zstd::bulk::decompress(&bytes, len as usize)
+                    .map_err(|_| DecodeError::BadCompression)?;
+                if out.len() != len as usize {
+                    return Err(DecodeError::BadCompression);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Bytes this payload takes on the wire.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Data::Raw(b) => b.len(),
+            Data::Zstd { bytes, .. } => bytes.len(),
+        }
+    }
+}
+
+/// Writes one frame; returns the bytes written.
+pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<usize> {
+    let (t, payload) = frame.encode();
+    write_raw_frame(w, t, &payload)
+}
+
+/// Writes a frame of type `t` with `payload`; returns the bytes written.
+pub fn write_raw_frame(w: &mut impl Write, t: u8, payload: &[u8]) -> io::Result<usize> {
+    let len = (payload.len() + 1) as u32;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(&[t])?;
+    w.write_all(payload)?;
+    Ok(payload.len() + 5)
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The stream ended at a frame boundary.
+    #[error("the connection closed")]
+    Closed,
+    /// The stream failed or ended inside a frame.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The frame was malformed.
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// Reads and decodes one frame, reusing `buf`; returns it with its size on the wire.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(Frame, usize), ReadError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Err(ReadError::Closed),
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Err(DecodeError::Truncated.into());
+    }
+    if len > MAX_FRAME {
+        return Err(DecodeError::TooLarge("frame").into());
+    }
+    buf.clear();
+    // Grow with the data actually received, so a lying length costs nothing.
+    r.take(len as u64).read_to_end(buf)?;
+    if buf.len() != len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    let frame = Frame::decode(buf[0], &buf[1..])?;
+    Ok((frame, len + 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello(Hello {
+                role: Role::Dest,
+                path: "/srv/a file with spaces;$(x)".into(),
+                block: 1 << 20,
+                hash: HashKind::Blake3,
+                compress: 3,
+                flags: FLAG_DRY_RUN | FLAG_DROP_CACHE,
+                pause_ms: 5,
+                source_size: 12345,
+            }),
+            Frame::Reply(Reply { size: 99, kind: 2 }),
+            Frame::Go(Go {
+                proceed: true,
+                size: 100,
+                start: 0,
+                end: 100,
+            }),
+            Frame::Digests {
+                index: 7,
+                digests: vec![HashKind::Blake3.digest(b"a"), HashKind::Xxh3.digest(b"b")],
+            },
+            Frame::Write {
+                offset: 1 << 40,
+                data: Data::Raw(vec![1, 2, 3]),
+            },
+            Frame::Write {
+                offset: 4096,
+                data: Data::pack(&[0u8; 65536], 3),
+            },
+            Frame::Finish { size: 5 },
+            Frame::Abort,
+            Frame::Done { written: 77 },
+            Frame::Failed {
+                kind: Kind::TooSmall,
+                message: "déjà vu".into(),
+            },
+        ]
+    }
+
+    fn bytes(f: &Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, f).unwrap();
+        out
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        for f in samples() {
+            let wire = bytes(&f);
+            let (back, n) = read_frame(&mut &wire[..], &mut buf).unwrap();
+            assert_eq!(back, f);
+            assert_eq!(n, wire.len());
+        }
+        assert!(matches!(
+            Data::pack(&[0u8; 65536], 3),
+            Data::Zstd { len: 65536, .. }
+        ));
+        assert_eq!(Data::pack(&[0u8; 100], 3).unpack().unwrap(), vec![0u8; 100]);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let mut buf = Vec::new();
+        for f in samples() {
+            let wire = bytes(&f);
+            for cut in 0..wire.len() {
+                assert!(
+                    read_frame(&mut &wire[..cut], &mut buf).is_err(),
+                    "{f:?} cut {cut}"
+                );
+            }
+            let (t, p) = f.encode();
+            for cut in 0..p.len() {
+                // A Write's data may legally be shorter; every other frame must fail.
+                if t != T_WRITE || cut < 9 {
+                    assert!(Frame::decode(t, &p[..cut]).is_err(), "{f:?} cut {cut}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_oversize_and_unknowns_are_rejected() {
+        let (t, mut p) = Frame::Done { written: 1 }.encode();
+        p.push(0);
+        assert_eq!(Frame::decode(t, &p), Err(DecodeError::Trailing(1)));
+        let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut &huge[..], &mut buf),
+            Err(ReadError::Decode(DecodeError::TooLarge(_)))
+        ));
+        assert!(Frame::decode(99, &[]).is_err());
+        let mut hello = samples()[0].encode().1;
+        hello[8] = 9; // version
+        assert_eq!(Frame::decode(T_HELLO, &hello), Err(DecodeError::Version(9)));
+        let mut digests = Vec::new();
+        digests.extend_from_slice(&0u64.to_le_bytes());
+        digests.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            Frame::decode(T_DIGESTS, &digests),
+            Err(DecodeError::TooLarge("digest count"))
+        );
+        // A zstd payload that claims more than it holds.
+        let (t, mut w) = Frame::Write {
+            offset: 0,
+            data: Data::pack(&[0u8; 65536], 3),
+        }
+        .encode();
+        w[9..13].copy_from_slice(&65537u32.to_le_bytes());
+        let Frame::Write { data, .. } = Frame::decode(t, &w).unwrap() else {
+            panic!()
+        };
+        assert_eq!(data.unpack(), Err(DecodeError::BadCompression));
+    }
+
+    /// Property test: random and mutated frames decode to an error or a frame, never panic,
+    /// and never allocate past the bound.
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let wires: Vec<Vec<u8>> = samples().iter().map(bytes).collect();
+        let mut buf = Vec::new();
+        for round in 0..20_000 {
+            let mut w = if round % 4 == 0 {
+                let n = (next() % 64) as usize;
+                (0..n).map(|_| next() as u8).collect()
+            } else {
+                wires[(next() % wires.len() as u64) as usize].clone()
+            };
+            for _ in 0..1 + next() % 4 {
+                if w.is_empty() {
+                    break;
+                }
+                let i = (next() % w.len() as u64) as usize;
+                match next() % 3 {
+                    0 => w[i] = next() as u8,
+                    1 => w.truncate(i),
+                    _ => w.insert(i, next() as u8),
+                }
+            }
+            if let Ok((Frame::Write { data, .. }, _)) = read_frame(&mut &w[..], &mut buf) {
+                let _ = data.unpack();
+            }
+        }
+    }
+}
