@@ -108,6 +108,14 @@ pub struct Args {
     #[arg(long, conflicts_with = "compress")]
     pub no_compress: bool,
 
+    /// Limit the rate of sent blocks, like rsync: KiB/s, or with a suffix (10M = 10 MiB/s).
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
+
+    /// Never copy this binary to the remote; fail when it has no blocksync.
+    #[arg(long)]
+    pub no_deploy: bool,
+
     /// ssh identity file (ssh -i).
     #[arg(short = 'i', long = "id", value_name = "FILE")]
     pub identity: Option<PathBuf>,
@@ -129,7 +137,7 @@ pub struct Args {
     )]
     pub extra_params: Option<String>,
 
-    /// Remote shell command instead of ssh, like rsync -e.
+    /// Remote shell command instead of ssh, like rsync -e (e.g. "ssh -p 2222").
     #[arg(short = 'e', long = "rsh", value_name = "CMD")]
     pub rsh: Option<String>,
 

@@ -10,11 +10,15 @@ pub mod endpoint;
 pub mod engine;
 pub mod error;
 pub mod hash;
+pub mod link;
 pub mod pool;
 pub mod protocol;
+pub mod remote;
 pub mod report;
+pub mod server;
 pub mod size;
 pub mod target;
+pub mod transport;
 
 use clap::Parser;
 use cli::Args;
@@ -36,6 +40,10 @@ pub const MAX_BLOCK: u64 = 64 << 20;
 
 /// Parses the command line, runs, reports, and returns the process exit code.
 pub fn main_entry() -> i32 {
+    // The remote end of an ssh sync; not a user-facing mode, so not in --help.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--server") {
+        return server::main();
+    }
     let args = Args::parse();
     let reporter = match reporter_for(&args) {
         Ok(r) => r,
@@ -171,23 +179,117 @@ fn local_notes(args: &Args) -> Vec<&'static str> {
 /// Runs the sync the arguments describe.
 pub fn run(args: &Args, reporter: &Reporter) -> Result<()> {
     let plan = plan(args)?;
-    let (src_path, dst_path) = match (&plan.pair.source, &plan.pair.destination) {
-        (Endpoint::Local(s), Endpoint::Local(d)) => (s.clone(), d.clone()),
-        _ => {
-            return Err(Error::new(
-                Kind::Remote,
-                format!(
-                    "{} -> {}: syncing over ssh is not available in this version; run blocksync on the remote machine",
-                    plan.pair.source, plan.pair.destination
-                ),
-            ));
+    match (&plan.pair.source, &plan.pair.destination) {
+        (Endpoint::Local(s), Endpoint::Local(d)) => {
+            for n in local_notes(args) {
+                reporter.note(n);
+            }
+            run_local(args, reporter, plan.block, s, d)
         }
-    };
-    let _ = plan.hash; // digests compare remote blocks; a local sync compares bytes
-    for n in local_notes(args) {
-        reporter.note(n);
+        (Endpoint::Local(s), Endpoint::Remote { host, path }) => {
+            remote::run(args, reporter, plan.block, plan.hash, host, path, s, true)
+        }
+        (Endpoint::Remote { host, path }, Endpoint::Local(d)) => {
+            remote::run(args, reporter, plan.block, plan.hash, host, path, d, false)
+        }
+        _ => unreachable!("both remote is refused by parse_operands"),
     }
-    run_local(args, reporter, plan.block, &src_path, &dst_path)
+}
+
+/// Asks before changing an existing destination, unless `-f` or a dry run; refuses when
+/// there is no terminal to ask on.
+pub(crate) fn confirm_change(
+    args: &Args,
+    reporter: &Reporter,
+    destination: &str,
+    kind: &str,
+    size: u64,
+    source: &str,
+) -> Result<()> {
+    if args.dry_run || args.force {
+        return Ok(());
+    }
+    let question = format!(
+        "destination {destination} exists ({kind} of {size} bytes) and will be overwritten where it differs from {source}. Continue?"
+    );
+    match reporter.confirm(&question) {
+        Some(true) => Ok(()),
+        Some(false) => Err(Error::new(
+            Kind::NotConfirmed,
+            format!("not confirmed; destination {destination} left unchanged"),
+        )),
+        None => Err(Error::new(
+            Kind::NotConfirmed,
+            format!(
+                "destination {destination} exists and would be changed; pass -f to go ahead (no terminal to ask on)"
+            ),
+        )),
+    }
+}
+
+/// Sets a flag on Ctrl-C or SIGTERM; a second signal ends the process at once.
+pub(crate) fn cancel_on_signals() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
+        let _ = signal_hook::flag::register(sig, cancel.clone());
+    }
+    cancel
+}
+
+/// What a run knows about its two sides, for the summary.
+pub(crate) struct Sides {
+    pub source: String,
+    pub destination: String,
+    pub size: u64,
+    pub block: u64,
+    /// The destination before the run: kind and size, or `None` when it was missing.
+    pub existing: Option<(TargetKind, u64)>,
+}
+
+/// Prints the summary of a finished (or interrupted) run and returns its result.
+pub(crate) fn conclude(
+    args: &Args,
+    reporter: &Reporter,
+    stats: &Stats,
+    started: Instant,
+    sides: Sides,
+    result: Result<()>,
+) -> Result<()> {
+    let mut summary = Summary::from_stats(stats, started.elapsed());
+    summary.source = sides.source;
+    summary.destination = sides.destination;
+    summary.dry_run = args.dry_run;
+    summary.size = sides.size;
+    summary.block_size = sides.block;
+    summary.blocks_total = sides.size.div_ceil(sides.block);
+    summary.destination_created = sides.existing.is_none();
+    match sides.existing {
+        Some((TargetKind::File, old)) if old > sides.size => {
+            summary.destination_truncated_from = Some(old)
+        }
+        Some((TargetKind::BlockDevice, old)) if old > sides.size => {
+            summary.destination_tail_kept = Some(old - sides.size)
+        }
+        _ => {}
+    }
+    summary.status = if args.dry_run { "dry-run" } else { "ok" };
+    match result {
+        Ok(()) => {
+            reporter.summary(&summary);
+            Ok(())
+        }
+        Err(e) if e.kind == Kind::Interrupted => {
+            summary.status = "interrupted";
+            summary.destination_truncated_from = None;
+            reporter.summary(&summary);
+            Err(Error::new(
+                Kind::Interrupted,
+                "interrupted; what was written is flushed. Run the same command again to finish",
+            ))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn run_local(
@@ -211,86 +313,23 @@ fn run_local(
             ));
         }
         if existing.kind == TargetKind::BlockDevice {
-            if existing.size < src.size {
-                return Err(Error::new(
-                    Kind::TooSmall,
-                    format!(
-                        "destination device {} holds {} bytes, less than the {} bytes of source {}; use a device at least as large",
-                        dst_path.display(),
-                        existing.size,
-                        src.size,
-                        src_path.display()
-                    ),
-                ));
-            }
-            if !args.force_mounted
-                && let Some(why) = existing.id.rdev.and_then(target::device_in_use)
-            {
-                return Err(Error::new(
-                    Kind::Busy,
-                    format!(
-                        "destination {} is in use: {why}; unmount or release it first, or pass --force-mounted",
-                        dst_path.display()
-                    ),
-                ));
-            }
+            target::check_device(dst_path, existing, src.size, args.force_mounted)?;
         }
     }
-    if src.kind == TargetKind::BlockDevice
-        && let Some(why) = src.id.rdev.and_then(target::device_in_use)
-    {
-        reporter.note(&format!(
-            "source {} is in use ({why}); blocks changing during the sync make an inconsistent copy: sync from a snapshot or unmounted device",
-            src_path.display()
-        ));
-    }
-    if let Some(existing) = &probe.existing
-        && !args.dry_run
-        && !args.force
-    {
-        let question = format!(
-            "destination {} exists ({} of {} bytes) and will be overwritten where it differs from {}. Continue?",
-            dst_path.display(),
+    note_busy_source(reporter, &src);
+    if let Some(existing) = &probe.existing {
+        confirm_change(
+            args,
+            reporter,
+            &dst_path.display().to_string(),
             existing.kind.name(),
             existing.size,
-            src_path.display()
-        );
-        match reporter.confirm(&question) {
-            Some(true) => {}
-            Some(false) => {
-                return Err(Error::new(
-                    Kind::NotConfirmed,
-                    format!(
-                        "not confirmed; destination {} left unchanged",
-                        dst_path.display()
-                    ),
-                ));
-            }
-            None => {
-                return Err(Error::new(
-                    Kind::NotConfirmed,
-                    format!(
-                        "destination {} exists and would be changed; pass -f to go ahead (no terminal to ask on)",
-                        dst_path.display()
-                    ),
-                ));
-            }
-        }
+            &src_path.display().to_string(),
+        )?;
     }
 
     // Every check has passed: only now is the destination opened for writing or created.
-    let dest = if args.dry_run {
-        match &probe.existing {
-            Some(_) => Some(target::open_read(
-                dst_path,
-                "destination",
-                Kind::Destination,
-            )?),
-            None => None,
-        }
-    } else {
-        Some(target::open_destination(&probe, args.force_mounted)?)
-    };
+    let dest = open_dest_for_run(args, &probe)?;
 
     let layout = Layout::new(src.size, block);
     let mut config = Config::new(layout);
@@ -298,56 +337,53 @@ fn run_local(
     config.dry_run = args.dry_run;
     config.pause = Duration::from_millis(args.pause);
     config.drop_cache = args.fadvise & 1 != 0;
-    // Keep about 16 MiB per side in flight, at least two chunks.
-    config.buffers = ((16u64 << 20) / layout.chunk).clamp(2, 8) as usize;
+    config.buffers = server::buffers_for(layout.chunk);
 
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while stopping ends the process at once.
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
-        let _ = signal_hook::flag::register(sig, cancel.clone());
-    }
-
+    let cancel = cancel_on_signals();
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
     let progress = reporter.start_progress(src.size, stats.clone());
     let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
     progress.finish();
+    let sides = Sides {
+        source: src_path.display().to_string(),
+        destination: dst_path.display().to_string(),
+        size: src.size,
+        block,
+        existing: probe.existing.map(|e| (e.kind, e.size)),
+    };
+    conclude(args, reporter, &stats, started, sides, result)
+}
 
-    let mut summary = Summary::from_stats(&stats, started.elapsed());
-    summary.source = src_path.display().to_string();
-    summary.destination = dst_path.display().to_string();
-    summary.dry_run = args.dry_run;
-    summary.size = src.size;
-    summary.block_size = block;
-    summary.blocks_total = layout.blocks();
-    summary.destination_created = probe.existing.is_none();
-    if let Some(existing) = &probe.existing {
-        match existing.kind {
-            TargetKind::File if existing.size > src.size => {
-                summary.destination_truncated_from = Some(existing.size)
-            }
-            TargetKind::BlockDevice if existing.size > src.size => {
-                summary.destination_tail_kept = Some(existing.size - src.size)
-            }
-            _ => {}
-        }
+/// Warns when the source device is in use: blocks changing under the sync make a
+/// copy that matches no moment of the source.
+pub(crate) fn note_busy_source(reporter: &Reporter, src: &target::Target) {
+    if src.kind == TargetKind::BlockDevice
+        && let Some(why) = src.id.rdev.and_then(target::device_in_use)
+    {
+        reporter.note(&format!(
+            "source {} is in use ({why}); blocks changing during the sync make an inconsistent copy: sync from a snapshot or unmounted device",
+            src.path.display()
+        ));
     }
-    summary.status = if args.dry_run { "dry-run" } else { "ok" };
-    match result {
-        Ok(()) => {
-            reporter.summary(&summary);
-            Ok(())
+}
+
+/// Opens the local destination once every check has passed: read-only (or not at all
+/// when missing) in a dry run, else for writing, creating a missing file.
+pub(crate) fn open_dest_for_run(
+    args: &Args,
+    probe: &target::DestProbe,
+) -> Result<Option<target::Target>> {
+    if args.dry_run {
+        match &probe.existing {
+            Some(_) => Ok(Some(target::open_read(
+                &probe.path,
+                "destination",
+                Kind::Destination,
+            )?)),
+            None => Ok(None),
         }
-        Err(e) if e.kind == Kind::Interrupted => {
-            summary.status = "interrupted";
-            summary.destination_truncated_from = None;
-            reporter.summary(&summary);
-            Err(Error::new(
-                Kind::Interrupted,
-                "interrupted; what was written is flushed. Run the same command again to finish",
-            ))
-        }
-        Err(e) => Err(e),
+    } else {
+        Ok(Some(target::open_destination(probe, args.force_mounted)?))
     }
 }

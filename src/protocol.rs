@@ -8,6 +8,20 @@ use crate::error::Kind;
 use crate::hash::Digest;
 use crate::pool::{Buf, Slice};
 
+/// The source half's counters, sent with Finish so a destination on another machine can
+/// report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Source bytes read.
+    pub read: u64,
+    /// Blocks found equal.
+    pub same: u64,
+    /// Blocks found different.
+    pub changed: u64,
+    /// Bytes of the changed blocks.
+    pub changed_bytes: u64,
+}
+
 /// From the source half to the destination half.
 pub enum ToDest {
     /// Write `data` at byte `offset` of the destination.
@@ -22,10 +36,17 @@ pub enum ToDest {
     Finish {
         /// The source size, which a file destination must end with.
         size: u64,
+        /// What the source half found.
+        counts: Counts,
     },
-    /// Stop early (interrupted): flush what was written, leave the size alone, answer
-    /// [`ToSource::Done`].
-    Abort,
+    /// Stop early: flush what was written, leave the size alone, answer
+    /// [`ToSource::Done`]. Carries why, so a destination on another machine can report it.
+    Abort {
+        /// Exit-code kind of the cause.
+        kind: Kind,
+        /// The cause, one line.
+        message: String,
+    },
 }
 
 /// From the destination half to the source half.
@@ -51,6 +72,8 @@ pub enum ToSource {
     Done {
         /// Bytes written by the destination half.
         written: u64,
+        /// Bytes read by the destination half.
+        read: u64,
     },
     /// The destination half failed and stopped.
     Failed {
@@ -133,6 +156,8 @@ pub struct Hello {
     pub pause_ms: u64,
     /// For a destination server: the source size, to refuse a too-small device early.
     pub source_size: u64,
+    /// Bandwidth limit for the source's sending, bytes per second; 0 = none.
+    pub bwlimit: u64,
 }
 
 /// The server's answer to [`Hello`] once its checks passed.
@@ -198,13 +223,22 @@ pub enum Frame {
     Finish {
         /// Source size.
         size: u64,
+        /// The source half's counters.
+        counts: Counts,
     },
     /// Stop early; flush, confirm.
-    Abort,
+    Abort {
+        /// Exit-code kind of the cause.
+        kind: Kind,
+        /// The cause.
+        message: String,
+    },
     /// Everything is flushed.
     Done {
         /// Bytes written.
         written: u64,
+        /// Bytes read.
+        read: u64,
     },
     /// The peer failed.
     Failed {
@@ -281,6 +315,13 @@ impl<'a> Rd<'a> {
         }
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::BadText)
     }
+    fn kind_and_text(&mut self) -> Result<(Kind, String), DecodeError> {
+        let k = self.u8()?;
+        let kind = *Kind::ALL
+            .get(k as usize)
+            .ok_or(DecodeError::Unknown("error kind", k.into()))?;
+        Ok((kind, self.text()?))
+    }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
@@ -326,6 +367,7 @@ impl Frame {
                 p.extend_from_slice(&h.flags.to_le_bytes());
                 p.extend_from_slice(&h.pause_ms.to_le_bytes());
                 p.extend_from_slice(&h.source_size.to_le_bytes());
+                p.extend_from_slice(&h.bwlimit.to_le_bytes());
                 T_HELLO
             }
             Frame::Reply(r) => {
@@ -364,13 +406,26 @@ impl Frame {
                 }
                 T_WRITE
             }
-            Frame::Finish { size } => {
-                p.extend_from_slice(&size.to_le_bytes());
+            Frame::Finish { size, counts } => {
+                for v in [
+                    *size,
+                    counts.read,
+                    counts.same,
+                    counts.changed,
+                    counts.changed_bytes,
+                ] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
                 T_FINISH
             }
-            Frame::Abort => T_ABORT,
-            Frame::Done { written } => {
+            Frame::Abort { kind, message } => {
+                p.push(kind_id(*kind));
+                put_text(&mut p, message);
+                T_ABORT
+            }
+            Frame::Done { written, read } => {
                 p.extend_from_slice(&written.to_le_bytes());
+                p.extend_from_slice(&read.to_le_bytes());
                 T_DONE
             }
             Frame::Failed { kind, message } => {
@@ -416,6 +471,7 @@ impl Frame {
                     flags: r.u32()?,
                     pause_ms: r.u64()?,
                     source_size: r.u64()?,
+                    bwlimit: r.u64()?,
                 })
             }
             T_REPLY => {
@@ -474,18 +530,26 @@ impl Frame {
                 };
                 Frame::Write { offset, data }
             }
-            T_FINISH => Frame::Finish { size: r.u64()? },
-            T_ABORT => Frame::Abort,
-            T_DONE => Frame::Done { written: r.u64()? },
+            T_FINISH => Frame::Finish {
+                size: r.u64()?,
+                counts: Counts {
+                    read: r.u64()?,
+                    same: r.u64()?,
+                    changed: r.u64()?,
+                    changed_bytes: r.u64()?,
+                },
+            },
+            T_ABORT => {
+                let (kind, message) = r.kind_and_text()?;
+                Frame::Abort { kind, message }
+            }
+            T_DONE => Frame::Done {
+                written: r.u64()?,
+                read: r.u64()?,
+            },
             T_FAILED => {
-                let k = r.u8()?;
-                let kind = *Kind::ALL
-                    .get(k as usize)
-                    .ok_or(DecodeError::Unknown("error kind", k.into()))?;
-                Frame::Failed {
-                    kind,
-                    message: r.text()?,
-                }
+                let (kind, message) = r.kind_and_text()?;
+                Frame::Failed { kind, message }
             }
             x => return Err(DecodeError::Unknown("frame type", x.into())),
         };
@@ -607,6 +671,7 @@ mod tests {
                 flags: FLAG_DRY_RUN | FLAG_DROP_CACHE,
                 pause_ms: 5,
                 source_size: 12345,
+                bwlimit: 1 << 20,
             }),
             Frame::Reply(Reply { size: 99, kind: 2 }),
             Frame::Go(Go {
@@ -627,9 +692,23 @@ mod tests {
                 offset: 4096,
                 data: Data::pack(&[0u8; 65536], 3),
             },
-            Frame::Finish { size: 5 },
-            Frame::Abort,
-            Frame::Done { written: 77 },
+            Frame::Finish {
+                size: 5,
+                counts: Counts {
+                    read: 1,
+                    same: 2,
+                    changed: 3,
+                    changed_bytes: 4,
+                },
+            },
+            Frame::Abort {
+                kind: Kind::Io,
+                message: "reading source: EIO".into(),
+            },
+            Frame::Done {
+                written: 77,
+                read: 78,
+            },
             Frame::Failed {
                 kind: Kind::TooSmall,
                 message: "déjà vu".into(),
@@ -682,7 +761,11 @@ mod tests {
 
     #[test]
     fn trailing_bytes_oversize_and_unknowns_are_rejected() {
-        let (t, mut p) = Frame::Done { written: 1 }.encode();
+        let (t, mut p) = Frame::Done {
+            written: 1,
+            read: 2,
+        }
+        .encode();
         p.push(0);
         assert_eq!(Frame::decode(t, &p), Err(DecodeError::Trailing(1)));
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();

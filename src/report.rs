@@ -262,6 +262,10 @@ pub struct Summary {
     pub bytes_changed: u64,
     /// Bytes written to the destination.
     pub bytes_written: u64,
+    /// Bytes sent over the ssh link (0 for a local sync).
+    pub bytes_sent: u64,
+    /// Bytes received over the ssh link.
+    pub bytes_received: u64,
     /// Wall time.
     pub elapsed_seconds: f64,
     /// Source bytes compared per second.
@@ -293,6 +297,8 @@ impl Summary {
             bytes_read_destination: Stats::get(&stats.dest_read),
             bytes_changed: Stats::get(&stats.changed_bytes),
             bytes_written: Stats::get(&stats.written),
+            bytes_sent: Stats::get(&stats.wire_sent),
+            bytes_received: Stats::get(&stats.wire_received),
             elapsed_seconds: secs,
             rate_bytes_per_second: if secs > 0.0 { done as f64 / secs } else { 0.0 },
             destination_created: false,
@@ -332,6 +338,13 @@ impl Summary {
             self.elapsed_seconds,
             human(self.rate_bytes_per_second as u64),
         ));
+        if self.bytes_sent + self.bytes_received > 0 {
+            out.push_str(&format!(
+                "  network: sent {}, received {}\n",
+                human(self.bytes_sent),
+                human(self.bytes_received)
+            ));
+        }
         if self.destination_created {
             let c = if self.dry_run {
                 "would be created"

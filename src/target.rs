@@ -321,6 +321,36 @@ pub fn device_in_use(rdev: u64) -> Option<String> {
     None
 }
 
+/// Refuses a destination device smaller than `source_size`, or (unless `force_mounted`)
+/// one that is mounted or in use.
+pub fn check_device(
+    path: &Path,
+    existing: &Existing,
+    source_size: u64,
+    force_mounted: bool,
+) -> Result<()> {
+    if existing.size < source_size {
+        return Err(Error::new(
+            Kind::TooSmall,
+            format!(
+                "destination device {} holds {} bytes, less than the {source_size} bytes of the source; use a device at least as large",
+                path.display(),
+                existing.size,
+            ),
+        ));
+    }
+    if !force_mounted && let Some(why) = existing.id.rdev.and_then(device_in_use) {
+        return Err(Error::new(
+            Kind::Busy,
+            format!(
+                "destination {} is in use: {why}; unmount or release it first, or pass --force-mounted",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Opens (and for a missing file, creates) the destination for reading and writing.
 /// Block devices are opened with O_EXCL unless `force_mounted`, which the kernel refuses
 /// while the device is mounted or claimed, and which keeps others from claiming it meanwhile.
@@ -334,7 +364,8 @@ pub fn open_destination(probe: &DestProbe, force_mounted: bool) -> Result<Target
         opts.custom_flags(libc::O_EXCL);
     }
     if probe.existing.is_none() {
-        opts.create_new(true).mode(0o644);
+        // Not create_new: parallel streams may race to create it; nothing is truncated.
+        opts.create(true).mode(0o644);
     }
     let file = opts.open(path).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {

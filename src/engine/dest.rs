@@ -3,21 +3,21 @@
 //! then resizes a file destination, flushes, and confirms.
 
 use super::{Compare, Config, Stats};
-use crate::error::{Kind, os_text};
+use crate::error::{Error, Kind, Result, os_text};
 use crate::pool::Pool;
 use crate::protocol::{ToDest, ToSource};
 use crate::target::{self, Advice, Target, TargetKind};
 use crossbeam_channel::{Receiver, Sender};
 
 /// Runs the destination half until the source says it is finished (or goes away).
-/// Failures are reported to the source as [`ToSource::Failed`].
+/// A failure is returned and also reported to the source as [`ToSource::Failed`].
 pub fn run(
     dest: Option<&Target>,
     config: &Config,
     from_source: Receiver<ToDest>,
     to_source: Sender<ToSource>,
     stats: &Stats,
-) {
+) -> Result<()> {
     let pool = Pool::new(config.buffers, config.layout.chunk as usize);
     if let Some(d) = dest {
         target::advise(&d.file, 0, 0, Advice::Sequential);
@@ -25,8 +25,12 @@ pub fn run(
     std::thread::scope(|s| {
         let reader_tx = to_source.clone();
         s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats));
-        write_dest(dest, config, from_source, to_source, stats);
-    });
+        let result = write_dest(dest, config, from_source, &to_source, stats);
+        if let Err(e) = &result {
+            let _ = to_source.send(failed(e.kind, e.message.clone()));
+        }
+        result
+    })
 }
 
 fn failed(kind: Kind, message: String) -> ToSource {
@@ -87,6 +91,9 @@ fn read_dest(
         if out.send(msg).is_err() {
             return; // the source finished or failed; it no longer needs our reads
         }
+        if config.dest_progress {
+            Stats::add(&stats.done, len as u64);
+        }
     }
 }
 
@@ -94,67 +101,59 @@ fn write_dest(
     dest: Option<&Target>,
     config: &Config,
     from_source: Receiver<ToDest>,
-    to_source: Sender<ToSource>,
+    to_source: &Sender<ToSource>,
     stats: &Stats,
-) {
+) -> Result<()> {
     let mut written = 0u64;
     let writable = dest.filter(|_| !config.dry_run);
-    loop {
-        let msg = from_source.recv();
-        let (finish, size) = match msg {
+    let io_error = |what: String, e: std::io::Error| {
+        let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+            "; free space on it and run again to resume"
+        } else {
+            ""
+        };
+        Error::new(Kind::Io, format!("{what}: {}{hint}", os_text(&e)))
+    };
+    let (finish, size) = loop {
+        match from_source.recv() {
             Ok(ToDest::Write { offset, data }) => {
                 let Some(d) = writable else {
-                    let _ = to_source.send(failed(
+                    return Err(Error::new(
                         Kind::Protocol,
-                        "source sent a block in a dry run".into(),
+                        "source sent a block in a dry run",
                     ));
-                    return;
                 };
-                if let Err(e) = target::write_full_at(&d.file, &data, offset) {
-                    let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
-                        "; free space on it and run again to resume"
-                    } else {
-                        ""
-                    };
-                    let msg = format!(
-                        "writing destination {} at byte {offset}: {}{hint}",
-                        d.path.display(),
-                        os_text(&e)
-                    );
-                    let _ = to_source.send(failed(Kind::Io, msg));
-                    return;
-                }
+                target::write_full_at(&d.file, &data, offset).map_err(|e| {
+                    io_error(
+                        format!("writing destination {} at byte {offset}", d.path.display()),
+                        e,
+                    )
+                })?;
                 written += data.len() as u64;
                 Stats::add(&stats.written, data.len() as u64);
-                continue;
             }
-            Ok(ToDest::Finish { size }) => (true, size),
-            Ok(ToDest::Abort) | Err(_) => (false, 0),
-        };
-        if let Some(d) = writable {
-            if finish
-                && d.kind == TargetKind::File
-                && d.size != size
-                && let Err(e) = d.file.set_len(size)
-            {
-                let msg = format!(
-                    "resizing destination {} to {size} bytes: {}",
-                    d.path.display(),
-                    os_text(&e)
-                );
-                let _ = to_source.send(failed(Kind::Io, msg));
-                return;
-            }
-            if let Err(e) = d.file.sync_all() {
-                let msg = format!("flushing destination {}: {}", d.path.display(), os_text(&e));
-                let _ = to_source.send(failed(Kind::Io, msg));
-                return;
-            }
-            if config.drop_cache {
-                target::advise(&d.file, 0, 0, Advice::DontNeed);
-            }
+            Ok(ToDest::Finish { size, .. }) => break (true, size),
+            // Stopped early: flush what was written so a rerun resumes from it.
+            Ok(ToDest::Abort { .. }) | Err(_) => break (false, 0),
         }
-        let _ = to_source.send(ToSource::Done { written });
-        return;
+    };
+    if let Some(d) = writable {
+        if finish && d.kind == TargetKind::File && d.size != size {
+            d.file.set_len(size).map_err(|e| {
+                io_error(
+                    format!("resizing destination {} to {size} bytes", d.path.display()),
+                    e,
+                )
+            })?;
+        }
+        d.file
+            .sync_all()
+            .map_err(|e| io_error(format!("flushing destination {}", d.path.display()), e))?;
+        if config.drop_cache {
+            target::advise(&d.file, 0, 0, Advice::DontNeed);
+        }
     }
+    let read = Stats::get(&stats.dest_read);
+    let _ = to_source.send(ToSource::Done { written, read });
+    Ok(())
 }

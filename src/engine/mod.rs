@@ -105,6 +105,8 @@ pub struct Config {
     pub drop_cache: bool,
     /// Buffers per reader pool.
     pub buffers: usize,
+    /// The destination half counts progress (when the source half is on another machine).
+    pub dest_progress: bool,
 }
 
 impl Config {
@@ -117,6 +119,7 @@ impl Config {
             pause: Duration::ZERO,
             drop_cache: false,
             buffers: 4,
+            dest_progress: false,
         }
     }
 }
@@ -136,6 +139,10 @@ pub struct Stats {
     pub blocks_changed: AtomicU64,
     /// Bytes of the changed blocks (what a dry run would write).
     pub changed_bytes: AtomicU64,
+    /// Bytes sent over the link to the other machine.
+    pub wire_sent: AtomicU64,
+    /// Bytes received over the link.
+    pub wire_received: AtomicU64,
     /// Source bytes compared so far (progress).
     pub done: AtomicU64,
 }
@@ -165,9 +172,8 @@ pub fn sync_local(
     std::thread::scope(|s| {
         let dest_half = s.spawn(move || dest::run(dest, config, from_source, to_source, stats));
         let result = source::run(src, config, to_dest, from_dest, stats, cancel);
-        // The destination half reports its own failures through messages; a panic is a bug.
-        let joined = dest_half.join();
-        if joined.is_err() {
+        // The destination's failures reach the source half as messages too; a panic is a bug.
+        if dest_half.join().is_err() {
             return Err(crate::error::Error::new(
                 crate::error::Kind::Internal,
                 "destination thread panicked",

@@ -5,7 +5,7 @@ use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::hash::Digest;
 use crate::pool::{Buf, Pool, Slice};
-use crate::protocol::{ToDest, ToSource};
+use crate::protocol::{Counts, ToDest, ToSource};
 use crate::target::{self, Advice, Target};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::ops::Range;
@@ -24,6 +24,18 @@ fn lost_destination() -> Error {
         Kind::Internal,
         "the destination half stopped without saying why",
     )
+}
+
+/// The destination stopped taking messages: find out why from what it (or the link
+/// carrying it) last said, waiting briefly for that to arrive.
+fn why_gone(from_dest: &Receiver<ToSource>) -> Error {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while let Ok(msg) = from_dest.recv_deadline(deadline) {
+        if let ToSource::Failed { kind, message } = msg {
+            return Error::new(kind, message);
+        }
+    }
+    lost_destination()
 }
 
 /// Runs the source half until the destination confirms the flush, or fails.
@@ -45,11 +57,22 @@ pub fn run(
         // Unblock the reader (its sends now fail) before the scope joins it.
         drop(chunk_rx);
         let end = match &outcome {
-            Ok(()) => ToDest::Finish { size: layout.size },
-            Err(_) => ToDest::Abort,
+            Ok(()) => ToDest::Finish {
+                size: layout.size,
+                counts: Counts {
+                    read: Stats::get(&stats.source_read),
+                    same: Stats::get(&stats.blocks_same),
+                    changed: Stats::get(&stats.blocks_changed),
+                    changed_bytes: Stats::get(&stats.changed_bytes),
+                },
+            },
+            Err(e) => ToDest::Abort {
+                kind: e.kind,
+                message: e.message.clone(),
+            },
         };
         if to_dest.send(end).is_err() {
-            return outcome.and(Err(lost_destination()));
+            return outcome.and(Err(why_gone(&from_dest)));
         }
         drop(to_dest);
         let confirmed = wait_done(&from_dest);
@@ -214,7 +237,7 @@ fn compare_and_send(
                     offset: offset + r.start as u64,
                     data: Slice::new(shared.clone(), r),
                 };
-                to_dest.send(write).map_err(|_| lost_destination())?;
+                to_dest.send(write).map_err(|_| why_gone(from_dest))?;
             }
         }
         Stats::add(&stats.done, len as u64);

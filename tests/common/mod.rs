@@ -141,3 +141,4 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(self.dir.path()).output();
     }
 }
+pub mod sshd;

@@ -1,0 +1,244 @@
+//! Carries the engine's in-process messages over a byte stream as protocol frames, one
+//! thread per direction, so both directions flow at once and neither half ever waits for
+//! a round trip. Counts the bytes each way.
+
+use crate::engine::{Layout, Stats};
+use crate::error::{Error, Kind, Result};
+use crate::pool::Slice;
+use crate::protocol::{Data, Frame, ReadError, ToDest, ToSource, read_frame, write_frame};
+use crossbeam_channel::{Receiver, Sender};
+use std::io::{BufWriter, Read, Write};
+
+/// Write buffer per stream: big enough to batch small frames into few syscalls.
+const WRITE_BUFFER: usize = 256 << 10;
+
+/// Describes the peer in error messages, e.g. `backup (remote destination)`.
+#[derive(Debug, Clone)]
+pub struct Peer(pub String);
+
+fn lost(peer: &Peer, err: &ReadError) -> Error {
+    match err {
+        ReadError::Decode(d) => Error::new(
+            Kind::Protocol,
+            format!(
+                "{} sent a malformed frame ({d}); is it the same blocksync version?",
+                peer.0
+            ),
+        ),
+        ReadError::Closed => Error::new(
+            Kind::Remote,
+            format!("lost the connection to {} (it closed the stream)", peer.0),
+        ),
+        ReadError::Io(e) => Error::new(
+            Kind::Remote,
+            format!(
+                "lost the connection to {}: {}",
+                peer.0,
+                crate::error::os_text(e)
+            ),
+        ),
+    }
+}
+
+fn write_failed(peer: &Peer, e: std::io::Error) -> Error {
+    Error::new(
+        Kind::Remote,
+        format!("sending to {}: {}", peer.0, crate::error::os_text(&e)),
+    )
+}
+
+/// Source side, outgoing: encodes [`ToDest`] messages, compressing written blocks at
+/// `level` (0 = off), until the source half's Finish or Abort.
+pub fn send_to_dest(
+    rx: Receiver<ToDest>,
+    w: impl Write,
+    level: i32,
+    bwlimit: u64,
+    stats: &Stats,
+    peer: &Peer,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    pump(rx, w, stats, peer, |msg| {
+        if bwlimit > 0 {
+            // Sleep until the bytes sent so far fit the rate (like rsync --bwlimit).
+            let due = std::time::Duration::from_secs_f64(sent as f64 / bwlimit as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        if let ToDest::Write { data, .. } = &msg {
+            sent += data.len() as u64;
+        }
+        Ok(match msg {
+            ToDest::Write { offset, data } => Frame::Write {
+                offset,
+                data: Data::pack(&data, level),
+            },
+            ToDest::Finish { size, counts } => Frame::Finish { size, counts },
+            ToDest::Abort { kind, message } => Frame::Abort { kind, message },
+        })
+    })
+}
+
+/// Destination side, outgoing: encodes [`ToSource`] messages (digests, then done or
+/// failed).
+pub fn send_to_source(
+    rx: Receiver<ToSource>,
+    w: impl Write,
+    stats: &Stats,
+    peer: &Peer,
+) -> Result<()> {
+    pump(rx, w, stats, peer, |msg| match msg {
+        ToSource::Digests { index, digests } => Ok(Frame::Digests { index, digests }),
+        ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
+        ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
+        ToSource::Bytes { .. } => Err(Error::new(
+            Kind::Internal,
+            "raw destination bytes cannot cross machines",
+        )),
+    })
+}
+
+/// Moves messages from `rx` to `w` as frames until a final frame or the channel closes.
+/// Flushes whenever no message is waiting, so nothing sits in the buffer while the peer
+/// waits for it, yet bursts of small frames go out in few writes.
+fn pump<M>(
+    rx: Receiver<M>,
+    w: impl Write,
+    stats: &Stats,
+    peer: &Peer,
+    mut encode: impl FnMut(M) -> Result<Frame>,
+) -> Result<()> {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, w);
+    let flush = |w: &mut BufWriter<_>| w.flush().map_err(|e| write_failed(peer, e));
+    loop {
+        let msg = match rx.try_recv() {
+            Ok(m) => m,
+            Err(_) => {
+                flush(&mut w)?;
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        let frame = encode(msg)?;
+        let last = matches!(
+            frame,
+            Frame::Finish { .. } | Frame::Abort { .. } | Frame::Done { .. } | Frame::Failed { .. }
+        );
+        let n = write_frame(&mut w, &frame).map_err(|e| write_failed(peer, e))?;
+        Stats::add(&stats.wire_sent, n as u64);
+        if last {
+            return flush(&mut w);
+        }
+    }
+}
+
+/// Source side, incoming: decodes digests and the final answer for the source half.
+/// A broken stream becomes a [`ToSource::Failed`] so the source half stops with the cause.
+pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, peer: &Peer) {
+    let mut buf = Vec::new();
+    loop {
+        let msg = match read_frame(&mut r, &mut buf) {
+            Ok((frame, n)) => {
+                Stats::add(&stats.wire_received, n as u64);
+                match frame {
+                    Frame::Digests { index, digests } => ToSource::Digests { index, digests },
+                    Frame::Done { written, read } => {
+                        // The remote half's counters join ours for the summary.
+                        Stats::add(&stats.dest_read, read);
+                        Stats::add(&stats.written, written);
+                        ToSource::Done { written, read }
+                    }
+                    Frame::Failed { kind, message } => ToSource::Failed { kind, message },
+                    other => ToSource::Failed {
+                        kind: Kind::Protocol,
+                        message: format!("{} sent an unexpected {other:?}", peer.0),
+                    },
+                }
+            }
+            Err(e) => {
+                let e = lost(peer, &e);
+                ToSource::Failed {
+                    kind: e.kind,
+                    message: e.message,
+                }
+            }
+        };
+        let end = !matches!(msg, ToSource::Digests { .. });
+        if tx.send(msg).is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Destination side, incoming: decodes writes for the destination half, checking each
+/// lies inside this stream's range. Returns `Ok` after the source's Finish; the source's
+/// Abort reason or a broken stream is the error. Either way the sender is dropped, which
+/// tells the destination half to flush and stop.
+pub fn recv_from_source(
+    mut r: impl Read,
+    tx: Sender<ToDest>,
+    layout: Layout,
+    stats: &Stats,
+    peer: &Peer,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let (frame, n) = read_frame(&mut r, &mut buf).map_err(|e| lost(peer, &e))?;
+        Stats::add(&stats.wire_received, n as u64);
+        let msg = match frame {
+            Frame::Write { offset, data } => {
+                let bytes = data.unpack().map_err(|d| {
+                    Error::new(Kind::Protocol, format!("{} sent a bad block: {d}", peer.0))
+                })?;
+                let end = offset.checked_add(bytes.len() as u64);
+                if offset < layout.start || end.is_none_or(|e| e > layout.end) {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!(
+                            "{} sent a block at byte {offset}, outside the range {}..{}",
+                            peer.0, layout.start, layout.end
+                        ),
+                    ));
+                }
+                ToDest::Write {
+                    offset,
+                    data: Slice::owned(bytes),
+                }
+            }
+            Frame::Finish { size, counts } => {
+                Stats::add(&stats.source_read, counts.read);
+                Stats::add(&stats.blocks_same, counts.same);
+                Stats::add(&stats.blocks_changed, counts.changed);
+                Stats::add(&stats.changed_bytes, counts.changed_bytes);
+                if size != layout.size {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!("{} finished with size {size}, not {}", peer.0, layout.size),
+                    ));
+                }
+                let _ = tx.send(ToDest::Finish { size, counts });
+                return Ok(());
+            }
+            Frame::Abort { kind, message } => {
+                let _ = tx.send(ToDest::Abort {
+                    kind,
+                    message: message.clone(),
+                });
+                return Err(Error::new(kind, format!("{}: {message}", peer.0)));
+            }
+            other => {
+                return Err(Error::new(
+                    Kind::Protocol,
+                    format!("{} sent an unexpected {other:?}", peer.0),
+                ));
+            }
+        };
+        if tx.send(msg).is_err() {
+            return Err(Error::new(Kind::Internal, "destination half stopped early"));
+        }
+    }
+}

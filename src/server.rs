@@ -1,0 +1,225 @@
+//! Server mode (`blocksync --server`): the remote end of an ssh sync. Speaks the protocol
+//! on stdin/stdout, runs the source or destination half the client asks for, and makes
+//! the same checks as a local run before writing anything.
+
+use crate::engine::{self, Compare, Config, Layout, Stats};
+use crate::error::{Error, Kind, Result};
+use crate::link::{self, Peer};
+use crate::protocol::{
+    DecodeError, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, Frame, GREETING, Hello,
+    ReadError, Reply, Role, VERSION, read_frame, write_frame,
+};
+use crate::target::{self, Target, TargetKind};
+use crossbeam_channel::bounded;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+/// Runs the server on this process's stdin and stdout; returns the exit code.
+pub fn main() -> i32 {
+    let (Ok(input), Ok(output)) = (
+        rustix::stdio::stdin().try_clone_to_owned(),
+        rustix::stdio::stdout().try_clone_to_owned(),
+    ) else {
+        eprintln!("blocksync --server: cannot use stdin/stdout");
+        return Kind::Internal.exit_code();
+    };
+    let mut input = File::from(input);
+    let mut output = File::from(output);
+    if output.write_all(GREETING).is_err() {
+        return Kind::Remote.exit_code();
+    }
+    match serve(&mut input, &mut output) {
+        Ok(()) => 0,
+        Err(e) => {
+            // The client prints it; stderr helps when even that fails.
+            let _ = write_frame(
+                &mut output,
+                &Frame::Failed {
+                    kind: e.kind,
+                    message: e.message.clone(),
+                },
+            );
+            e.kind.exit_code()
+        }
+    }
+}
+
+fn host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn read_hello(input: &mut impl Read) -> Result<Hello> {
+    let mut buf = Vec::new();
+    match read_frame(input, &mut buf) {
+        Ok((Frame::Hello(h), _)) => Ok(h),
+        Ok((other, _)) => Err(Error::new(
+            Kind::Protocol,
+            format!("expected a hello, got {other:?}"),
+        )),
+        Err(ReadError::Decode(DecodeError::Version(v))) => Err(Error::new(
+            Kind::Protocol,
+            format!(
+                "the client speaks protocol {v}, blocksync on {} speaks {VERSION}; use the same blocksync version on both sides (or let it deploy itself)",
+                host()
+            ),
+        )),
+        Err(e) => Err(Error::new(
+            Kind::Protocol,
+            format!("reading the hello: {e}"),
+        )),
+    }
+}
+
+fn read_go(input: &mut impl Read) -> Result<crate::protocol::Go> {
+    let mut buf = Vec::new();
+    match read_frame(input, &mut buf) {
+        Ok((Frame::Go(g), _)) => Ok(g),
+        Ok((other, _)) => Err(Error::new(
+            Kind::Protocol,
+            format!("expected go, got {other:?}"),
+        )),
+        Err(e) => Err(Error::new(Kind::Remote, format!("waiting for go: {e}"))),
+    }
+}
+
+fn kind_byte(kind: TargetKind) -> u8 {
+    match kind {
+        TargetKind::File => 1,
+        TargetKind::BlockDevice => 2,
+    }
+}
+
+/// Speaks the protocol until the sync is done.
+pub fn serve(input: &mut File, output: &mut File) -> Result<()> {
+    let hello = read_hello(input)?;
+    match hello.role {
+        Role::Dest => serve_dest(&hello, input, output),
+        Role::Source => serve_source(&hello, input, output),
+    }
+}
+
+/// The engine settings a hello and go describe, the same on both machines.
+pub fn config_for(hello: &Hello, go: &crate::protocol::Go) -> Config {
+    let whole = Layout::new(go.size, hello.block);
+    let layout = Layout {
+        start: go.start,
+        end: go.end,
+        ..whole
+    };
+    let mut config = Config::new(layout);
+    config.compare = Compare::Digest(hello.hash);
+    config.dry_run = hello.flags & FLAG_DRY_RUN != 0;
+    config.drop_cache = hello.flags & FLAG_DROP_CACHE != 0;
+    config.pause = Duration::from_millis(hello.pause_ms);
+    config.buffers = buffers_for(layout.chunk);
+    config
+}
+
+/// Buffers per pool: about 16 MiB in flight per side, at least two chunks.
+pub fn buffers_for(chunk: u64) -> usize {
+    ((16u64 << 20) / chunk).clamp(2, 8) as usize
+}
+
+fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
+    let path = Path::new(&hello.path);
+    let probe = target::probe_destination(path)?;
+    let force_mounted = hello.flags & FLAG_FORCE_MOUNTED != 0;
+    if let Some(existing) = &probe.existing
+        && existing.kind == TargetKind::BlockDevice
+    {
+        target::check_device(path, existing, hello.source_size, force_mounted)?;
+    }
+    let reply = Reply {
+        size: probe.existing.map_or(0, |e| e.size),
+        kind: probe.existing.map_or(0, |e| kind_byte(e.kind)),
+    };
+    write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
+    let go = read_go(input)?;
+    if !go.proceed {
+        return Ok(());
+    }
+    let config = config_for(hello, &go);
+    let dest: Option<Target> = if config.dry_run {
+        match probe.existing {
+            Some(_) => Some(target::open_read(path, "destination", Kind::Destination)?),
+            None => None,
+        }
+    } else {
+        // Only the first of parallel streams claims a device exclusively.
+        Some(target::open_destination(
+            &probe,
+            force_mounted || go.start > 0,
+        )?)
+    };
+    let stats = Stats::default();
+    let peer = Peer("the client".into());
+    let (to_dest, from_source) = bounded(config.buffers * 16);
+    let (to_source, from_dest) = bounded(config.buffers);
+    std::thread::scope(|s| {
+        let layout = config.layout;
+        let (stats, peer) = (&stats, &peer);
+        let reader = s.spawn(move || link::recv_from_source(input, to_dest, layout, stats, peer));
+        let writer = s.spawn(move || link::send_to_source(from_dest, output, stats, peer));
+        let written = engine::dest::run(dest.as_ref(), &config, from_source, to_source, stats);
+        let _ = writer.join();
+        let received = reader
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "receiving thread panicked")));
+        written.and(received)
+    })
+}
+
+fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
+    let src = target::open_source(Path::new(&hello.path))?;
+    let reply = Reply {
+        size: src.size,
+        kind: kind_byte(src.kind),
+    };
+    write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
+    let go = read_go(input)?;
+    if !go.proceed {
+        return Ok(());
+    }
+    if go.size != src.size {
+        return Err(Error::new(
+            Kind::Protocol,
+            format!(
+                "client expects a source of {} bytes, not {}",
+                go.size, src.size
+            ),
+        ));
+    }
+    let config = config_for(hello, &go);
+    let stats = Stats::default();
+    let peer = Peer("the client".into());
+    // Nobody presses Ctrl-C here: the client stops us by closing the stream.
+    let cancel = AtomicBool::new(false);
+    let (to_dest, from_source) = bounded(config.buffers * 16);
+    let (to_source, from_dest) = bounded(config.buffers);
+    let level = hello.compress;
+    std::thread::scope(|s| {
+        let (stats, peer) = (&stats, &peer);
+        s.spawn(move || link::recv_from_dest(input, to_source, stats, peer));
+        let bw = hello.bwlimit;
+        let writer =
+            s.spawn(move || link::send_to_dest(from_source, output, level, bw, stats, peer));
+        let result = engine::source::run(&src, &config, to_dest, from_dest, stats, &cancel);
+        let sent = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "sending thread panicked")));
+        result.and(sent)
+    })
+}
+
+fn lost_client(e: std::io::Error) -> Error {
+    Error::new(
+        Kind::Remote,
+        format!("the client went away: {}", crate::error::os_text(&e)),
+    )
+}

@@ -1,0 +1,164 @@
+//! A real sshd on a free loopback port with throwaway host and user keys, plus an ssh
+//! config naming it `testhost`. Stopped and removed on drop, even when a test fails.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running test sshd.
+pub struct Sshd {
+    child: Child,
+    /// Holds keys, config, logs and the remote cache dir.
+    pub dir: tempfile::TempDir,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+fn keygen(path: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (install openssh-client)");
+    assert!(
+        out.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Sshd {
+    /// Starts sshd, retrying on another port if the one picked was taken meanwhile.
+    pub fn start() -> Self {
+        super::require_root();
+        assert!(
+            Path::new("/usr/sbin/sshd").exists(),
+            "these tests need sshd: apt-get install openssh-server (.ci/run does)"
+        );
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            match Self::try_start() {
+                Ok(s) => return s,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("sshd did not start: {last_log}");
+    }
+
+    fn try_start() -> Result<Self, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        keygen(&d.join("host_key"));
+        keygen(&d.join("user_key"));
+        std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+        std::fs::create_dir(d.join("cache")).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPermitRootLogin yes\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             SetEnv XDG_CACHE_HOME={d}/cache\nLogLevel ERROR\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let client = format!(
+            "Host testhost\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/user_key\n\
+             \x20 IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n\
+             \x20 LogLevel ERROR\n  BatchMode yes\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("ssh_config"), client).unwrap();
+        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sshd");
+        let mut sshd = Sshd { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(sshd);
+            }
+            if let Ok(Some(_)) = sshd.child.try_wait() {
+                break; // the port was taken meanwhile
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(sshd.log())
+    }
+
+    /// The ssh client config that defines `testhost`.
+    pub fn ssh_config(&self) -> PathBuf {
+        self.dir.path().join("ssh_config")
+    }
+
+    /// `-e` argument for blocksync: ssh with our config.
+    pub fn rsh(&self) -> String {
+        format!("ssh -F {}", self.ssh_config().display())
+    }
+
+    /// The remote side's per-user cache (XDG_CACHE_HOME of sessions).
+    pub fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Kills (SIGKILL) every blocksync process started through this sshd; returns how many.
+    /// Only this sshd's descendants, so parallel tests are left alone.
+    pub fn kill_remote_servers(&self) -> usize {
+        let parent_of = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 2..];
+            after.split(' ').nth(1)?.parse().ok()
+        };
+        let root = self.child.id();
+        let mut killed = 0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if !comm.starts_with("blocksync") {
+                continue;
+            }
+            let mut p = pid;
+            while let Some(pp) = parent_of(p) {
+                if pp == root {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                    killed += 1;
+                    break;
+                }
+                if pp <= 1 {
+                    break;
+                }
+                p = pp;
+            }
+        }
+        killed
+    }
+
+    /// sshd's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,273 @@
+//! End-to-end tests over a real sshd on a loopback port: push, pull, both operand forms,
+//! awkward paths, remote errors, self-deploy, sudo, a killed peer, a sparse 4 GiB file.
+
+mod common;
+
+use common::sshd::Sshd;
+use common::*;
+use std::fs;
+
+const M: usize = 1024 * 1024;
+
+/// blocksync args to reach the test sshd, with the built binary given as the remote one.
+fn via(sshd: &Sshd) -> Vec<String> {
+    vec![
+        "-e".into(),
+        sshd.rsh(),
+        "-S".into(),
+        bin().into(),
+        "-f".into(),
+        "--json".into(),
+    ]
+}
+
+fn run_with(base: &[String], rest: &[&str]) -> std::process::Output {
+    let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+    args.extend_from_slice(rest);
+    run(&args)
+}
+
+#[test]
+fn push_and_pull_in_both_forms() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(5 * M + 333, 21);
+    fs::write(&src, &content).unwrap();
+
+    // Push, blocksync.py form, to a missing destination.
+    let dst = dir.path().join("dst");
+    let out = run_with(&via(&sshd), &["-b", "64K", s(&src), "testhost", s(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), content);
+    let j = json(&out);
+    assert_eq!(j["blocks_changed"], 81);
+    assert!(j["bytes_sent"].as_u64().unwrap() > 0);
+
+    // Push again with a few changes, modern form: only the changed blocks cross.
+    let mut next = content.clone();
+    next[100] ^= 1;
+    next[3 * M] ^= 1;
+    fs::write(&src, &next).unwrap();
+    let target = format!("testhost:{}", s(&dst));
+    let out = run_with(&via(&sshd), &["-b", "64K", s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), next);
+    let j = json(&out);
+    assert_eq!(j["blocks_changed"], 2);
+    assert_eq!(j["bytes_written"], 2 * 64 * 1024);
+
+    // Pull, blocksync.py form, into an older copy.
+    let back = dir.path().join("back");
+    fs::write(&back, &content[..2 * M]).unwrap();
+    let out = run_with(&via(&sshd), &["--pull", s(&back), "testhost", s(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&back).unwrap(), next);
+    let j = json(&out);
+    assert_eq!(j["blocks_total"], 6);
+    assert_eq!(j["blocks_same"], 1, "{j}");
+
+    // Pull, modern form, to a missing file.
+    let fresh = dir.path().join("fresh");
+    let out = run_with(&via(&sshd), &[&target, s(&fresh)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&fresh).unwrap(), next);
+}
+
+#[test]
+fn paths_with_spaces_and_metacharacters() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("my disk; $(touch pwned) 'x'.img");
+    let dst = dir.path().join("copy of \"it\" & more.img");
+    let content = data(M + 1, 22);
+    fs::write(&src, &content).unwrap();
+    let target = format!("testhost:{}", s(&dst));
+    let out = run_with(&via(&sshd), &[s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), content);
+    assert!(!std::path::Path::new("pwned").exists());
+}
+
+#[test]
+fn remote_errors_are_clear_and_write_nothing() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 23)).unwrap();
+    // Missing remote directory.
+    let bad = format!("testhost:{}/no/such/dir/dst", s(dir.path()));
+    let out = run_with(&via(&sshd), &[s(&src), &bad]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("on testhost") && stderr(&out).contains("does not exist"));
+    // Missing remote source, pulled.
+    let missing = format!("testhost:{}/missing", s(dir.path()));
+    let local = dir.path().join("local");
+    let out = run_with(&via(&sshd), &[&missing, s(&local)]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("No such file"), "{}", stderr(&out));
+    assert!(!local.exists());
+    // Existing remote destination and no -f, no terminal.
+    let dst = dir.path().join("dst");
+    fs::write(&dst, b"old").unwrap();
+    let args = [
+        "-e",
+        &sshd.rsh(),
+        "-S",
+        bin(),
+        s(&src),
+        &format!("testhost:{}", s(&dst)),
+    ];
+    let out = run(&args);
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), b"old");
+    // A host that does not answer.
+    let out = run(&["-e", &sshd.rsh(), "-f", s(&src), "nosuchhost.invalid:/x"]);
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ssh could not connect to nosuchhost.invalid"),
+        "{}",
+        stderr(&out)
+    );
+    // A wrong -S path.
+    let out = run(&[
+        "-e",
+        &sshd.rsh(),
+        "-S",
+        "/nonexistent/blocksync",
+        "-f",
+        s(&src),
+        &bad,
+    ]);
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(stderr(&out).contains("-S"), "{}", stderr(&out));
+}
+
+#[test]
+fn deploys_itself_once_and_reuses_the_cache() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let content = data(M, 24);
+    fs::write(&src, &content).unwrap();
+    let target = format!("testhost:{}", s(&dst));
+    // No -S: the remote PATH has no blocksync, so --no-deploy fails cleanly...
+    let out = run(&["-e", &sshd.rsh(), "--no-deploy", "-f", s(&src), &target]);
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no blocksync"), "{}", stderr(&out));
+    // ...and by default the binary copies itself into the per-user cache.
+    let out = run(&["-e", &sshd.rsh(), "-f", s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), content);
+    let cache = sshd.cache().join("blocksync");
+    let entries: Vec<_> = fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 1, "one cached binary, no temp files left");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = entries[0].metadata().unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o022,
+        0,
+        "cached binary must not be group/world writable"
+    );
+    let stamp = entries[0].metadata().unwrap().modified().unwrap();
+    let out = run(&["-e", &sshd.rsh(), "-f", s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let again = fs::read_dir(&cache).unwrap().flatten().next().unwrap();
+    assert_eq!(
+        again.metadata().unwrap().modified().unwrap(),
+        stamp,
+        "redeployed"
+    );
+}
+
+#[test]
+fn killed_remote_side_is_an_error_not_a_hang() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    fs::write(&src, data(16 * M, 25)).unwrap();
+    let target = format!("testhost:{}", s(&dst));
+    let mut args = via(&sshd);
+    args.extend([
+        "-b".into(),
+        "64K".into(),
+        "-p".into(),
+        "20".into(),
+        s(&src).into(),
+        target,
+    ]);
+    let child = std::process::Command::new(bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed().as_secs() < 15, "took too long to notice");
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+
+    // The same in pull mode: the remote source dies.
+    let back = dir.path().join("back");
+    let mut args = via(&sshd);
+    let from = format!("testhost:{}", s(&src));
+    args.extend([
+        "-b".into(),
+        "64K".into(),
+        "-p".into(),
+        "20".into(),
+        from,
+        s(&back).into(),
+    ]);
+    let child = std::process::Command::new(bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed().as_secs() < 15, "took too long to notice");
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
+}
+
+#[test]
+fn sparse_4gib_file_both_ways() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(4 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&data(M, 26), 3 << 30).unwrap();
+    drop(f);
+    let dst = dir.path().join("dst");
+    let f = fs::File::create(&dst).unwrap();
+    f.set_len(4 << 30).unwrap();
+    drop(f);
+    let out = run_with(&via(&sshd), &[s(&src), &format!("testhost:{}", s(&dst))]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["blocks_changed"], 1);
+    let back = dir.path().join("back");
+    let f = fs::File::create(&back).unwrap();
+    f.set_len(4 << 30).unwrap();
+    drop(f);
+    let out = run_with(&via(&sshd), &[&format!("testhost:{}", s(&dst)), s(&back)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(json(&out)["blocks_changed"], 1);
+    let g = fs::File::open(&back).unwrap();
+    let mut buf = vec![0u8; M];
+    g.read_exact_at(&mut buf, 3 << 30).unwrap();
+    assert_eq!(buf, data(M, 26));
+    assert_eq!(g.metadata().unwrap().len(), 4 << 30);
+}
