@@ -271,3 +271,87 @@ fn sparse_4gib_file_both_ways() {
     assert_eq!(buf, data(M, 26));
     assert_eq!(g.metadata().unwrap().len(), 4 << 30);
 }
+
+#[test]
+fn deploys_to_an_account_without_blocksync() {
+    let sshd = Sshd::start();
+    let user = common::sshd::TestUser::new(&sshd);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(M + 5, 27);
+    fs::write(&src, &content).unwrap();
+    let dst = user.home.join("copy.img");
+    let out = run(&["-e", &sshd.rsh(), "-f", s(&src), &user.at(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), content);
+    let cached: Vec<_> = fs::read_dir(user.home.join(".cache/blocksync"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(cached.len(), 1);
+    use std::os::unix::fs::MetadataExt;
+    let meta = cached[0].metadata().unwrap();
+    assert_eq!(meta.mode() & 0o077, 0, "cached binary must be private");
+    let uid = fs::metadata(&user.home).unwrap().uid();
+    assert_eq!(meta.uid(), uid, "owned by the user");
+}
+
+#[test]
+fn sudo_wanting_a_password_is_said_plainly() {
+    let sshd = Sshd::start();
+    assert!(
+        std::path::Path::new("/usr/bin/sudo").exists(),
+        "this test needs sudo: apt-get install sudo (.ci/run does)"
+    );
+    let user = common::sshd::TestUser::new(&sshd);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 28)).unwrap();
+    let dst = user.home.join("copy.img");
+    let out = run(&[
+        "-e",
+        &sshd.rsh(),
+        "-s",
+        "-S",
+        bin(),
+        "-f",
+        s(&src),
+        &user.at(&dst),
+    ]);
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(stderr(&out).contains("sudo on"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("password"), "{}", stderr(&out));
+    assert!(!dst.exists());
+}
+
+#[test]
+fn parallel_streams_cover_the_whole_file() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(37 * M + 4097, 29);
+    fs::write(&src, &content).unwrap();
+    let dst = dir.path().join("dst");
+    let mut old = content.clone();
+    for i in (0..old.len()).step_by(5 * M + 17) {
+        old[i] ^= 0x5a;
+    }
+    old.truncate(20 * M);
+    fs::write(&dst, &old).unwrap();
+    let target = format!("testhost:{}", s(&dst));
+    let out = run_with(&via(&sshd), &["-w", "3", s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), content);
+    let j = json(&out);
+    assert_eq!(j["blocks_total"], 38);
+    assert_eq!(
+        j["blocks_same"].as_u64().unwrap() + j["blocks_changed"].as_u64().unwrap(),
+        38
+    );
+    // And pulled back with 2 streams over a stale copy.
+    let back = dir.path().join("back");
+    fs::write(&back, &old).unwrap();
+    let out = run_with(&via(&sshd), &["-w", "2", &target, s(&back)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&back).unwrap(), content);
+}

@@ -63,7 +63,7 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPermitRootLogin yes\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             SetEnv XDG_CACHE_HOME={d}/cache\nLogLevel ERROR\n",
+             LogLevel ERROR\nMatch User root\n  SetEnv XDG_CACHE_HOME={d}/cache\n",
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
@@ -153,6 +153,60 @@ impl Sshd {
     /// sshd's log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+/// A throwaway local user that can log in through the test sshd (same key), with a home
+/// in a temp dir. Deleted on drop.
+pub struct TestUser {
+    /// The login name.
+    pub name: String,
+    /// Its home directory.
+    pub home: PathBuf,
+}
+
+impl TestUser {
+    /// Creates a user with no password (so sudo wants one) and no blocksync on its PATH.
+    pub fn new(sshd: &Sshd) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bst{}x{n}", std::process::id());
+        let home = sshd.dir.path().join(format!("home-{name}"));
+        let out = Command::new("useradd")
+            // Password "*": no password works, yet the account is not locked (sshd
+            // without PAM refuses locked accounts even with a valid key).
+            .args(["-M", "-p", "*", "-s", "/bin/sh", "-d"])
+            .arg(&home)
+            .arg(&name)
+            .output()
+            .expect("useradd");
+        assert!(
+            out.status.success(),
+            "useradd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::create_dir(&home).unwrap();
+        let chown = Command::new("chown")
+            .arg(format!("{name}:"))
+            .arg(&home)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        // sshd runs as root and must reach the user's home through the temp dir.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(sshd.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        TestUser { name, home }
+    }
+
+    /// Passwordless sudo for this user would need sudoers; this one has none.
+    pub fn at(&self, path: &Path) -> String {
+        format!("{}@testhost:{}", self.name, path.display())
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg("-f").arg(&self.name).output();
     }
 }
 
