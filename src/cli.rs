@@ -23,7 +23,8 @@ Exit codes:
   0 success (destination equals source)   2 bad command line
   3 source unusable        4 destination unusable       5 destination device too small
   6 destination in use     7 same file on both sides    8 not confirmed (use -f)
-  10 I/O error in sync     11 ssh/remote failure        12 protocol error
+  10 local I/O error       11 ssh failed, link lost, or I/O error on the remote side
+  12 protocol error (peer malformed or another version)
   130 interrupted          1 internal error";
 
 /// blocksync: sync a file or block device onto another, locally or over ssh, writing only the
@@ -34,6 +35,7 @@ Exit codes:
     version,
     about = "Sync a file or block device onto another, locally or over ssh, sending only changed blocks",
     after_help = AFTER_HELP,
+    override_usage = "blocksync [OPTIONS] SRC DST\n       blocksync [OPTIONS] SRC HOST [DST]\n       blocksync [OPTIONS] --pull DST HOST SRC",
     max_term_width = 100
 )]
 pub struct Args {
@@ -45,7 +47,7 @@ pub struct Args {
     #[arg(long)]
     pub pull: bool,
 
-    /// Block size compared and sent, with K/M/G suffix (4K..1G).
+    /// Block size compared and sent, with K/M suffix (512..64M).
     #[arg(
         short = 'b',
         long = "blocksize",
@@ -99,9 +101,9 @@ pub struct Args {
     #[arg(short = 'c', long, value_name = "CIPHER")]
     pub cipher: Option<String>,
 
-    /// Compress changed blocks with zstd at LEVEL (remote default 3; write -C or --compress=N).
+    /// Compress changed blocks with zstd at LEVEL (remote default 1; write -C or --compress=N).
     #[arg(short = 'C', long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
-          default_missing_value = "3")]
+          default_missing_value = "1")]
     pub compress: Option<i32>,
 
     /// Do not compress changed blocks.
@@ -244,7 +246,7 @@ mod tests {
         assert_eq!(a.workers, 2);
         assert_eq!(a.block_size, "4M");
         assert_eq!(a.hash, "xxh3");
-        assert_eq!(a.compress, Some(3));
+        assert_eq!(a.compress, Some(1));
         assert_eq!(
             a.extra_params.as_deref(),
             Some("-o StrictHostKeyChecking=no")
@@ -258,7 +260,7 @@ mod tests {
         let a = Args::try_parse_from(["blocksync", "--compress=7", "/a", "/b"]).unwrap();
         assert_eq!(a.compress, Some(7));
         let a = Args::try_parse_from(["blocksync", "-C", "/a", "/b"]).unwrap();
-        assert_eq!(a.compress, Some(3));
+        assert_eq!(a.compress, Some(1));
         assert_eq!(a.operands.len(), 2);
     }
 }

@@ -25,9 +25,10 @@ pub enum Kind {
     SameFile,
     /// The destination exists and the change was not confirmed (no `-f`).
     NotConfirmed,
-    /// Reading or writing failed during the sync (I/O error, disk full).
+    /// Reading or writing failed on this machine during the sync (I/O error, disk full).
     Io,
-    /// The ssh connection or the remote side could not be started or was lost.
+    /// The ssh connection or the remote side could not be started or was lost, or I/O
+    /// failed on the remote side.
     Remote,
     /// The peer spoke a protocol we do not understand or sent malformed data.
     Protocol,
@@ -83,8 +84,8 @@ impl Kind {
             Kind::Busy => "destination device mounted or in use (see --force-mounted)",
             Kind::SameFile => "source and destination are the same file or device",
             Kind::NotConfirmed => "destination exists and the change was not confirmed (-f)",
-            Kind::Io => "read or write failed during the sync (I/O error, disk full)",
-            Kind::Remote => "ssh or the remote side failed",
+            Kind::Io => "local read or write failed during the sync (I/O error, disk full)",
+            Kind::Remote => "ssh failed, the link was lost, or I/O failed on the remote side",
             Kind::Protocol => "the peer sent something malformed or incompatible",
             Kind::Interrupted => "interrupted (Ctrl-C); written data was flushed",
         }

@@ -40,6 +40,15 @@ fn lost(peer: &Peer, err: &ReadError) -> Error {
     }
 }
 
+/// The exit-code kind of a failure reported by the remote side: I/O failures there exit
+/// with [`Kind::Remote`], so the code tells which machine failed; refusals keep their kind.
+fn remote_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::Io | Kind::Internal => Kind::Remote,
+        k => k,
+    }
+}
+
 fn write_failed(peer: &Peer, e: std::io::Error) -> Error {
     Error::new(
         Kind::Remote,
@@ -59,6 +68,7 @@ pub fn send_to_dest(
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let mut sent = 0u64;
+    let mut packer = Packer::new(level);
     pump(rx, w, stats, peer, |msg| {
         if bwlimit > 0 {
             // Sleep until the bytes sent so far fit the rate (like rsync --bwlimit).
@@ -73,12 +83,49 @@ pub fn send_to_dest(
         Ok(match msg {
             ToDest::Write { offset, data } => Frame::Write {
                 offset,
-                data: Data::pack(&data, level),
+                data: packer.pack(&data),
             },
             ToDest::Finish { size, counts } => Frame::Finish { size, counts },
             ToDest::Abort { kind, message } => Frame::Abort { kind, message },
         })
     })
+}
+
+/// Compresses blocks, but stops trying for a while after blocks that do not shrink:
+/// random or encrypted data would only burn CPU the ssh cipher needs. The pause doubles
+/// (up to 64 blocks) with each failure and ends at the first success.
+struct Packer {
+    level: i32,
+    skip: u32,
+    backoff: u32,
+}
+
+impl Packer {
+    fn new(level: i32) -> Self {
+        Packer {
+            level,
+            skip: 0,
+            backoff: 1,
+        }
+    }
+
+    fn pack(&mut self, raw: &Slice) -> Data {
+        if self.level <= 0 {
+            return Data::Raw(raw.clone());
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return Data::Raw(raw.clone());
+        }
+        let data = Data::pack(raw, self.level);
+        if matches!(data, Data::Raw(_)) {
+            self.skip = self.backoff;
+            self.backoff = (self.backoff * 2).min(64);
+        } else {
+            self.backoff = 1;
+        }
+        data
+    }
 }
 
 /// Destination side, outgoing: encodes [`ToSource`] messages (digests, then done or
@@ -152,7 +199,10 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                         Stats::add(&stats.written, written);
                         ToSource::Done { written, read }
                     }
-                    Frame::Failed { kind, message } => ToSource::Failed { kind, message },
+                    Frame::Failed { kind, message } => ToSource::Failed {
+                        kind: remote_kind(kind),
+                        message: format!("{}: {message}", peer.0),
+                    },
                     other => ToSource::Failed {
                         kind: Kind::Protocol,
                         message: format!("{} sent an unexpected {other:?}", peer.0),
@@ -206,7 +256,7 @@ pub fn recv_from_source(
                 }
                 ToDest::Write {
                     offset,
-                    data: Slice::owned(bytes),
+                    data: bytes,
                 }
             }
             Frame::Finish { size, counts } => {
@@ -228,7 +278,10 @@ pub fn recv_from_source(
                     kind,
                     message: message.clone(),
                 });
-                return Err(Error::new(kind, format!("{}: {message}", peer.0)));
+                return Err(Error::new(
+                    remote_kind(kind),
+                    format!("{}: {message}", peer.0),
+                ));
             }
             other => {
                 return Err(Error::new(

@@ -102,6 +102,20 @@ impl Slice {
     }
 }
 
+impl std::fmt::Debug for Slice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slice({} bytes)", self.len())
+    }
+}
+
+impl PartialEq for Slice {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Slice {}
+
 impl Deref for Slice {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -185,8 +185,8 @@ pub struct Go {
 /// A block payload on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Data {
-    /// As is.
-    Raw(Vec<u8>),
+    /// As is (shares the sender's buffer: no copy).
+    Raw(Slice),
     /// zstd-compressed; `len` is the size after decompression.
     Zstd {
         /// Decompressed length.
@@ -392,18 +392,8 @@ impl Frame {
                 T_DIGESTS
             }
             Frame::Write { offset, data } => {
-                p.extend_from_slice(&offset.to_le_bytes());
-                match data {
-                    Data::Raw(b) => {
-                        p.push(0);
-                        p.extend_from_slice(b);
-                    }
-                    Data::Zstd { len, bytes } => {
-                        p.push(1);
-                        p.extend_from_slice(&len.to_le_bytes());
-                        p.extend_from_slice(bytes);
-                    }
-                }
+                p.extend_from_slice(&write_header(*offset, data));
+                p.extend_from_slice(data.bytes());
                 T_WRITE
             }
             Frame::Finish { size, counts } => {
@@ -515,7 +505,7 @@ impl Frame {
             T_WRITE => {
                 let offset = r.u64()?;
                 let data = match r.u8()? {
-                    0 => Data::Raw(r.rest().to_vec()),
+                    0 => Data::Raw(Slice::owned(r.rest().to_vec())),
                     1 => {
                         let len = r.u32()?;
                         if len as usize > MAX_FRAME {
@@ -560,7 +550,7 @@ impl Frame {
 
 impl Data {
     /// `raw` compressed at `level` when that saves at least 1/16, else as is.
-    pub fn pack(raw: &[u8], level: i32) -> Data {
+    pub fn pack(raw: &Slice, level: i32) -> Data {
         if level > 0
             && let Ok(c) = zstd::bulk::compress(raw, level)
             && c.len() < raw.len() - raw.len() / 16
@@ -570,11 +560,19 @@ impl Data {
                 bytes: c,
             };
         }
-        Data::Raw(raw.to_vec())
+        Data::Raw(raw.clone())
+    }
+
+    /// The bytes as they travel (compressed or not).
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Raw(b) => b,
+            Data::Zstd { bytes, .. } => bytes,
+        }
     }
 
     /// The bytes, decompressed, with a bounded output size.
-    pub fn unpack(self) -> Result<Vec<u8>, DecodeError> {
+    pub fn unpack(self) -> Result<Slice, DecodeError> {
         match self {
             Data::Raw(b) => Ok(b),
             Data::Zstd { len, bytes } => {
@@ -583,7 +581,7 @@ impl Data {
                 if out.len() != len as usize {
                     return Err(DecodeError::BadCompression);
                 }
-                Ok(out)
+                Ok(Slice::owned(out))
             }
         }
     }
@@ -597,8 +595,33 @@ impl Data {
     }
 }
 
-/// Writes one frame; returns the bytes written.
+/// The fields of a Write frame before its data.
+fn write_header(offset: u64, data: &Data) -> Vec<u8> {
+    let mut h = Vec::with_capacity(13);
+    h.extend_from_slice(&offset.to_le_bytes());
+    match data {
+        Data::Raw(_) => h.push(0),
+        Data::Zstd { len, .. } => {
+            h.push(1);
+            h.extend_from_slice(&len.to_le_bytes());
+        }
+    }
+    h
+}
+
+/// Writes one frame; returns the bytes written. Block data is written from its buffer
+/// directly, not copied into the frame first.
 pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<usize> {
+    if let Frame::Write { offset, data } = frame {
+        let header = write_header(*offset, data);
+        let body = data.bytes();
+        let len = (1 + header.len() + body.len()) as u32;
+        w.write_all(&len.to_le_bytes())?;
+        w.write_all(&[T_WRITE])?;
+        w.write_all(&header)?;
+        w.write_all(body)?;
+        return Ok(len as usize + 4);
+    }
     let (t, payload) = frame.encode();
     write_raw_frame(w, t, &payload)
 }
@@ -686,11 +709,11 @@ mod tests {
             },
             Frame::Write {
                 offset: 1 << 40,
-                data: Data::Raw(vec![1, 2, 3]),
+                data: Data::Raw(Slice::owned(vec![1, 2, 3])),
             },
             Frame::Write {
                 offset: 4096,
-                data: Data::pack(&[0u8; 65536], 3),
+                data: Data::pack(&Slice::owned(vec![0u8; 65536]), 3),
             },
             Frame::Finish {
                 size: 5,
@@ -731,11 +754,16 @@ mod tests {
             assert_eq!(back, f);
             assert_eq!(n, wire.len());
         }
+        let zeros = Slice::owned(vec![0u8; 65536]);
         assert!(matches!(
-            Data::pack(&[0u8; 65536], 3),
+            Data::pack(&zeros, 3),
             Data::Zstd { len: 65536, .. }
         ));
-        assert_eq!(Data::pack(&[0u8; 100], 3).unpack().unwrap(), vec![0u8; 100]);
+        assert_eq!(Data::pack(&zeros, 3).unpack().unwrap(), zeros);
+        let mut noise = vec![0u8; 4096];
+        blake3::Hasher::new().finalize_xof().fill(&mut noise);
+        let noise = Slice::owned(noise);
+        assert!(matches!(Data::pack(&noise, 3), Data::Raw(_)));
     }
 
     #[test]
@@ -788,7 +816,7 @@ mod tests {
         // A zstd payload that claims more than it holds.
         let (t, mut w) = Frame::Write {
             offset: 0,
-            data: Data::pack(&[0u8; 65536], 3),
+            data: Data::pack(&Slice::owned(vec![0u8; 65536]), 3),
         }
         .encode();
         w[9..13].copy_from_slice(&65537u32.to_le_bytes());

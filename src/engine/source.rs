@@ -3,7 +3,6 @@
 
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::hash::Digest;
 use crate::pool::{Buf, Pool, Slice};
 use crate::protocol::{Counts, ToDest, ToSource};
 use crate::target::{self, Advice, Target};
@@ -12,11 +11,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// One chunk read from the source, with its block digests when comparing by digest.
+/// One chunk read from the source.
 struct Chunk {
     index: u64,
     data: Buf,
-    digests: Vec<Digest>,
 }
 
 fn lost_destination() -> Error {
@@ -114,18 +112,7 @@ fn read_source(
                 if config.drop_cache {
                     target::advise(&src.file, offset, len as u64, Advice::DontNeed);
                 }
-                let digests = match config.compare {
-                    Compare::Bytes => Vec::new(),
-                    Compare::Digest(kind) => data
-                        .chunks(layout.block as usize)
-                        .map(|b| kind.digest(b))
-                        .collect(),
-                };
-                Ok(Chunk {
-                    index,
-                    data,
-                    digests,
-                })
+                Ok(Chunk { index, data })
             }
             Ok(n) => Err(Error::new(
                 Kind::Source,
@@ -163,9 +150,12 @@ fn changed_ranges(
     let mut changed = 0u64;
     for j in 0..nblocks {
         let r = j * block..((j + 1) * block).min(mine.len());
-        let same = match theirs {
-            ToSource::Bytes { data, .. } => data.get(r.clone()) == Some(&mine[r.clone()]),
-            ToSource::Digests { digests, .. } => digests.get(j) == Some(&chunk.digests[j]),
+        let same = match (theirs, config.compare) {
+            (ToSource::Bytes { data, .. }, _) => data.get(r.clone()) == Some(&mine[r.clone()]),
+            // Hash only blocks the destination has: a new destination costs no hashing.
+            (ToSource::Digests { digests, .. }, Compare::Digest(kind)) => digests
+                .get(j)
+                .is_some_and(|d| *d == kind.digest(&mine[r.clone()])),
             _ => unreachable!("checked by caller"),
         };
         if same {
