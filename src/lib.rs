@@ -173,6 +173,10 @@ fn local_notes(args: &Args) -> Vec<&'static str> {
         args.fadvise & 2 != 0,
         "-d bit 2 (remote page cache) does not apply to a local sync",
     );
+    say(
+        args.bwlimit.is_some() || args.no_compress || args.no_deploy,
+        "--bwlimit, --no-compress and --no-deploy apply to ssh; ignored for a local sync",
+    );
     notes
 }
 

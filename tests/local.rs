@@ -328,3 +328,51 @@ fn mounted_device_is_refused() {
     refused(&["-f", s(&src), s(&m.dev.dev)], 6, "is mounted on");
     assert_eq!(m.dev.read(), before);
 }
+
+#[test]
+fn swap_device_is_refused() {
+    let dev = LoopDev::new(16 * M as u64, &[]);
+    let mk = std::process::Command::new("mkswap")
+        .arg(&dev.dev)
+        .output()
+        .unwrap();
+    assert!(
+        mk.status.success(),
+        "mkswap: {}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let on = std::process::Command::new("swapon")
+        .arg(&dev.dev)
+        .output()
+        .unwrap();
+    assert!(
+        on.status.success(),
+        "swapon: {}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+    struct SwapOff<'a>(&'a std::path::Path);
+    impl Drop for SwapOff<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("swapoff").arg(self.0).output();
+        }
+    }
+    let _off = SwapOff(&dev.dev);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 19)).unwrap();
+    refused(&["-f", s(&src), s(&dev.dev)], 6, "swap");
+}
+
+#[test]
+fn force_mounted_skips_the_in_use_check() {
+    let m = Mounted::new(LoopDev::new(8 * M as u64, &[]));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 20)).unwrap();
+    let before = m.dev.read();
+    // A dry run, so the mounted filesystem is not damaged.
+    let out = run(&["-n", "--force-mounted", "--json", s(&src), s(&m.dev.dev)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(json(&out)["blocks_changed"], 1);
+    assert_eq!(m.dev.read(), before);
+}
