@@ -98,6 +98,7 @@ pub enum ToSource {
 
 use crate::hash::{HashKind, MAX_DIGEST};
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 /// What the server writes before anything else: tells blocksync apart from a login banner
 /// or a shell error.
@@ -670,14 +671,28 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(Frame, usize)
         return Err(DecodeError::TooLarge("frame").into());
     }
     buf.clear();
-    // Grow with the data actually received, so a lying length costs nothing.
+    // Reserve for a typical frame only, then grow with the data actually received, so a
+    // lying length costs little.
+    buf.reserve(len.min(PRESIZE));
     r.take(len as u64).read_to_end(buf)?;
     if buf.len() != len {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
+    // A raw block (type, offset, codec 0, bytes) keeps the frame's own buffer instead of
+    // a copy; the next frame starts a new buffer.
+    const RAW_DATA: usize = 1 + 8 + 1;
+    if buf[0] == T_WRITE && len >= RAW_DATA && buf[RAW_DATA - 1] == 0 {
+        let offset = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
+        let whole = Arc::new(Buf::detached(std::mem::take(buf)));
+        let data = Data::Raw(Slice::new(whole, RAW_DATA..len));
+        return Ok((Frame::Write { offset, data }, len + 4));
+    }
     let frame = Frame::decode(buf[0], &buf[1..])?;
     Ok((frame, len + 4))
 }
+
+/// Bytes reserved up front for a frame: a chunk of blocks plus headers.
+const PRESIZE: usize = (super::engine::CHUNK_TARGET as usize) + 4096;
 
 #[cfg(test)]
 mod tests {

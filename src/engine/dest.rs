@@ -129,6 +129,7 @@ fn write_dest(
                         e,
                     )
                 })?;
+                target::start_writeback(&d.file, offset, data.len() as u64);
                 written += data.len() as u64;
                 Stats::add(&stats.written, data.len() as u64);
             }
