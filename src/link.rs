@@ -4,8 +4,10 @@
 
 use crate::engine::{Layout, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::pool::Slice;
-use crate::protocol::{Data, Frame, ReadError, ToDest, ToSource, read_frame, write_frame};
+use crate::pool::{Recycler, Slice};
+use crate::protocol::{
+    Data, Frame, ReadError, ToDest, ToSource, read_frame, read_frame_with, write_frame,
+};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};
 
@@ -236,8 +238,10 @@ pub fn recv_from_source(
     peer: &Peer,
 ) -> Result<()> {
     let mut buf = Vec::new();
+    let recycler = Recycler::new(8);
     loop {
-        let (frame, n) = read_frame(&mut r, &mut buf).map_err(|e| lost(peer, &e))?;
+        let (frame, n) =
+            read_frame_with(&mut r, &mut buf, Some(&recycler)).map_err(|e| lost(peer, &e))?;
         Stats::add(&stats.wire_received, n as u64);
         let msg = match frame {
             Frame::Write { offset, data } => {

@@ -6,7 +6,7 @@
 
 use crate::error::Kind;
 use crate::hash::Digest;
-use crate::pool::{Buf, Slice};
+use crate::pool::{Buf, Recycler, Slice};
 
 /// The source half's counters, sent with Finish so a destination on another machine can
 /// report them.
@@ -652,6 +652,16 @@ pub enum ReadError {
 
 /// Reads and decodes one frame, reusing `buf`; returns it with its size on the wire.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(Frame, usize), ReadError> {
+    read_frame_with(r, buf, None)
+}
+
+/// [`read_frame`], taking the replacement for a buffer handed out with a raw block from
+/// `recycler`, where written blocks' buffers come back.
+pub fn read_frame_with(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    recycler: Option<&Recycler>,
+) -> Result<(Frame, usize), ReadError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -683,7 +693,12 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(Frame, usize)
     const RAW_DATA: usize = 1 + 8 + 1;
     if buf[0] == T_WRITE && len >= RAW_DATA && buf[RAW_DATA - 1] == 0 {
         let offset = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
-        let whole = Arc::new(Buf::detached(std::mem::take(buf)));
+        let spare = recycler.map(Recycler::spare).unwrap_or_default();
+        let taken = std::mem::replace(buf, spare);
+        let whole = Arc::new(match recycler {
+            Some(rc) => Buf::recycled(taken, rc),
+            None => Buf::detached(taken),
+        });
         let data = Data::Raw(Slice::new(whole, RAW_DATA..len));
         return Ok((Frame::Write { offset, data }, len + 4));
     }

@@ -4,6 +4,7 @@
 //! [`crate::link`].
 
 use crate::cli::Args;
+use crate::engine::prehash::Prehash;
 use crate::engine::{self, Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::hash::HashKind;
@@ -207,8 +208,28 @@ pub fn run(
     let remote_name = format!("{host}:{remote_path}");
     let local_name = local.display().to_string();
 
+    // While ssh logs in, hash the local side (see engine::prehash).
+    let prehash = match (&src, &probe) {
+        (Some(s), _) => s
+            .file
+            .try_clone()
+            .ok()
+            .map(|f| Prehash::start(f, s.size, Layout::new(s.size, block), hash)),
+        (None, Some(p)) => p.existing.and_then(|e| {
+            let f = std::fs::File::open(local).ok()?;
+            Some(Prehash::start(f, e.size, Layout::new(e.size, block), hash))
+        }),
+        _ => None,
+    };
+    let ahead_size = src
+        .as_ref()
+        .map(|s| s.size)
+        .or_else(|| probe.as_ref().and_then(|p| p.existing).map(|e| e.size));
+
     // The first connection may deploy the binary; the others then find it cached.
-    let mut streams = vec![handshake(&opts, host, &hello)?];
+    let first = handshake(&opts, host, &hello);
+    let mut precomputed = prehash.map(Prehash::finish);
+    let mut streams = vec![first?];
     if args.workers > 1 {
         let rest: Vec<Result<Stream>> = std::thread::scope(|s| {
             let handles: Vec<_> = (1..args.workers)
@@ -280,6 +301,14 @@ pub fn run(
 
     let whole = Layout::new(size, block);
     let n = streams.len() as u64;
+    if let (Some(p), Some(assumed)) = (precomputed.as_mut(), ahead_size) {
+        p.retain_matching(assumed, size);
+        if push {
+            p.drop_from(reply.size);
+        }
+    }
+    let ahead_read = precomputed.as_ref().map_or(0, |p| p.read);
+    let precomputed = precomputed.map(std::sync::Arc::new);
     for (i, s) in streams.iter_mut().enumerate() {
         let part = whole.part(i as u64, n);
         send_go(
@@ -295,6 +324,14 @@ pub fn run(
 
     let cancel = crate::cancel_on_signals();
     let stats = std::sync::Arc::new(Stats::default());
+    Stats::add(
+        if push {
+            &stats.source_read
+        } else {
+            &stats.dest_read
+        },
+        ahead_read,
+    );
     let started = Instant::now();
     let progress = reporter.start_progress(size, stats.clone());
     let result = std::thread::scope(|s| {
@@ -309,6 +346,7 @@ pub fn run(
                 config.drop_cache = args.fadvise & 1 != 0;
                 config.buffers = buffers_for(whole.chunk);
                 config.dest_progress = !push;
+                config.precomputed = precomputed.clone();
                 let (stats, cancel, src, dest) = (&*stats, &*cancel, src.as_ref(), dest.as_ref());
                 s.spawn(move || match src {
                     Some(src) => {
@@ -395,7 +433,7 @@ fn push_stream(
         host,
     } = conn;
     let peer = Peer(format!("{host} (remote destination)"));
-    let (to_dest, from_source) = bounded(config.buffers * 16);
+    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(config.buffers);
     let result = std::thread::scope(|s| {
         let peer = &peer;
@@ -428,7 +466,7 @@ fn pull_stream(
         host,
     } = conn;
     let peer = Peer(format!("{host} (remote source)"));
-    let (to_dest, from_source) = bounded(config.buffers * 16);
+    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(config.buffers);
     let finished = AtomicBool::new(false);
     let layout = config.layout;

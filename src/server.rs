@@ -159,7 +159,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     };
     let stats = Stats::default();
     let peer = Peer("the client".into());
-    let (to_dest, from_source) = bounded(config.buffers * 16);
+    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(config.buffers);
     std::thread::scope(|s| {
         let layout = config.layout;
@@ -200,7 +200,7 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
     let peer = Peer("the client".into());
     // Nobody presses Ctrl-C here: the client stops us by closing the stream.
     let cancel = AtomicBool::new(false);
-    let (to_dest, from_source) = bounded(config.buffers * 16);
+    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(config.buffers);
     let level = hello.compress;
     std::thread::scope(|s| {

@@ -23,14 +23,47 @@ pub fn run(
         target::advise(&d.file, 0, 0, Advice::Sequential);
     }
     std::thread::scope(|s| {
-        let reader_tx = to_source.clone();
-        s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats));
+        match config.compare {
+            Compare::Bytes => {
+                let reader_tx = to_source.clone();
+                s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats));
+            }
+            Compare::Digest(kind) => {
+                // Reading and hashing on separate threads: one core each, overlapped.
+                let (raw_tx, raw_rx) = crossbeam_channel::bounded(config.buffers);
+                s.spawn(move || read_dest(dest, config, &pool, raw_tx, stats));
+                let hash_tx = to_source.clone();
+                s.spawn(move || hash_dest(kind, config, raw_rx, hash_tx));
+            }
+        }
         let result = write_dest(dest, config, from_source, &to_source, stats);
         if let Err(e) = &result {
             let _ = to_source.send(failed(e.kind, e.message.clone()));
         }
         result
     })
+}
+
+/// Turns the reader's chunks into digests of the blocks the destination fully holds
+/// (a block it holds only part of counts as changed); passes anything else through.
+fn hash_dest(
+    kind: crate::hash::HashKind,
+    config: &Config,
+    chunks: Receiver<ToSource>,
+    out: Sender<ToSource>,
+) {
+    for msg in chunks {
+        let msg = match msg {
+            ToSource::Bytes { index, data } => {
+                let digests = super::prehash::chunk_digests(kind, &config.layout, index, &data);
+                ToSource::Digests { index, digests }
+            }
+            other => other,
+        };
+        if out.send(msg).is_err() {
+            return;
+        }
+    }
 }
 
 fn failed(kind: Kind, message: String) -> ToSource {
@@ -48,6 +81,20 @@ fn read_dest(
     let have_size = dest.map_or(0, |d| d.size);
     for index in 0..layout.chunks() {
         let (offset, len) = layout.chunk_at(index);
+        if let Some(digests) = config.precomputed.as_ref().and_then(|p| p.get(offset)) {
+            // Hashed ahead: nothing to read.
+            let msg = ToSource::Digests {
+                index,
+                digests: digests.to_vec(),
+            };
+            if out.send(msg).is_err() {
+                return;
+            }
+            if config.dest_progress {
+                Stats::add(&stats.done, len as u64);
+            }
+            continue;
+        }
         let have = have_size.saturating_sub(offset).min(len as u64) as usize;
         let mut data = pool.get(have);
         if let Some(d) = dest.filter(|_| have > 0) {
@@ -70,25 +117,7 @@ fn read_dest(
                 }
             }
         }
-        let msg = match config.compare {
-            Compare::Bytes => ToSource::Bytes { index, data },
-            Compare::Digest(kind) => {
-                let block = layout.block as usize;
-                // A block counts only if the destination holds all of it.
-                let full = if data.len() == len {
-                    len.div_ceil(block)
-                } else {
-                    data.len() / block
-                };
-                let digests = data
-                    .chunks(block)
-                    .take(full)
-                    .map(|b| kind.digest(b))
-                    .collect();
-                ToSource::Digests { index, digests }
-            }
-        };
-        if out.send(msg).is_err() {
+        if out.send(ToSource::Bytes { index, data }).is_err() {
             return; // the source finished or failed; it no longer needs our reads
         }
         if config.dest_progress {

@@ -7,6 +7,7 @@
 //! comparing and writing overlap and memory stays bounded by the pools.
 
 pub mod dest;
+pub mod prehash;
 pub mod source;
 
 use crate::error::Result;
@@ -107,6 +108,8 @@ pub struct Config {
     pub buffers: usize,
     /// The destination half counts progress (when the source half is on another machine).
     pub dest_progress: bool,
+    /// Digests of this side hashed ahead (while ssh logged in), used instead of hashing.
+    pub precomputed: Option<std::sync::Arc<prehash::Precomputed>>,
 }
 
 impl Config {
@@ -120,6 +123,7 @@ impl Config {
             drop_cache: false,
             buffers: 4,
             dest_progress: false,
+            precomputed: None,
         }
     }
 }

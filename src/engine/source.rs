@@ -11,10 +11,11 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// One chunk read from the source.
+/// One chunk of the source: its bytes, or `None` when its digests were computed ahead
+/// (then only changed blocks are read, when sent).
 struct Chunk {
     index: u64,
-    data: Buf,
+    data: Option<Buf>,
 }
 
 fn lost_destination() -> Error {
@@ -51,7 +52,7 @@ pub fn run(
     std::thread::scope(|s| {
         let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(config.buffers);
         s.spawn(move || read_source(src, config, &pool, chunk_tx, stats, cancel));
-        let outcome = compare_and_send(config, &chunk_rx, &to_dest, &from_dest, stats, cancel);
+        let outcome = compare_and_send(src, config, &chunk_rx, &to_dest, &from_dest, stats, cancel);
         // Unblock the reader (its sends now fail) before the scope joins it.
         drop(chunk_rx);
         let end = match &outcome {
@@ -105,6 +106,13 @@ fn read_source(
             return;
         }
         let (offset, len) = layout.chunk_at(index);
+        let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
+        if ahead.is_some_and(|d| d.len() as u64 == (len as u64).div_ceil(layout.block)) {
+            if out.send(Ok(Chunk { index, data: None })).is_err() {
+                return;
+            }
+            continue;
+        }
         let mut data = pool.get(len);
         let item = match target::read_full_at(&src.file, &mut data, offset) {
             Ok(n) if n == len => {
@@ -112,7 +120,10 @@ fn read_source(
                 if config.drop_cache {
                     target::advise(&src.file, offset, len as u64, Advice::DontNeed);
                 }
-                Ok(Chunk { index, data })
+                Ok(Chunk {
+                    index,
+                    data: Some(data),
+                })
             }
             Ok(n) => Err(Error::new(
                 Kind::Source,
@@ -144,18 +155,25 @@ fn changed_ranges(
     theirs: &ToSource,
 ) -> Result<(Vec<Range<usize>>, u64)> {
     let block = config.layout.block as usize;
-    let mine = &chunk.data;
-    let nblocks = mine.len().div_ceil(block);
+    let (offset, len) = config.layout.chunk_at(chunk.index);
+    let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
+    let mine = |r: &Range<usize>| -> &[u8] {
+        &chunk.data.as_ref().expect("read unless hashed ahead")[r.clone()]
+    };
+    let nblocks = len.div_ceil(block);
     let mut ranges: Vec<Range<usize>> = Vec::new();
     let mut changed = 0u64;
     for j in 0..nblocks {
-        let r = j * block..((j + 1) * block).min(mine.len());
+        let r = j * block..((j + 1) * block).min(len);
         let same = match (theirs, config.compare) {
-            (ToSource::Bytes { data, .. }, _) => data.get(r.clone()) == Some(&mine[r.clone()]),
+            (ToSource::Bytes { data, .. }, _) => data.get(r.clone()) == Some(mine(&r)),
             // Hash only blocks the destination has: a new destination costs no hashing.
             (ToSource::Digests { digests, .. }, Compare::Digest(kind)) => digests
                 .get(j)
-                .is_some_and(|d| *d == kind.digest(&mine[r.clone()])),
+                .is_some_and(|d| match ahead.and_then(|a| a.get(j)) {
+                    Some(known) => d == known,
+                    None => *d == kind.digest(mine(&r)),
+                }),
             _ => unreachable!("checked by caller"),
         };
         if same {
@@ -170,7 +188,33 @@ fn changed_ranges(
     Ok((ranges, changed))
 }
 
+/// Reads a changed range of a chunk that was hashed ahead and not kept.
+fn read_range(src: &Target, offset: u64, len: usize, stats: &Stats) -> Result<Slice> {
+    let mut buf = vec![0u8; len];
+    match target::read_full_at(&src.file, &mut buf, offset) {
+        Ok(n) if n == len => {
+            Stats::add(&stats.source_read, len as u64);
+            Ok(Slice::owned(buf))
+        }
+        Ok(_) => Err(Error::new(
+            Kind::Source,
+            format!(
+                "source {} shrank during the sync; sync from a snapshot or a read-only source",
+                src.path.display()
+            ),
+        )),
+        Err(e) => Err(Error::io(
+            Kind::Io,
+            "reading source",
+            &src.path,
+            &e,
+            &format!("at byte {offset}"),
+        )),
+    }
+}
+
 fn compare_and_send(
+    src: &Target,
     config: &Config,
     chunks: &Receiver<Result<Chunk>>,
     to_dest: &Sender<ToDest>,
@@ -214,19 +258,21 @@ fn compare_and_send(
         }
         let (ranges, changed) = changed_ranges(config, &chunk, &theirs)?;
         drop(theirs); // hand the destination's buffer back before waiting on anything else
-        let nblocks = chunk.data.len().div_ceil(layout.block as usize) as u64;
+        let (offset, len) = layout.chunk_at(index);
+        let nblocks = (len as u64).div_ceil(layout.block);
         Stats::add(&stats.blocks_changed, changed);
         let changed_bytes: usize = ranges.iter().map(|r| r.len()).sum();
         Stats::add(&stats.changed_bytes, changed_bytes as u64);
         Stats::add(&stats.blocks_same, nblocks - changed);
-        let (offset, len) = layout.chunk_at(index);
         if !config.dry_run && !ranges.is_empty() {
-            let shared = Arc::new(chunk.data);
+            let shared = chunk.data.map(Arc::new);
             for r in ranges {
-                let write = ToDest::Write {
-                    offset: offset + r.start as u64,
-                    data: Slice::new(shared.clone(), r),
+                let at = offset + r.start as u64;
+                let data = match &shared {
+                    Some(buf) => Slice::new(buf.clone(), r),
+                    None => read_range(src, at, r.len(), stats)?,
                 };
+                let write = ToDest::Write { offset: at, data };
                 to_dest.send(write).map_err(|_| why_gone(from_dest))?;
             }
         }

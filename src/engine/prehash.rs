@@ -1,0 +1,151 @@
+//! Hashing the local side while ssh logs in: the login takes a few hundred milliseconds
+//! (much more over a WAN) during which the cores would idle. Whatever is hashed by the
+//! time the remote side answers is not read or hashed again for comparison.
+
+use super::Layout;
+use crate::hash::{Digest, HashKind};
+use crate::target;
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+/// Most chunks hashed ahead (64 GiB at 4 MiB chunks; about 2.5 MiB of digests).
+const MAX_CHUNKS: usize = 16 << 10;
+
+/// Digests computed ahead, per chunk of the whole layout, from chunk 0 on.
+#[derive(Debug, Default)]
+pub struct Precomputed {
+    chunk: u64,
+    digests: Vec<Vec<Digest>>,
+    /// Bytes read to compute them.
+    pub read: u64,
+}
+
+impl Precomputed {
+    /// Drops the chunks at or past byte `end`: the other side holds nothing to compare
+    /// them with (a push to a new or smaller destination), so they are better read and
+    /// sent straight away than read twice.
+    pub fn drop_from(&mut self, end: u64) {
+        if self.chunk > 0 {
+            self.digests.truncate(end.div_ceil(self.chunk) as usize);
+        }
+    }
+
+    /// Keeps only the chunks that are the same under a layout of `real_size` bytes as
+    /// under the `assumed_size` they were hashed for (a pull hashes the destination before
+    /// the source's size is known).
+    pub fn retain_matching(&mut self, assumed_size: u64, real_size: u64) {
+        let c = self.chunk;
+        let same = |i: usize| {
+            let end = (i as u64 + 1) * c;
+            end.min(assumed_size) == end.min(real_size)
+        };
+        let keep = (0..self.digests.len()).take_while(|&i| same(i)).count();
+        self.digests.truncate(keep);
+    }
+
+    /// Digests of the blocks of the chunk starting at `offset` (only blocks the file held
+    /// completely), if that chunk was hashed ahead.
+    pub fn get(&self, offset: u64) -> Option<&[Digest]> {
+        if self.chunk == 0 || !offset.is_multiple_of(self.chunk) {
+            return None;
+        }
+        self.digests
+            .get((offset / self.chunk) as usize)
+            .map(Vec::as_slice)
+    }
+}
+
+/// A background pass hashing a file from the start until stopped.
+pub struct Prehash {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Precomputed>,
+}
+
+/// Digests of the blocks of `data`, the bytes held at chunk `index` of `layout` (shorter
+/// than the chunk where the file ends): a block counts only if `data` holds all of it.
+pub fn chunk_digests(kind: HashKind, layout: &Layout, index: u64, data: &[u8]) -> Vec<Digest> {
+    let block = layout.block as usize;
+    let (_, len) = layout.chunk_at(index);
+    let full = if data.len() == len {
+        len.div_ceil(block)
+    } else {
+        data.len() / block
+    };
+    data.chunks(block)
+        .take(full)
+        .map(|b| kind.digest(b))
+        .collect()
+}
+
+impl Prehash {
+    /// Starts hashing `file`, which holds `have` bytes, over `layout` (the whole range).
+    pub fn start(file: File, have: u64, layout: Layout, kind: HashKind) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut out = Precomputed {
+                chunk: layout.chunk,
+                ..Precomputed::default()
+            };
+            let mut buf = vec![0u8; layout.chunk as usize];
+            for index in 0..layout.chunks().min(MAX_CHUNKS as u64) {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (offset, len) = layout.chunk_at(index);
+                let want = have.saturating_sub(offset).min(len as u64) as usize;
+                let Ok(n) = target::read_full_at(&file, &mut buf[..want], offset) else {
+                    break; // the real pass will meet and report the error
+                };
+                out.read += n as u64;
+                out.digests
+                    .push(chunk_digests(kind, &layout, index, &buf[..n]));
+            }
+            out
+        });
+        Prehash { stop, thread }
+    }
+
+    /// Stops and returns what was hashed so far.
+    pub fn finish(self) -> Precomputed {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_complete_blocks_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let layout = Layout {
+            chunk: 8192,
+            ..Layout::new(12_000, 4096)
+        };
+        let pre = Prehash::start(File::open(&p).unwrap(), 10_000, layout, HashKind::Xxh3);
+        // Let it run to the end: the file is tiny.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let pre = pre.finish();
+        assert_eq!(pre.read, 10_000);
+        let first = pre.get(0).unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[1], HashKind::Xxh3.digest(&data[4096..8192]));
+        // The second chunk holds 1808 of 3808 bytes: no complete block.
+        assert_eq!(pre.get(8192).unwrap().len(), 0);
+        assert!(pre.get(4096).is_none());
+        let mut pre = pre;
+        pre.retain_matching(12_000, 12_000);
+        assert!(pre.get(8192).is_some());
+        pre.retain_matching(12_000, 20_000);
+        assert!(pre.get(0).is_some() && pre.get(8192).is_none());
+        pre.drop_from(0);
+        assert!(pre.get(0).is_none());
+    }
+}
