@@ -1,0 +1,1030 @@
+#!/usr/bin/env python3
+"""Benchmark blocksync against a plain read, cat over ssh and rsync.
+
+One run generates one data set and measures every case on it, with the page
+cache warm, so the numbers are comparable with each other.  The cases come in
+groups; each group prints its own table (median, min, ratio to the group's
+first case) and its target lines.
+
+local (``--local``, on by default):
+
+  (a) read      ``cat src dst >/dev/null``: the floor, reading both files once
+  (b) blocksync ``blocksync -f -q --no-progress src ./dst``
+  (c) rsync     ``rsync --inplace --no-whole-file src dst``
+
+ssh (``--ssh``, on by default) against a throwaway sshd on a free loopback
+port (host and user keys made for the run, client config with
+``Ciphers aes128-gcm@openssh.com``), stopped at the end:
+
+  changed blocks: (a) read again, blocksync push ``src benchhost:dst``,
+  blocksync pull ``benchhost:src dst``, rsync over ssh; the bytes that
+  crossed loopback (``/sys/class/net/lo/statistics/tx_bytes``) per run.
+  first copy: ``src`` to a missing destination: ``ssh benchhost 'cat > dst'
+  < src`` vs blocksync vs blocksync ``-w 2``.
+  latency: blocksync push direct vs through a TCP proxy that delays every
+  chunk by ``--delay-ms`` in each direction (no throughput limit).
+
+``src`` is random data; ``dst.orig`` is a copy of it with a few scattered
+4 KiB random changes (seeded offsets).  Before each timed run of a case that
+writes ``dst``, ``dst`` is restored from ``dst.orig`` (or removed, for the
+first-copy cases), ``sync`` is run (so no dirty pages from the restore get
+flushed inside the timed run), and ``src`` and ``dst`` are read once to warm
+the cache.  After the run ``dst`` must equal ``src`` byte for byte, or the
+benchmark stops.
+
+A last measurement (``--rss``, on by default) records the peak RSS of
+blocksync syncing a 16 GiB sparse file, via ``os.wait4``.
+
+Standard library only.  See bench/README.md; ``bench.py --help`` for options.
+
+Adding a case: write a ``case_*`` function returning a :class:`Case` and add
+it to the list of its group (:func:`local_group`, :func:`ssh_group`, ...).
+The first case of a group is the reference for that group's ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import queue
+import random
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+MB = 1000 * 1000         # loopback bytes and throughputs are in decimal MB
+
+CHUNK = 4 * MiB          # generation / copy piece size
+CHANGE_SIZE = 4 * KiB    # size of each scattered change
+BLOCK_SIZE = MiB         # blocksync's default -b, for the lock-step estimate
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BIN = REPO / "target" / "release" / "blocksync"
+RSYNC = shutil.which("rsync") or "/usr/bin/rsync"
+SSHD = "/usr/sbin/sshd"
+LO_TX = Path("/sys/class/net/lo/statistics/tx_bytes")
+DEFAULT_CIPHER = "aes128-gcm@openssh.com"
+HOST = "benchhost"                # the ssh config's name for the sshd
+HOST_PROXY = "benchhost-proxy"    # through the delay proxy with 0 ms
+HOST_SLOW = "benchhost-slow"      # through the delay proxy with --delay-ms
+
+# Targets from the issues.
+TARGET_VS_READ = 1.15        # blocksync median / read median
+TARGET_VS_RSYNC = 0.40       # blocksync median / rsync median
+TARGET_RSS_MIB = 100         # peak RSS syncing 16 GiB
+TARGET_SSH_VS_READ = 1.6     # blocksync over ssh median / read median
+TARGET_SSH_VS_RSYNC = 0.40   # blocksync over ssh median / rsync over ssh median
+TARGET_SSH_LO_MB = 12        # bytes crossing loopback for one ssh sync, < (MB)
+TARGET_FIRST_COPY = 0.9      # throughput blocksync / cat over ssh, >=
+TARGET_FIRST_COPY_W2 = 1.0   # throughput blocksync -w 2 / cat over ssh, >
+TARGET_LATENCY = 1.5         # push time at 2 x delay RTT / direct, <= (informational)
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr so stdout holds only the results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    """Parse '1G', '512M', '1GiB', '4096' (binary units) into bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size: {text!r}")
+    mult = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def human(n: int) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    return f"{n} B"
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """subprocess.run that fails loudly, showing the command's stderr."""
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    kw.setdefault("stdout", subprocess.DEVNULL)
+    kw.setdefault("stderr", subprocess.PIPE)
+    cp = subprocess.run(argv, **kw)
+    if cp.returncode != 0:
+        err = cp.stderr.decode(errors="replace").strip() if cp.stderr else ""
+        sys.exit(f"bench: command failed (exit {cp.returncode}): {shlex.join(map(str, argv))}\n{err}")
+    return cp
+
+
+def sync_disks() -> None:
+    """Flush dirty pages so they are not written back during a timed run."""
+    run(["sync"])
+
+
+def warm(*paths: Path) -> None:
+    """Read files once so they are in the page cache."""
+    run(["cat", *map(str, paths)])
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Plain byte copy (no reflink, no shared extents) of src onto dst."""
+    run(["cp", "--reflink=never", str(src), str(dst)])
+
+
+def verify_same(a: Path, b: Path, what: str) -> None:
+    """cmp the two files; stop the benchmark if they differ."""
+    cp = subprocess.run(["cmp", str(a), str(b)], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
+    if cp.returncode != 0:
+        out = cp.stdout.decode(errors="replace").strip()
+        sys.exit(f"bench: VERIFY FAILED after {what}: {a} and {b} differ\n{out}")
+
+
+def scattered_offsets(rng: random.Random, size: int, count: int,
+                      align: int = CHANGE_SIZE) -> list[int]:
+    """`count` aligned offsets, one in each of `count` equal slices of the file."""
+    slots = size // align
+    if slots < count:
+        raise SystemExit(f"bench: file of {size} bytes too small for {count} changes")
+    offs = []
+    for i in range(count):
+        lo, hi = slots * i // count, slots * (i + 1) // count
+        offs.append(rng.randrange(lo, hi) * align)
+    return offs
+
+
+def write_changes(path: Path, rng: random.Random, offsets: list[int]) -> None:
+    """Overwrite CHANGE_SIZE random bytes at each offset (in place)."""
+    with open(path, "r+b") as f:
+        for off in offsets:
+            f.seek(off)
+            f.write(rng.randbytes(CHANGE_SIZE))
+
+
+def ensure_binary(path: Path) -> Path:
+    """Return the blocksync binary, building it if the default is missing."""
+    if path.is_file():
+        return path
+    if path != DEFAULT_BIN:
+        sys.exit(f"bench: --bin {path} does not exist")
+    log(f"{path} missing: running cargo build --release")
+    subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
+    if not path.is_file():
+        sys.exit(f"bench: build finished but {path} is still missing")
+    return path
+
+
+def lo_tx_bytes() -> int | None:
+    """Bytes sent on the loopback interface so far (None if unknown).
+
+    Counts every process's loopback traffic, so anything else talking over
+    127.0.0.1 during a run inflates the figure; the minimum over runs is the
+    least disturbed one."""
+    try:
+        return int(LO_TX.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# work directory and data
+# --------------------------------------------------------------------------
+
+@dataclass
+class Workdir:
+    """The files of one benchmark run."""
+    root: Path
+    created: bool                  # we made `root`, so we may remove it
+    files: list[Path] = field(default_factory=list)
+
+    def path(self, name: str) -> Path:
+        p = self.root / name
+        if p not in self.files:
+            self.files.append(p)
+        return p
+
+    @property
+    def src(self) -> Path:
+        return self.path("src")
+
+    @property
+    def dst(self) -> Path:
+        return self.path("dst")
+
+    @property
+    def dst_orig(self) -> Path:
+        return self.path("dst.orig")
+
+    def cleanup(self) -> None:
+        for p in self.files:
+            p.unlink(missing_ok=True)
+        if self.created:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def make_workdir(dir_opt: str | None) -> Workdir:
+    if dir_opt is None:
+        return Workdir(Path(tempfile.mkdtemp(prefix="blocksync-bench-", dir="/var/tmp")), True)
+    root = Path(dir_opt).resolve()
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    return Workdir(root, created)
+
+
+def snapshot_binary(bin_path: Path, wd: Workdir) -> Path:
+    """Copy the binary into the work dir and use the copy for every case (local
+    and as the remote's -S), so a rebuild of target/ during the run cannot
+    swap it halfway through."""
+    copy = wd.path("blocksync")
+    shutil.copy2(bin_path, copy)
+    os.chmod(copy, 0o755)
+    return copy
+
+
+def generate_data(wd: Workdir, size: int, changes: int, seed: int) -> list[int]:
+    """Write random `src`, `dst.orig` = src plus `changes` scattered 4 KiB changes,
+    and `dst` = a copy of `dst.orig`; return the change offsets."""
+    log(f"generating {human(size)} of random data in {wd.root} ...")
+    t0 = time.perf_counter()
+    with open(wd.src, "wb") as fs, open(wd.dst_orig, "wb") as fd:
+        left = size
+        while left:
+            piece = os.urandom(min(CHUNK, left))
+            fs.write(piece)
+            fd.write(piece)
+            left -= len(piece)
+    rng = random.Random(seed)
+    offsets = scattered_offsets(rng, size, changes)
+    write_changes(wd.dst_orig, rng, offsets)
+    copy_file(wd.dst_orig, wd.dst)       # so cases that only read dst have one
+    sync_disks()
+    log(f"  done in {time.perf_counter() - t0:.1f} s; changes at "
+        + ", ".join(f"{o / MiB:.1f}M" for o in offsets))
+    return offsets
+
+
+# --------------------------------------------------------------------------
+# a throwaway sshd, and a delaying TCP proxy in front of it
+# --------------------------------------------------------------------------
+
+class Sshd:
+    """A real sshd on a free loopback port with throwaway host and user keys,
+    and an ssh client config naming it `benchhost` (the recipe of
+    tests/common/sshd.rs).  `stop` kills it and removes its directory."""
+
+    def __init__(self, cipher: str):
+        self.cipher = cipher
+        self.dir = Path(tempfile.mkdtemp(prefix="blocksync-bench-sshd-"))
+        self.config = self.dir / "ssh_config"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.hosts: dict[str, int] = {}
+
+    @property
+    def rsh(self) -> str:
+        """The -e argument for blocksync and rsync."""
+        return f"ssh -F {shlex.quote(str(self.config))}"
+
+    def start(self) -> None:
+        if not Path(SSHD).exists():
+            sys.exit(f"bench: the ssh cases need {SSHD} (apt-get install openssh-server); "
+                     "or run with --no-ssh")
+        d = self.dir
+        for name in ("host_key", "user_key"):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)])
+        shutil.copy(d / "user_key.pub", d / "authorized_keys")
+        os.makedirs("/run/sshd", exist_ok=True)
+        last_log = ""
+        for _ in range(5):                   # retry if the port is taken meanwhile
+            port = free_port()
+            (d / "sshd_config").write_text(
+                f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
+                f"PidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys\n"
+                "StrictModes no\nPermitRootLogin yes\nPasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\nUsePAM no\nLogLevel ERROR\n")
+            with open(d / "sshd.log", "wb") as errlog:
+                proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                                        stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=errlog)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    time.sleep(0.02)
+                    continue
+                self.proc, self.port = proc, port
+                self.add_host(HOST, port)
+                log(f"sshd listening on 127.0.0.1:{port} (pid {proc.pid}), config {self.config}")
+                return
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            last_log = (d / "sshd.log").read_text(errors="replace")
+        sys.exit(f"bench: sshd did not start:\n{last_log}")
+
+    def add_host(self, name: str, port: int) -> None:
+        """(Re)write the client config with a Host entry `name` -> 127.0.0.1:port."""
+        self.hosts[name] = port
+        d = self.dir
+        self.config.write_text("".join(
+            f"Host {h}\n  HostName 127.0.0.1\n  Port {p}\n  User root\n"
+            f"  IdentityFile {d}/user_key\n  IdentitiesOnly yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+            f"  LogLevel ERROR\n  BatchMode yes\n  Ciphers {self.cipher}\n\n"
+            for h, p in self.hosts.items()))
+
+    def login_time(self, host: str) -> float:
+        """Seconds for `ssh host true`; stops the benchmark if it fails."""
+        t0 = time.perf_counter()
+        cp = subprocess.run(["ssh", "-F", str(self.config), host, "true"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+        dt = time.perf_counter() - t0
+        if cp.returncode != 0:
+            sys.exit(f"bench: ssh to {host} failed: {cp.stderr.decode(errors='replace')}\n"
+                     f"sshd log:\n{(self.dir / 'sshd.log').read_text(errors='replace')}")
+        return dt
+
+    def stop(self) -> None:
+        """Kill sshd and remove its keys and config; safe to call twice."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            log(f"sshd (pid {self.proc.pid}) stopped")
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DelayProxy:
+    """A TCP proxy on a free loopback port to 127.0.0.1:`target_port` that
+    delays every chunk of data by `delay_ms` in each direction.
+
+    Per direction a reader thread timestamps each chunk as it arrives and a
+    writer thread sends it at timestamp + delay, in order.  Nothing waits for
+    the other side, so the delay adds latency (2 x delay per round trip) but
+    does not limit throughput: the chunks in flight simply queue up.
+    """
+
+    RECV = 256 * KiB
+
+    def __init__(self, target_port: int, delay_ms: float):
+        self.target_port = target_port
+        self.delay = delay_ms / 1000
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                self.socks += [client, upstream]
+            pending = [2]                     # directions still open
+            for a, b in ((client, upstream), (upstream, client)):
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=self._reader, args=(a, q), daemon=True).start()
+                threading.Thread(target=self._writer, args=(b, q, a, client, upstream, pending),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _reader(sock: socket.socket, q: queue.SimpleQueue) -> None:
+        while True:
+            try:
+                data = sock.recv(DelayProxy.RECV)
+            except OSError:
+                data = b""
+            q.put((time.monotonic(), data))
+            if not data:
+                return
+
+    def _writer(self, sock: socket.socket, q: queue.SimpleQueue, peer: socket.socket,
+                client: socket.socket, upstream: socket.socket, pending: list[int]) -> None:
+        ok = True
+        while True:
+            t, data = q.get()
+            wait = t + self.delay - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            if not data:
+                break
+            if ok:
+                try:
+                    sock.sendall(data)
+                except OSError:
+                    ok = False                # keep draining until the reader stops
+                    try:
+                        peer.shutdown(socket.SHUT_RD)
+                    except OSError:
+                        pass
+        try:
+            sock.shutdown(socket.SHUT_WR)     # pass the EOF on, after the delay
+        except OSError:
+            pass
+        with self.lock:
+            pending[0] -= 1
+            if pending[0] == 0:
+                client.close()
+                upstream.close()
+
+    def stop(self) -> None:
+        self.closed = True
+        self.listener.close()
+        with self.lock:
+            for s in self.socks:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+# --------------------------------------------------------------------------
+# cases
+# --------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One timed command.
+
+    key     short name used for ratios and the PASS/MISS lines
+    label   text in the table
+    argv    the command, built from the work directory
+    writes  True if it syncs dst: dst is restored from dst.orig before each
+            run and compared with src after it
+    fresh   remove dst before each run instead of restoring it (first copy)
+    stdin   file to feed on stdin (default /dev/null)
+    net     record the bytes that crossed loopback during each run
+    """
+    key: str
+    label: str
+    argv: Callable[[Workdir], list[str]]
+    writes: bool = True
+    fresh: bool = False
+    stdin: Callable[[Workdir], Path] | None = None
+    net: bool = False
+
+
+def case_read() -> Case:
+    """(a) Baseline: read source and destination once (cat to /dev/null)."""
+    return Case("read", "(a) cat src dst >/dev/null",
+                lambda wd: ["cat", str(wd.src), str(wd.dst)], writes=False)
+
+
+def case_blocksync(bin_path: Path) -> Case:
+    """(b) blocksync, local sync."""
+    return Case("blocksync", "(b) blocksync -f -q --no-progress",
+                lambda wd: [str(bin_path), "-f", "-q", "--no-progress",
+                            str(wd.src), str(wd.dst)])
+
+
+def case_rsync() -> Case:
+    """(c) rsync with its delta algorithm, writing in place."""
+    return Case("rsync", "(c) rsync --inplace --no-whole-file",
+                lambda wd: [RSYNC, "--inplace", "--no-whole-file",
+                            str(wd.src), str(wd.dst)])
+
+
+def blocksync_ssh(bin_path: Path, sshd: Sshd, src: str, dst: str,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """blocksync over ssh with the bench's ssh config, this binary on the remote."""
+    return [str(bin_path), "-f", "-q", "--no-progress", "-e", sshd.rsh,
+            "-S", str(bin_path), *extra, src, dst]
+
+
+def case_push(bin_path: Path, sshd: Sshd, key: str = "push", host: str = HOST,
+              label: str = "(d) blocksync src benchhost:dst (push)") -> Case:
+    """(d) blocksync push over ssh onto the changed dst."""
+    return Case(key, label,
+                lambda wd: blocksync_ssh(bin_path, sshd, str(wd.src), f"{host}:{wd.dst}"),
+                net=True)
+
+
+def case_pull(bin_path: Path, sshd: Sshd) -> Case:
+    """(e) blocksync pull over ssh: remote src onto the local changed dst."""
+    return Case("pull", "(e) blocksync benchhost:src dst (pull)",
+                lambda wd: blocksync_ssh(bin_path, sshd, f"{HOST}:{wd.src}", str(wd.dst)),
+                net=True)
+
+
+def case_rsync_ssh(sshd: Sshd) -> Case:
+    """(f) rsync's delta algorithm over ssh, writing in place."""
+    return Case("rsync-ssh", "(f) rsync --inplace --no-whole-file -e ssh",
+                lambda wd: [RSYNC, "--inplace", "--no-whole-file", "-e", sshd.rsh,
+                            str(wd.src), f"{HOST}:{wd.dst}"],
+                net=True)
+
+
+def case_cat_ssh(sshd: Sshd) -> Case:
+    """(g) First-copy baseline: stream src through ssh into a new file."""
+    return Case("cat-ssh", "(g) ssh benchhost 'cat > dst' < src",
+                lambda wd: ["ssh", "-F", str(sshd.config), HOST,
+                            f"cat > {shlex.quote(str(wd.dst))}"],
+                fresh=True, stdin=lambda wd: wd.src, net=True)
+
+
+def case_first_copy(bin_path: Path, sshd: Sshd, workers: int) -> Case:
+    """(h), (i) blocksync push onto a missing destination, with `workers` streams."""
+    if workers == 1:
+        key, label, extra = "first", "(h) blocksync src benchhost:new", ()
+    else:
+        key, label = f"first-w{workers}", f"(i) blocksync -w {workers} src benchhost:new"
+        extra = ("-w", str(workers))
+    return Case(key, label,
+                lambda wd: blocksync_ssh(bin_path, sshd, str(wd.src), f"{HOST}:{wd.dst}", extra),
+                fresh=True, net=True)
+
+
+@dataclass
+class Result:
+    case: Case
+    times: list[float]
+    lo: list[int] = field(default_factory=list)    # loopback bytes per run
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def lo_median(self) -> float | None:
+        return statistics.median(self.lo) if self.lo else None
+
+
+def restore_dst(wd: Workdir) -> None:
+    """Put dst back to dst.orig, older than src, with nothing left to flush.
+
+    The mtime matters: rsync's quick check skips a file whose size and mtime
+    match the source's, and a restore made within the same second as src was
+    written would otherwise make rsync do nothing at all.
+    """
+    copy_file(wd.dst_orig, wd.dst)
+    src_mtime = wd.src.stat().st_mtime_ns
+    os.utime(wd.dst, ns=(src_mtime, src_mtime - 3600 * 10**9))
+    sync_disks()
+
+
+def prepare(case: Case, wd: Workdir) -> None:
+    """Put dst in the state the case starts from, flush, and warm the cache."""
+    if case.fresh:
+        wd.dst.unlink(missing_ok=True)
+        sync_disks()
+        warm(wd.src)
+        return
+    if case.writes:
+        restore_dst(wd)
+    warm(wd.src, wd.dst)
+
+
+def time_case(case: Case, wd: Workdir, runs: int) -> Result:
+    """Run `case` `runs` times with the cache warm; return the wall times."""
+    argv = case.argv(wd)
+    result = Result(case, [])
+    for i in range(runs):
+        prepare(case, wd)
+        stdin = open(case.stdin(wd), "rb") if case.stdin else subprocess.DEVNULL
+        try:
+            lo0 = lo_tx_bytes() if case.net else None
+            t0 = time.perf_counter()
+            run(argv, stdin=stdin)
+            dt = time.perf_counter() - t0
+            lo1 = lo_tx_bytes() if case.net else None
+        finally:
+            if case.stdin:
+                stdin.close()
+        if case.writes:
+            verify_same(wd.src, wd.dst, f"{case.key} run {i + 1}")
+        result.times.append(dt)
+        extra = ""
+        if lo0 is not None and lo1 is not None:
+            result.lo.append(lo1 - lo0)
+            extra = f", loopback {(lo1 - lo0) / MB:.2f} MB"
+        log(f"  {case.key:<10} run {i + 1}/{runs}: {dt:.3f} s{extra}")
+    return result
+
+
+def json_summary(case: Case, wd: Workdir) -> dict | None:
+    """One extra, untimed run of a blocksync case with --json instead of -q;
+    returns its summary (or None if it printed none)."""
+    argv = ["--json" if a == "-q" else a for a in case.argv(wd)]
+    prepare(case, wd)
+    cp = run(argv, stdout=subprocess.PIPE)
+    verify_same(wd.src, wd.dst, f"{case.key} --json run")
+    try:
+        return json.loads(cp.stdout)
+    except ValueError:
+        log(f"  {case.key}: --json printed no JSON: {cp.stdout[:200]!r}")
+        return None
+
+
+# --------------------------------------------------------------------------
+# groups of cases and their targets
+# --------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+@dataclass
+class Group:
+    """Cases timed on the same data, shown in one table.
+
+    The first case is the reference for the ratio column.  `targets` turns the
+    results (by key) into the lines printed under the table, followed by
+    `notes` and by the lines `after` returns (it runs after the timing).
+    """
+    title: str
+    cases: list[Case]
+    targets: Callable[[dict[str, Result]], list[str]]
+    notes: list[str] = field(default_factory=list)
+    after: Callable[[Workdir, dict[str, Result]], list[str]] | None = None
+
+
+def local_targets(by: dict[str, Result]) -> list[str]:
+    lines = []
+    if "blocksync" in by and "read" in by:
+        x = by["blocksync"].median / by["read"].median
+        lines.append(f"blocksync / read  = {x:.2f} (target <= {TARGET_VS_READ:.2f}) "
+                     f"{verdict(x <= TARGET_VS_READ)}")
+    if "blocksync" in by and "rsync" in by:
+        y = by["blocksync"].median / by["rsync"].median
+        lines.append(f"blocksync / rsync = {y:.2f} (target <= {TARGET_VS_RSYNC:.2f}) "
+                     f"{verdict(y <= TARGET_VS_RSYNC)}")
+    return lines
+
+
+def local_group(args: argparse.Namespace) -> Group:
+    return Group("local: SRC DST on this machine",
+                 [case_read(), case_blocksync(args.bin), case_rsync()], local_targets)
+
+
+def lo_text(r: Result) -> str:
+    """Median loopback MB of a result, with the spread when runs differ."""
+    if not r.lo:
+        return "n/a"
+    lo, hi = min(r.lo) / MB, max(r.lo) / MB
+    spread = f" (runs {lo:.2f}..{hi:.2f})" if hi - lo >= 0.01 else ""
+    return f"{r.lo_median / MB:.2f} MB{spread}"
+
+
+def ssh_targets(by: dict[str, Result]) -> list[str]:
+    lines = []
+    for key, name in (("push", "blocksync-ssh push"), ("pull", "blocksync-ssh pull")):
+        if key not in by:
+            continue
+        r = by[key]
+        if "read" in by:
+            x = r.median / by["read"].median
+            lines.append(f"{name} {'/ read':<11} = {x:.2f} (target <= {TARGET_SSH_VS_READ:.2f}) "
+                         f"{verdict(x <= TARGET_SSH_VS_READ)}")
+        if "rsync-ssh" in by:
+            y = r.median / by["rsync-ssh"].median
+            lines.append(f"{name} {'/ rsync-ssh':<11} = {y:.2f} (target <= {TARGET_SSH_VS_RSYNC:.2f}) "
+                         f"{verdict(y <= TARGET_SSH_VS_RSYNC)}")
+        if r.lo:
+            ok = r.lo_median / MB < TARGET_SSH_LO_MB
+            lines.append(f"{name} {'loopback':<11} = {lo_text(r)} "
+                         f"(target < {TARGET_SSH_LO_MB} MB) {verdict(ok)}")
+    if "rsync-ssh" in by and by["rsync-ssh"].lo:
+        lines.append(f"{'rsync-ssh loopback':<30} = {lo_text(by['rsync-ssh'])} (for comparison)")
+    return lines
+
+
+def ssh_after(cases: list[Case]) -> Callable[[Workdir, dict[str, Result]], list[str]]:
+    """Extra --json runs of the blocksync cases: what blocksync itself counted."""
+    def after(wd: Workdir, by: dict[str, Result]) -> list[str]:
+        lines = []
+        for case in cases:
+            log(f"  {case.key}: one more run with --json for its byte counts ...")
+            s = json_summary(case, wd)
+            if not s:
+                continue
+            try:
+                lines.append(
+                    f"{case.key} --json: bytes_sent {s['bytes_sent'] / MB:.2f} MB, "
+                    f"bytes_received {s['bytes_received'] / MB:.2f} MB, "
+                    f"{s['blocks_changed']} of {s['blocks_total']} blocks changed, "
+                    f"bytes_written {s['bytes_written'] / MB:.2f} MB, "
+                    f"elapsed_seconds {s['elapsed_seconds']:.3f}")
+            except (KeyError, TypeError):
+                lines.append(f"{case.key} --json: {json.dumps(s)}")
+        return lines
+    return after
+
+
+def ssh_group(args: argparse.Namespace, sshd: Sshd) -> Group:
+    push, pull = case_push(args.bin, sshd), case_pull(args.bin, sshd)
+    return Group(f"ssh: changed blocks over loopback sshd (127.0.0.1:{sshd.port}, "
+                 f"{sshd.cipher})",
+                 [case_read(), push, pull, case_rsync_ssh(sshd)], ssh_targets,
+                 after=ssh_after([push, pull]))
+
+
+def first_copy_group(args: argparse.Namespace, sshd: Sshd) -> Group:
+    size = args.size
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        if "cat-ssh" not in by:
+            return []
+        base = by["cat-ssh"].median
+        lines = ["throughput: " + ", ".join(
+            f"{k} {size / MB / r.median:.0f} MB/s" for k, r in by.items())]
+        for key, target, strict in (("first", TARGET_FIRST_COPY, False),
+                                    ("first-w2", TARGET_FIRST_COPY_W2, True)):
+            if key not in by:
+                continue
+            x = base / by[key].median      # throughput ratio = inverse time ratio
+            ok = x > target if strict else x >= target
+            rel = ">" if strict else ">="
+            lines.append(f"{key} / cat-ssh throughput = {x:.2f} "
+                         f"(target {rel} {target:.2f}) {verdict(ok)}")
+        return lines
+
+    return Group(f"first copy: {human(size)} src to a missing destination over ssh",
+                 [case_cat_ssh(sshd), case_first_copy(args.bin, sshd, 1),
+                  case_first_copy(args.bin, sshd, 2)], targets)
+
+
+def latency_group(args: argparse.Namespace, sshd: Sshd) -> Group:
+    d = args.delay_ms
+    rtt = 2 * d
+    blocks = -(-args.size // BLOCK_SIZE)
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        lines = []
+        if "slow" in by and "direct" in by:
+            x = by["slow"].median / by["direct"].median
+            lines.append(f"push at {rtt:g} ms RTT / direct = {x:.2f} "
+                         f"(target <= {TARGET_LATENCY:.2f}, informational) "
+                         f"{verdict(x <= TARGET_LATENCY)}")
+        if "slow" in by and "proxy-0" in by:
+            x = by["slow"].median / by["proxy-0"].median
+            lines.append(f"push at {rtt:g} ms RTT / proxy at 0 ms = {x:.2f} "
+                         "(without the proxy's own cost)")
+        if "slow" in by and "direct" in by:
+            lines.append(f"added by the delay: {by['slow'].median - by['direct'].median:.2f} s; "
+                         f"one round trip per block (lock-step, like blocksync.py) would add "
+                         f"{blocks} x {rtt:g} ms = {blocks * rtt / 1000:.1f} s")
+        return lines
+
+    return Group(f"latency: push of the changed blocks through a proxy delaying "
+                 f"{d:g} ms each way",
+                 [case_push(args.bin, sshd, "direct", HOST,
+                            "(j) blocksync push, direct"),
+                  case_push(args.bin, sshd, "proxy-0", HOST_PROXY,
+                            "(k) blocksync push, proxy 0 ms"),
+                  case_push(args.bin, sshd, "slow", HOST_SLOW,
+                            f"(l) blocksync push, proxy {d:g} ms each way")],
+                 targets,
+                 notes=["loopback bytes through the proxy count twice (ssh -> proxy -> sshd)"])
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+
+def print_table(results: list[Result], markdown: bool) -> None:
+    ref = results[0].median
+    with_lo = any(r.lo for r in results)
+    header = ["Case", "Median [s]", "Min [s]", f"vs {results[0].case.key}"]
+    if with_lo:
+        header.append("Loopback [MB]")
+    rows = []
+    for r in results:
+        row = [r.case.label, f"{r.median:.3f}", f"{r.min:.3f}", f"{r.median / ref:.2f}"]
+        if with_lo:
+            row.append(f"{r.lo_median / MB:.2f}" if r.lo else "-")
+        rows.append(row)
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|:---" + "|---:" * (len(header) - 1) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    w = max(len(header[0]), *(len(r[0]) for r in rows))
+    fmt = f"{{:<{w}}}  {{:>10}}  {{:>9}}  {{:>14}}" + ("  {:>13}" if with_lo else "")
+    print(fmt.format(*header))
+    for row in rows:
+        print(fmt.format(*row))
+
+
+def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> None:
+    """Time every case of the group, then print its table and target lines."""
+    log(f"group {group.title}")
+    results = []
+    for case in group.cases:
+        log(f"timing {case.label} ...")
+        results.append(time_case(case, wd, args.runs))
+    by = {r.case.key: r for r in results}
+    lines = group.targets(by) + group.notes
+    if group.after:
+        lines += group.after(wd, by)
+    print()
+    print(f"### {group.title}\n" if args.markdown else f"{group.title}:")
+    print_table(results, args.markdown)
+    if args.markdown and lines:
+        print()
+    for line in lines:
+        print(f"- {line}" if args.markdown else line)
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------
+# peak RSS on a large sparse file
+# --------------------------------------------------------------------------
+
+def run_rusage(argv: list[str]) -> tuple[int, "os.struct_rusage", float, bytes]:
+    """Run argv; return (exit code, its own rusage from os.wait4, wall s, stdout)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    out = p.stdout.read()
+    p.stdout.close()
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)   # we reaped it, not Popen
+    return p.returncode, ru, dt, out
+
+
+def measure_rss(bin_path: Path, wd: Workdir, size: int, changes: int, seed: int) -> None:
+    """Peak RSS of blocksync syncing a `size` sparse file with a few changed blocks."""
+    src, dst = wd.path("big-src"), wd.path("big-dst")
+    log(f"rss: {human(size)} sparse src/dst with {changes} changes in dst ...")
+    for p in (src, dst):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    rng = random.Random(seed + 1)
+    write_changes(dst, rng, scattered_offsets(rng, size, changes))
+    sync_disks()
+    if os.stat(dst).st_blocks * 512 > size // 2:
+        log("  warning: the file system does not seem to keep files sparse")
+
+    code, ru, dt, out = run_rusage([str(bin_path), "-f", "--json", "--no-progress",
+                                    str(src), str(dst)])
+    if code != 0:
+        sys.exit(f"bench: blocksync exited {code} on the {human(size)} sync")
+    log("  verifying with cmp ...")
+    verify_same(src, dst, f"the {human(size)} sparse sync")
+
+    rss_mib = ru.ru_maxrss / KiB          # ru_maxrss is KiB on Linux
+    print()
+    print(f"peak RSS syncing {human(size)}: {rss_mib:.1f} MiB "
+          f"(target < {TARGET_RSS_MIB} MiB) {verdict(rss_mib < TARGET_RSS_MIB)}")
+    detail = ""
+    try:
+        s = json.loads(out)
+        detail = (f", {s['blocks_changed']} of {s['blocks_total']} blocks changed, "
+                  f"{human(s['bytes_written'])} written")
+    except (ValueError, KeyError, TypeError):
+        pass
+    print(f"  time {dt:.2f} s wall, {ru.ru_utime:.2f} s user, "
+          f"{ru.ru_stime:.2f} s sys{detail}")
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Benchmark blocksync vs. a plain read, cat over ssh and rsync "
+                    "(warm cache), locally and over a loopback sshd.")
+    ap.add_argument("--dir", help="work directory (default: a new temp dir under /var/tmp)")
+    ap.add_argument("--size", type=parse_size, default=GiB,
+                    help="size of the generated file, e.g. 512M, 1G (default 1G)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per case (default 5)")
+    ap.add_argument("--changes", type=int, default=10,
+                    help="scattered 4 KiB changes in dst.orig (default 10)")
+    ap.add_argument("--seed", type=int, default=1, help="seed for change offsets/data (default 1)")
+    ap.add_argument("--bin", type=Path, default=DEFAULT_BIN,
+                    help="blocksync binary (default: target/release/blocksync, built if missing)")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    ap.add_argument("--keep", action="store_true", help="keep the work files")
+    on = argparse.BooleanOptionalAction
+    ap.add_argument("--local", action=on, default=True,
+                    help="time the local cases (default: on)")
+    ap.add_argument("--ssh", action=on, default=True,
+                    help="time the cases over a throwaway loopback sshd (default: on; "
+                         "needs root and /usr/sbin/sshd)")
+    ap.add_argument("--first-copy", action=on, default=True,
+                    help="with --ssh: time copying src to a missing destination (default: on)")
+    ap.add_argument("--latency", action=on, default=True,
+                    help="with --ssh: time a push through a delaying proxy (default: on)")
+    ap.add_argument("--delay-ms", type=float, default=25,
+                    help="the proxy's delay each way for --latency (default 25, i.e. 50 ms RTT)")
+    ap.add_argument("--cipher", default=DEFAULT_CIPHER,
+                    help=f"ssh cipher of the bench's ssh config (default {DEFAULT_CIPHER})")
+    ap.add_argument("--rss", action=on, default=True,
+                    help="measure peak RSS on a sparse file (default: on)")
+    ap.add_argument("--rss-size", type=parse_size, default=16 * GiB,
+                    help="size of the sparse file for --rss (default 16G)")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if args.delay_ms < 0:
+        ap.error("--delay-ms must not be negative")
+    args.bin = args.bin.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.bin = ensure_binary(args.bin)
+    wd = make_workdir(args.dir)
+    sshd: Sshd | None = None
+    proxies: list[DelayProxy] = []
+    try:
+        args.bin = snapshot_binary(args.bin, wd)
+        if args.local or args.ssh:
+            generate_data(wd, args.size, args.changes, args.seed)
+            print(f"blocksync bench: {human(args.size)}, {args.changes} x 4 KiB changes, "
+                  f"{args.runs} runs per case, warm cache, {wd.root}")
+            sys.stdout.flush()
+        if args.local:
+            run_group(local_group(args), wd, args)
+        if args.ssh:
+            sshd = Sshd(args.cipher)
+            atexit.register(sshd.stop)          # also on sys.exit from a failed run
+            sshd.start()
+            sshd.login_time(HOST)
+            run_group(ssh_group(args, sshd), wd, args)
+            if args.first_copy:
+                run_group(first_copy_group(args, sshd), wd, args)
+            if args.latency:
+                for host, delay in ((HOST_PROXY, 0), (HOST_SLOW, args.delay_ms)):
+                    proxy = DelayProxy(sshd.port, delay)
+                    proxies.append(proxy)
+                    sshd.add_host(host, proxy.port)
+                group = latency_group(args, sshd)
+                logins = {h: min(sshd.login_time(h) for _ in range(3))
+                          for h in (HOST, HOST_PROXY, HOST_SLOW)}
+                group.notes.append(
+                    "ssh login (ssh host true, best of 3): "
+                    f"direct {logins[HOST]:.2f} s, proxy 0 ms {logins[HOST_PROXY]:.2f} s, "
+                    f"proxy {args.delay_ms:g} ms {logins[HOST_SLOW]:.2f} s")
+                run_group(group, wd, args)
+        if args.rss:
+            sys.stdout.flush()
+            measure_rss(args.bin, wd, args.rss_size, args.changes, args.seed)
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        if sshd is not None:
+            sshd.stop()
+        if args.keep:
+            log(f"kept work files in {wd.root}")
+        else:
+            wd.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
