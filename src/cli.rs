@@ -60,6 +60,15 @@ pub struct Args {
     #[arg(short = 'n', long = "dry-run", visible_alias = "dryrun")]
     pub dry_run: bool,
 
+    /// Write real zeros: never punch holes, allocate a new destination file fully.
+    #[arg(long)]
+    pub no_sparse: bool,
+
+    /// Zero device ranges with BLKZEROOUT (discard / write-zeroes where the device
+    /// guarantees zeros) instead of writing zeros.
+    #[arg(long)]
+    pub discard: bool,
+
     /// Do not ask before changing an existing destination.
     #[arg(short = 'f', long)]
     pub force: bool,

@@ -342,6 +342,8 @@ fn run_local(
     config.pause = Duration::from_millis(args.pause);
     config.drop_cache = args.fadvise & 1 != 0;
     config.buffers = server::buffers_for(layout.chunk);
+    config.sparse = !args.no_sparse;
+    config.discard = args.discard;
 
     let cancel = cancel_on_signals();
     let stats = Arc::new(Stats::default());

@@ -87,6 +87,7 @@ pub fn send_to_dest(
                 offset,
                 data: packer.pack(&data),
             },
+            ToDest::Zero { offset, len } => Frame::Zero { offset, len },
             ToDest::Finish { size, counts } => Frame::Finish { size, counts },
             ToDest::Abort { kind, message } => Frame::Abort { kind, message },
         })
@@ -139,7 +140,7 @@ pub fn send_to_source(
     peer: &Peer,
 ) -> Result<()> {
     pump(rx, w, stats, peer, |msg| match msg {
-        ToSource::Digests { index, digests } => Ok(Frame::Digests { index, digests }),
+        ToSource::Digests { index, blocks } => Ok(Frame::Digests { index, blocks }),
         ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
         ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
         ToSource::Bytes { .. } => Err(Error::new(
@@ -194,7 +195,7 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
             Ok((frame, n)) => {
                 Stats::add(&stats.wire_received, n as u64);
                 match frame {
-                    Frame::Digests { index, digests } => ToSource::Digests { index, digests },
+                    Frame::Digests { index, blocks } => ToSource::Digests { index, blocks },
                     Frame::Done { written, read } => {
                         // The remote half's counters join ours for the summary.
                         Stats::add(&stats.dest_read, read);
@@ -263,11 +264,26 @@ pub fn recv_from_source(
                     data: bytes,
                 }
             }
+            Frame::Zero { offset, len } => {
+                if offset < layout.start || offset.saturating_add(len) > layout.end {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!(
+                            "{} sent a zero range at byte {offset}, outside the range {}..{}",
+                            peer.0, layout.start, layout.end
+                        ),
+                    ));
+                }
+                ToDest::Zero { offset, len }
+            }
             Frame::Finish { size, counts } => {
                 Stats::add(&stats.source_read, counts.read);
                 Stats::add(&stats.blocks_same, counts.same);
                 Stats::add(&stats.blocks_changed, counts.changed);
                 Stats::add(&stats.changed_bytes, counts.changed_bytes);
+                Stats::add(&stats.blocks_zero, counts.zero);
+                Stats::add(&stats.blocks_hole, counts.holes);
+                Stats::add(&stats.blocks_zeroed, counts.zeroed);
                 if size != layout.size {
                     return Err(Error::new(
                         Kind::Protocol,

@@ -121,6 +121,15 @@ impl Slice {
         Slice { buf, range }
     }
 
+    /// The part `range` of this slice (relative to it).
+    pub fn sub(&self, range: Range<usize>) -> Slice {
+        assert!(range.end <= self.len(), "sub-slice out of its slice");
+        Slice {
+            buf: self.buf.clone(),
+            range: self.range.start + range.start..self.range.start + range.end,
+        }
+    }
+
     /// A slice owning `data` outright.
     pub fn owned(data: Vec<u8>) -> Self {
         let len = data.len();

@@ -8,6 +8,17 @@ use crate::error::Kind;
 use crate::hash::Digest;
 use crate::pool::{Buf, Recycler, Slice};
 
+/// What one side knows of one block without sending its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockInfo {
+    /// Not (wholly) there: the destination ends inside or before it.
+    Missing,
+    /// All zero: a hole, an all-zero block, or past the end of a sparse file destination.
+    Zero,
+    /// Data with this digest.
+    Digest(Digest),
+}
+
 /// The source half's counters, sent with Finish so a destination on another machine can
 /// report them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,6 +31,12 @@ pub struct Counts {
     pub changed: u64,
     /// Bytes of the changed blocks.
     pub changed_bytes: u64,
+    /// Source blocks that are all zero (holes included).
+    pub zero: u64,
+    /// Source blocks in holes, never read.
+    pub holes: u64,
+    /// Changed blocks sent as a zero range instead of data.
+    pub zeroed: u64,
 }
 
 /// From the source half to the destination half.
@@ -39,6 +56,14 @@ pub enum ToDest {
         /// What the source half found.
         counts: Counts,
     },
+    /// Make `len` bytes at `offset` zero: punch a hole (file), or write zeros (device,
+    /// or `--no-sparse`).
+    Zero {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
     /// Stop early: flush what was written, leave the size alone, answer
     /// [`ToSource::Done`]. Carries why, so a destination on another machine can report it.
     Abort {
@@ -57,16 +82,18 @@ pub enum ToSource {
     Bytes {
         /// Chunk number.
         index: u64,
-        /// The destination bytes of that chunk that exist.
+        /// The destination bytes of that chunk that exist; the bytes of blocks marked in
+        /// `zeros` may not have been read and must not be looked at.
         data: Buf,
+        /// Per block of the chunk: known zero (a hole, or past the end of a sparse file).
+        zeros: Vec<bool>,
     },
-    /// Digests of the destination's complete blocks in chunk `index`, in order; blocks the
-    /// destination does not fully hold are left out (and so count as changed).
+    /// What the destination holds in each block of chunk `index`.
     Digests {
         /// Chunk number.
         index: u64,
-        /// One digest per complete block, from the first block of the chunk.
-        digests: Vec<Digest>,
+        /// One entry per block of the chunk (a shorter list: the rest are missing).
+        blocks: Vec<BlockInfo>,
     },
     /// Everything written is on stable storage.
     Done {
@@ -104,7 +131,7 @@ use std::sync::Arc;
 /// or a shell error.
 pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame accepted: a chunk of the largest block size plus headers.
 pub const MAX_FRAME: usize = (crate::MAX_BLOCK as usize) + 1024;
 /// Longest path or message text in a frame.
@@ -121,6 +148,7 @@ const T_FINISH: u8 = 18;
 const T_ABORT: u8 = 19;
 const T_DONE: u8 = 20;
 const T_FAILED: u8 = 21;
+const T_ZERO: u8 = 22;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
@@ -128,6 +156,10 @@ pub const FLAG_DRY_RUN: u32 = 1;
 pub const FLAG_FORCE_MOUNTED: u32 = 2;
 /// Hello flag: drop read pages from the cache on the server.
 pub const FLAG_DROP_CACHE: u32 = 4;
+/// Hello flag: write real zeros, never punch holes (`--no-sparse`).
+pub const FLAG_NO_SPARSE: u32 = 8;
+/// Hello flag: zero device ranges with BLKZEROOUT (`--discard`).
+pub const FLAG_DISCARD: u32 = 16;
 
 /// Which half the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,12 +238,19 @@ pub enum Frame {
     Reply(Reply),
     /// See [`Go`].
     Go(Go),
-    /// Destination digests for a chunk.
+    /// What the destination holds in each block of a chunk.
     Digests {
         /// Chunk number in the stream's range.
         index: u64,
-        /// One per complete block.
-        digests: Vec<Digest>,
+        /// One per block.
+        blocks: Vec<BlockInfo>,
+    },
+    /// Zero a range.
+    Zero {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
     },
     /// Bytes to write at an offset.
     Write {
@@ -384,13 +423,25 @@ impl Frame {
                 }
                 T_GO
             }
-            Frame::Digests { index, digests } => {
+            Frame::Digests { index, blocks } => {
                 p.extend_from_slice(&index.to_le_bytes());
-                p.extend_from_slice(&(digests.len() as u32).to_le_bytes());
-                for d in digests {
-                    p.extend_from_slice(&d.0);
+                p.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+                for b in blocks {
+                    match b {
+                        BlockInfo::Missing => p.push(0),
+                        BlockInfo::Zero => p.push(1),
+                        BlockInfo::Digest(d) => {
+                            p.push(2);
+                            p.extend_from_slice(&d.0);
+                        }
+                    }
                 }
                 T_DIGESTS
+            }
+            Frame::Zero { offset, len } => {
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                T_ZERO
             }
             Frame::Write { offset, data } => {
                 p.extend_from_slice(&write_header(*offset, data));
@@ -404,6 +455,9 @@ impl Frame {
                     counts.same,
                     counts.changed,
                     counts.changed_bytes,
+                    counts.zero,
+                    counts.holes,
+                    counts.zeroed,
                 ] {
                     p.extend_from_slice(&v.to_le_bytes());
                 }
@@ -496,12 +550,18 @@ impl Frame {
                 if n > MAX_DIGESTS {
                     return Err(DecodeError::TooLarge("digest count"));
                 }
-                let bytes = r.take(n * MAX_DIGEST)?;
-                let digests = bytes
-                    .chunks_exact(MAX_DIGEST)
-                    .map(|c| Digest(c.try_into().expect("digest size")))
-                    .collect();
-                Frame::Digests { index, digests }
+                let mut blocks = Vec::with_capacity(n.min(r.0.len()));
+                for _ in 0..n {
+                    blocks.push(match r.u8()? {
+                        0 => BlockInfo::Missing,
+                        1 => BlockInfo::Zero,
+                        2 => BlockInfo::Digest(Digest(
+                            r.take(MAX_DIGEST)?.try_into().expect("digest size"),
+                        )),
+                        x => return Err(DecodeError::Unknown("block state", x.into())),
+                    });
+                }
+                Frame::Digests { index, blocks }
             }
             T_WRITE => {
                 let offset = r.u64()?;
@@ -521,6 +581,13 @@ impl Frame {
                 };
                 Frame::Write { offset, data }
             }
+            T_ZERO => {
+                let (offset, len) = (r.u64()?, r.u64()?);
+                if offset.checked_add(len).is_none() {
+                    return Err(DecodeError::TooLarge("zero range"));
+                }
+                Frame::Zero { offset, len }
+            }
             T_FINISH => Frame::Finish {
                 size: r.u64()?,
                 counts: Counts {
@@ -528,6 +595,9 @@ impl Frame {
                     same: r.u64()?,
                     changed: r.u64()?,
                     changed_bytes: r.u64()?,
+                    zero: r.u64()?,
+                    holes: r.u64()?,
+                    zeroed: r.u64()?,
                 },
             },
             T_ABORT => {
@@ -735,7 +805,16 @@ mod tests {
             }),
             Frame::Digests {
                 index: 7,
-                digests: vec![HashKind::Blake3.digest(b"a"), HashKind::Xxh3.digest(b"b")],
+                blocks: vec![
+                    BlockInfo::Digest(HashKind::Blake3.digest(b"a")),
+                    BlockInfo::Zero,
+                    BlockInfo::Missing,
+                    BlockInfo::Digest(HashKind::Xxh3.digest(b"b")),
+                ],
+            },
+            Frame::Zero {
+                offset: 1 << 30,
+                len: 1 << 20,
             },
             Frame::Write {
                 offset: 1 << 40,
@@ -752,6 +831,9 @@ mod tests {
                     same: 2,
                     changed: 3,
                     changed_bytes: 4,
+                    zero: 5,
+                    holes: 6,
+                    zeroed: 7,
                 },
             },
             Frame::Abort {

@@ -10,8 +10,8 @@ use crate::error::{Error, Kind, Result};
 use crate::hash::HashKind;
 use crate::link::{self, Peer};
 use crate::protocol::{
-    FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, Frame, Go, Hello, Reply, Role, ToSource,
-    read_frame, write_frame,
+    FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_NO_SPARSE, Frame, Go,
+    Hello, Reply, Role, ToSource, read_frame, write_frame,
 };
 use crate::report::Reporter;
 use crate::server::buffers_for;
@@ -194,6 +194,12 @@ pub fn run(
     if args.fadvise & 2 != 0 {
         flags |= FLAG_DROP_CACHE;
     }
+    if args.no_sparse {
+        flags |= FLAG_NO_SPARSE;
+    }
+    if args.discard {
+        flags |= FLAG_DISCARD;
+    }
     let hello = Hello {
         role: if push { Role::Dest } else { Role::Source },
         path: remote_path.to_string(),
@@ -347,6 +353,8 @@ pub fn run(
                 config.buffers = buffers_for(whole.chunk);
                 config.dest_progress = !push;
                 config.precomputed = precomputed.clone();
+                config.sparse = !args.no_sparse;
+                config.discard = args.discard;
                 let (stats, cancel, src, dest) = (&*stats, &*cancel, src.as_ref(), dest.as_ref());
                 s.spawn(move || match src {
                     Some(src) => {

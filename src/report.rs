@@ -254,6 +254,12 @@ pub struct Summary {
     pub blocks_same: u64,
     /// Blocks found different.
     pub blocks_changed: u64,
+    /// Source blocks that are all zero (holes included).
+    pub blocks_zero: u64,
+    /// Source blocks in holes, never read.
+    pub blocks_hole: u64,
+    /// Changed blocks sent as zero ranges (a hole punched or zeros written), not as data.
+    pub blocks_zeroed: u64,
     /// Bytes read from the source.
     pub bytes_read_source: u64,
     /// Bytes read from the destination.
@@ -293,6 +299,9 @@ impl Summary {
             blocks_total: 0,
             blocks_same: Stats::get(&stats.blocks_same),
             blocks_changed: Stats::get(&stats.blocks_changed),
+            blocks_zero: Stats::get(&stats.blocks_zero),
+            blocks_hole: Stats::get(&stats.blocks_hole),
+            blocks_zeroed: Stats::get(&stats.blocks_zeroed),
             bytes_read_source: Stats::get(&stats.source_read),
             bytes_read_destination: Stats::get(&stats.dest_read),
             bytes_changed: Stats::get(&stats.changed_bytes),
@@ -317,7 +326,7 @@ impl Summary {
             _ => "",
         };
         out.push_str(&format!(
-            "{} -> {}{state}\n  {} blocks of {}: {} same, {} changed\n",
+            "{} -> {}{state}\n  {} blocks of {}: {} same, {} changed",
             self.source,
             self.destination,
             self.blocks_total,
@@ -325,6 +334,16 @@ impl Summary {
             self.blocks_same,
             self.blocks_changed
         ));
+        if self.blocks_zeroed > 0 {
+            out.push_str(&format!(" ({} as zeros)", self.blocks_zeroed));
+        }
+        if self.blocks_zero > 0 {
+            out.push_str(&format!(
+                "; {} zero in the source, {} of them holes not read",
+                self.blocks_zero, self.blocks_hole
+            ));
+        }
+        out.push('\n');
         let written = if self.dry_run {
             self.bytes_changed
         } else {

@@ -6,8 +6,8 @@ use crate::engine::{self, Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
-    DecodeError, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, Frame, GREETING, Hello,
-    ReadError, Reply, Role, VERSION, read_frame, write_frame,
+    DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_NO_SPARSE,
+    Frame, GREETING, Hello, ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
 use crate::target::{self, Target, TargetKind};
 use crossbeam_channel::bounded;
@@ -116,6 +116,8 @@ pub fn config_for(hello: &Hello, go: &crate::protocol::Go) -> Config {
     config.compare = Compare::Digest(hello.hash);
     config.dry_run = hello.flags & FLAG_DRY_RUN != 0;
     config.drop_cache = hello.flags & FLAG_DROP_CACHE != 0;
+    config.sparse = hello.flags & FLAG_NO_SPARSE == 0;
+    config.discard = hello.flags & FLAG_DISCARD != 0;
     config.pause = Duration::from_millis(hello.pause_ms);
     config.buffers = buffers_for(layout.chunk);
     config

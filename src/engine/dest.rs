@@ -6,7 +6,7 @@ use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result, os_text};
 use crate::pool::Pool;
 use crate::protocol::{ToDest, ToSource};
-use crate::target::{self, Advice, Target, TargetKind};
+use crate::target::{self, Advice, Extents, Target, TargetKind};
 use crossbeam_channel::{Receiver, Sender};
 
 /// Runs the destination half until the source says it is finished (or goes away).
@@ -44,8 +44,8 @@ pub fn run(
     })
 }
 
-/// Turns the reader's chunks into digests of the blocks the destination fully holds
-/// (a block it holds only part of counts as changed); passes anything else through.
+/// Turns the reader's chunks into what the destination holds per block (zero, digest,
+/// or missing); passes anything else through.
 fn hash_dest(
     kind: crate::hash::HashKind,
     config: &Config,
@@ -54,10 +54,10 @@ fn hash_dest(
 ) {
     for msg in chunks {
         let msg = match msg {
-            ToSource::Bytes { index, data } => {
-                let digests = super::prehash::chunk_digests(kind, &config.layout, index, &data);
-                ToSource::Digests { index, digests }
-            }
+            ToSource::Bytes { index, data, zeros } => ToSource::Digests {
+                index,
+                blocks: super::prehash::chunk_info(kind, &config.layout, index, &data, &zeros),
+            },
             other => other,
         };
         if out.send(msg).is_err() {
@@ -70,6 +70,37 @@ fn failed(kind: Kind, message: String) -> ToSource {
     ToSource::Failed { kind, message }
 }
 
+/// Which blocks of the chunk at `offset` (`len` bytes, the destination holding `have` of
+/// them) are known zero without reading: holes, and in a sparse file destination the
+/// blocks past its end (extending the file makes them zero).
+fn known_zero(
+    dest: Option<&Target>,
+    extents: Option<&mut Extents>,
+    config: &Config,
+    offset: u64,
+    len: usize,
+    have: usize,
+) -> Vec<bool> {
+    let block = config.layout.block;
+    let nblocks = (len as u64).div_ceil(block) as usize;
+    let mut zeros = match extents {
+        Some(e) if have > 0 => {
+            target::hole_blocks(&e.data_in(offset..offset + have as u64), offset, len, block)
+        }
+        _ => vec![false; nblocks],
+    };
+    let tail_is_zero = config.sparse && dest.is_none_or(|d| d.kind == TargetKind::File);
+    for (j, z) in zeros.iter_mut().enumerate() {
+        let start = j as u64 * block;
+        let end = (start + block).min(len as u64);
+        if end > have as u64 {
+            // Past the end: zero once the file is extended, unless we must allocate it.
+            *z = start >= have as u64 && tail_is_zero;
+        }
+    }
+    zeros
+}
+
 fn read_dest(
     dest: Option<&Target>,
     config: &Config,
@@ -78,14 +109,16 @@ fn read_dest(
     stats: &Stats,
 ) {
     let layout = config.layout;
+    let block = layout.block as usize;
     let have_size = dest.map_or(0, |d| d.size);
+    let mut extents = dest.and_then(|d| Extents::new(&d.file, d.kind));
     for index in 0..layout.chunks() {
         let (offset, len) = layout.chunk_at(index);
-        if let Some(digests) = config.precomputed.as_ref().and_then(|p| p.get(offset)) {
+        if let Some(blocks) = config.precomputed.as_ref().and_then(|p| p.get(offset)) {
             // Hashed ahead: nothing to read.
             let msg = ToSource::Digests {
                 index,
-                digests: digests.to_vec(),
+                blocks: blocks.to_vec(),
             };
             if out.send(msg).is_err() {
                 return;
@@ -96,32 +129,56 @@ fn read_dest(
             continue;
         }
         let have = have_size.saturating_sub(offset).min(len as u64) as usize;
+        let zeros = known_zero(dest, extents.as_mut(), config, offset, len, have);
         let mut data = pool.get(have);
         if let Some(d) = dest.filter(|_| have > 0) {
-            match target::read_full_at(&d.file, &mut data, offset) {
-                Ok(n) => {
-                    data.truncate(n);
-                    Stats::add(&stats.dest_read, n as u64);
-                    if config.drop_cache {
-                        target::advise(&d.file, offset, n as u64, Advice::DontNeed);
+            // Read the runs of blocks not known zero.
+            let mut j = 0;
+            while j * block < have {
+                if zeros[j] {
+                    j += 1;
+                    continue;
+                }
+                let end = (j..zeros.len()).find(|&k| zeros[k]).unwrap_or(zeros.len());
+                let r = j * block..(end * block).min(have);
+                let at = offset + r.start as u64;
+                match target::read_full_at(&d.file, &mut data[r.clone()], at) {
+                    Ok(n) => Stats::add(&stats.dest_read, n as u64),
+                    Err(e) => {
+                        let msg = format!(
+                            "reading destination {} at byte {at}: {}",
+                            d.path.display(),
+                            os_text(&e)
+                        );
+                        let _ = out.send(failed(Kind::Io, msg));
+                        return;
                     }
                 }
-                Err(e) => {
-                    let msg = format!(
-                        "reading destination {} at byte {offset}: {}",
-                        d.path.display(),
-                        os_text(&e)
-                    );
-                    let _ = out.send(failed(Kind::Io, msg));
-                    return;
-                }
+                j = end;
+            }
+            if config.drop_cache {
+                target::advise(&d.file, offset, have as u64, Advice::DontNeed);
             }
         }
-        if out.send(ToSource::Bytes { index, data }).is_err() {
+        if out.send(ToSource::Bytes { index, data, zeros }).is_err() {
             return; // the source finished or failed; it no longer needs our reads
         }
         if config.dest_progress {
             Stats::add(&stats.done, len as u64);
+        }
+    }
+}
+
+/// Makes a range of the destination zero the cheapest way that keeps it correct.
+fn zero_range(d: &Target, config: &Config, offset: u64, len: u64) -> std::io::Result<()> {
+    match d.kind {
+        TargetKind::File if config.sparse => target::punch_hole(&d.file, offset, len),
+        TargetKind::BlockDevice if config.discard => target::zero_out_device(&d.file, offset, len)
+            .or_else(|_| target::write_zeros(&d.file, offset, len)),
+        _ => {
+            target::write_zeros(&d.file, offset, len)?;
+            target::start_writeback(&d.file, offset, len);
+            Ok(())
         }
     }
 }
@@ -161,6 +218,20 @@ fn write_dest(
                 target::start_writeback(&d.file, offset, data.len() as u64);
                 written += data.len() as u64;
                 Stats::add(&stats.written, data.len() as u64);
+            }
+            Ok(ToDest::Zero { offset, len }) => {
+                let Some(d) = writable else {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        "source sent a zero range in a dry run",
+                    ));
+                };
+                zero_range(d, config, offset, len).map_err(|e| {
+                    io_error(
+                        format!("zeroing destination {} at byte {offset}", d.path.display()),
+                        e,
+                    )
+                })?;
             }
             Ok(ToDest::Finish { size, .. }) => break (true, size),
             // Stopped early: flush what was written so a rerun resumes from it.

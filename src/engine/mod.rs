@@ -110,6 +110,11 @@ pub struct Config {
     pub dest_progress: bool,
     /// Digests of this side hashed ahead (while ssh logged in), used instead of hashing.
     pub precomputed: Option<std::sync::Arc<prehash::Precomputed>>,
+    /// Keep the destination thin: punch holes for zero ranges of files and treat a file
+    /// destination's missing tail as zero. Off (`--no-sparse`): write real zeros.
+    pub sparse: bool,
+    /// Zero device ranges with BLKZEROOUT (`--discard`) rather than writing zeros.
+    pub discard: bool,
 }
 
 impl Config {
@@ -124,6 +129,8 @@ impl Config {
             buffers: 4,
             dest_progress: false,
             precomputed: None,
+            sparse: true,
+            discard: false,
         }
     }
 }
@@ -143,6 +150,12 @@ pub struct Stats {
     pub blocks_changed: AtomicU64,
     /// Bytes of the changed blocks (what a dry run would write).
     pub changed_bytes: AtomicU64,
+    /// Source blocks that are all zero (holes included).
+    pub blocks_zero: AtomicU64,
+    /// Source blocks in holes: known zero without reading.
+    pub blocks_hole: AtomicU64,
+    /// Changed blocks sent as zero ranges (hole punched or zeros written), not data.
+    pub blocks_zeroed: AtomicU64,
     /// Bytes sent over the link to the other machine.
     pub wire_sent: AtomicU64,
     /// Bytes received over the link.

@@ -3,7 +3,8 @@
 //! time the remote side answers is not read or hashed again for comparison.
 
 use super::Layout;
-use crate::hash::{Digest, HashKind};
+use crate::hash::HashKind;
+use crate::protocol::BlockInfo;
 use crate::target;
 use std::fs::File;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ const MAX_CHUNKS: usize = 16 << 10;
 #[derive(Debug, Default)]
 pub struct Precomputed {
     chunk: u64,
-    digests: Vec<Vec<Digest>>,
+    digests: Vec<Vec<BlockInfo>>,
     /// Bytes read to compute them.
     pub read: u64,
 }
@@ -47,7 +48,7 @@ impl Precomputed {
 
     /// Digests of the blocks of the chunk starting at `offset` (only blocks the file held
     /// completely), if that chunk was hashed ahead.
-    pub fn get(&self, offset: u64) -> Option<&[Digest]> {
+    pub fn get(&self, offset: u64) -> Option<&[BlockInfo]> {
         if self.chunk == 0 || !offset.is_multiple_of(self.chunk) {
             return None;
         }
@@ -63,19 +64,31 @@ pub struct Prehash {
     thread: JoinHandle<Precomputed>,
 }
 
-/// Digests of the blocks of `data`, the bytes held at chunk `index` of `layout` (shorter
-/// than the chunk where the file ends): a block counts only if `data` holds all of it.
-pub fn chunk_digests(kind: HashKind, layout: &Layout, index: u64, data: &[u8]) -> Vec<Digest> {
+/// What `data`, the bytes held at chunk `index` of `layout` (shorter than the chunk
+/// where the file ends), holds per block: zero (also where `zeros` says so, without
+/// looking), a digest, or missing for a block it does not hold completely.
+pub fn chunk_info(
+    kind: HashKind,
+    layout: &Layout,
+    index: u64,
+    data: &[u8],
+    zeros: &[bool],
+) -> Vec<BlockInfo> {
     let block = layout.block as usize;
     let (_, len) = layout.chunk_at(index);
-    let full = if data.len() == len {
-        len.div_ceil(block)
-    } else {
-        data.len() / block
-    };
-    data.chunks(block)
-        .take(full)
-        .map(|b| kind.digest(b))
+    (0..len.div_ceil(block))
+        .map(|j| {
+            let r = j * block..((j + 1) * block).min(len);
+            if zeros.get(j) == Some(&true) {
+                BlockInfo::Zero
+            } else if r.end > data.len() {
+                BlockInfo::Missing
+            } else if target::is_zero(&data[r.clone()]) {
+                BlockInfo::Zero
+            } else {
+                BlockInfo::Digest(kind.digest(&data[r]))
+            }
+        })
         .collect()
 }
 
@@ -101,7 +114,7 @@ impl Prehash {
                 };
                 out.read += n as u64;
                 out.digests
-                    .push(chunk_digests(kind, &layout, index, &buf[..n]));
+                    .push(chunk_info(kind, &layout, index, &buf[..n], &[]));
             }
             out
         });
@@ -136,9 +149,12 @@ mod tests {
         assert_eq!(pre.read, 10_000);
         let first = pre.get(0).unwrap();
         assert_eq!(first.len(), 2);
-        assert_eq!(first[1], HashKind::Xxh3.digest(&data[4096..8192]));
+        assert_eq!(
+            first[1],
+            BlockInfo::Digest(HashKind::Xxh3.digest(&data[4096..8192]))
+        );
         // The second chunk holds 1808 of 3808 bytes: no complete block.
-        assert_eq!(pre.get(8192).unwrap().len(), 0);
+        assert_eq!(pre.get(8192).unwrap(), &[BlockInfo::Missing]);
         assert!(pre.get(4096).is_none());
         let mut pre = pre;
         pre.retain_matching(12_000, 12_000);

@@ -1,21 +1,25 @@
-//! The source half: reads the source a chunk at a time on its own thread, compares each
-//! block with what the destination half reports, and sends the changed ranges.
+//! The source half: reads the source a chunk at a time on its own thread (skipping holes,
+//! spotting zero blocks), compares each block with what the destination half reports,
+//! and sends the changed ranges: data, or a tiny zero message for zero blocks.
 
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::pool::{Buf, Pool, Slice};
-use crate::protocol::{Counts, ToDest, ToSource};
-use crate::target::{self, Advice, Target};
+use crate::protocol::{BlockInfo, Counts, ToDest, ToSource};
+use crate::target::{self, Advice, Extents, Target};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// One chunk of the source: its bytes, or `None` when its digests were computed ahead
-/// (then only changed blocks are read, when sent).
+/// One chunk of the source.
 struct Chunk {
     index: u64,
+    /// The bytes, or `None` when nothing had to be read (all holes, or hashed ahead);
+    /// then changed data blocks are read when sent. Bytes of zero blocks may be unread.
     data: Option<Buf>,
+    /// Per block: all zero (a hole, or read and found zero).
+    zeros: Vec<bool>,
 }
 
 fn lost_destination() -> Error {
@@ -63,6 +67,9 @@ pub fn run(
                     same: Stats::get(&stats.blocks_same),
                     changed: Stats::get(&stats.blocks_changed),
                     changed_bytes: Stats::get(&stats.changed_bytes),
+                    zero: Stats::get(&stats.blocks_zero),
+                    holes: Stats::get(&stats.blocks_hole),
+                    zeroed: Stats::get(&stats.blocks_zeroed),
                 },
             },
             Err(e) => ToDest::Abort {
@@ -92,6 +99,59 @@ fn wait_done(from_dest: &Receiver<ToSource>) -> Result<()> {
     }
 }
 
+fn shrank(src: &Target, at: u64) -> Error {
+    Error::new(
+        Kind::Source,
+        format!(
+            "source {} shrank during the sync (short read at byte {at}); sync from a snapshot or a read-only source",
+            src.path.display()
+        ),
+    )
+}
+
+fn read_error(src: &Target, at: u64, e: &std::io::Error) -> Error {
+    Error::io(
+        Kind::Io,
+        "reading source",
+        &src.path,
+        e,
+        &format!("at byte {at}"),
+    )
+}
+
+/// Reads the blocks of a chunk that are not holes (runs of them at once) into `data`,
+/// then marks which blocks are zero. Returns the bytes read.
+fn read_blocks(
+    src: &Target,
+    offset: u64,
+    block: usize,
+    data: &mut [u8],
+    zeros: &mut [bool],
+) -> Result<u64> {
+    let mut read = 0;
+    let mut j = 0;
+    while j < zeros.len() {
+        if zeros[j] {
+            j += 1;
+            continue;
+        }
+        let run_end = (j..zeros.len()).find(|&k| zeros[k]).unwrap_or(zeros.len());
+        let r = j * block..(run_end * block).min(data.len());
+        let at = offset + r.start as u64;
+        match target::read_full_at(&src.file, &mut data[r.clone()], at) {
+            Ok(n) if n == r.len() => read += n as u64,
+            Ok(n) => return Err(shrank(src, at + n as u64)),
+            Err(e) => return Err(read_error(src, at, &e)),
+        }
+        for (k, z) in zeros.iter_mut().enumerate().take(run_end).skip(j) {
+            let b = k * block..((k + 1) * block).min(data.len());
+            *z = target::is_zero(&data[b]);
+        }
+        j = run_end;
+    }
+    Ok(read)
+}
+
 fn read_source(
     src: &Target,
     config: &Config,
@@ -101,46 +161,65 @@ fn read_source(
     cancel: &AtomicBool,
 ) {
     let layout = config.layout;
+    let block = layout.block as usize;
+    let mut extents = Extents::new(&src.file, src.kind);
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
             return;
         }
         let (offset, len) = layout.chunk_at(index);
+        let nblocks = len.div_ceil(block);
         let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
-        if ahead.is_some_and(|d| d.len() as u64 == (len as u64).div_ceil(layout.block)) {
-            if out.send(Ok(Chunk { index, data: None })).is_err() {
+        if let Some(ahead) = ahead.filter(|a| a.len() == nblocks) {
+            let zeros: Vec<bool> = ahead.iter().map(|b| *b == BlockInfo::Zero).collect();
+            count_zeros(stats, &zeros, 0);
+            if out
+                .send(Ok(Chunk {
+                    index,
+                    data: None,
+                    zeros,
+                }))
+                .is_err()
+            {
                 return;
             }
             continue;
         }
-        let mut data = pool.get(len);
-        let item = match target::read_full_at(&src.file, &mut data, offset) {
-            Ok(n) if n == len => {
-                Stats::add(&stats.source_read, len as u64);
+        // Blocks wholly in holes are zero without reading them.
+        let mut zeros = match extents.as_mut() {
+            Some(e) => target::hole_blocks(
+                &e.data_in(offset..offset + len as u64),
+                offset,
+                len,
+                layout.block,
+            ),
+            None => vec![false; nblocks],
+        };
+        let holes = zeros.iter().filter(|&&z| z).count();
+        Stats::add(&stats.blocks_hole, holes as u64);
+        let item = if holes == nblocks {
+            Ok(Chunk {
+                index,
+                data: None,
+                zeros,
+            })
+        } else {
+            let mut data = pool.get(len);
+            read_blocks(src, offset, block, &mut data, &mut zeros).map(|n| {
+                Stats::add(&stats.source_read, n);
                 if config.drop_cache {
                     target::advise(&src.file, offset, len as u64, Advice::DontNeed);
                 }
-                Ok(Chunk {
+                Chunk {
                     index,
                     data: Some(data),
-                })
-            }
-            Ok(n) => Err(Error::new(
-                Kind::Source,
-                format!(
-                    "source {} shrank during the sync (short read at byte {}); sync from a snapshot or a read-only source",
-                    src.path.display(),
-                    offset + n as u64
-                ),
-            )),
-            Err(e) => Err(Error::io(
-                Kind::Io,
-                "reading source",
-                &src.path,
-                &e,
-                &format!("at byte {offset}"),
-            )),
+                    zeros,
+                }
+            })
         };
+        if let Ok(c) = &item {
+            count_zeros(stats, &c.zeros, 0);
+        }
         let failed = item.is_err();
         if out.send(item).is_err() || failed {
             return;
@@ -148,47 +227,106 @@ fn read_source(
     }
 }
 
-/// Which blocks of a chunk differ, as merged byte ranges within the chunk.
-fn changed_ranges(
-    config: &Config,
-    chunk: &Chunk,
-    theirs: &ToSource,
-) -> Result<(Vec<Range<usize>>, u64)> {
+fn count_zeros(stats: &Stats, zeros: &[bool], _: u64) {
+    Stats::add(
+        &stats.blocks_zero,
+        zeros.iter().filter(|&&z| z).count() as u64,
+    );
+}
+
+/// How a changed run of blocks is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Send {
+    /// The source's bytes.
+    Data,
+    /// A zero range: the source blocks are all zero.
+    Zero,
+    /// The source's bytes over destination blocks known zero: all-zero pages inside
+    /// can be left out, keeping a sparse destination thin.
+    DataOverZero,
+}
+
+/// Granularity of the zero pages left out of [`Send::DataOverZero`] runs: the usual
+/// filesystem block.
+const PAGE: usize = 4096;
+
+/// The non-zero pages of `data` (a run starting at chunk offset `base`), as ranges.
+fn nonzero_pages(data: &[u8], base: usize) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (i, page) in data.chunks(PAGE).enumerate() {
+        if target::is_zero(page) {
+            continue;
+        }
+        let r = base + i * PAGE..base + i * PAGE + page.len();
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Which blocks of a chunk differ, as merged byte ranges within the chunk, each sent as
+/// data or as zeros.
+fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Vec<(Range<usize>, Send)> {
     let block = config.layout.block as usize;
     let (offset, len) = config.layout.chunk_at(chunk.index);
     let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
     let mine = |r: &Range<usize>| -> &[u8] {
-        &chunk.data.as_ref().expect("read unless hashed ahead")[r.clone()]
+        &chunk
+            .data
+            .as_ref()
+            .expect("data blocks are read unless hashed ahead")[r.clone()]
     };
-    let nblocks = len.div_ceil(block);
-    let mut ranges: Vec<Range<usize>> = Vec::new();
-    let mut changed = 0u64;
-    for j in 0..nblocks {
+    let mut ranges: Vec<(Range<usize>, Send)> = Vec::new();
+    for (j, &zero) in chunk.zeros.iter().enumerate() {
         let r = j * block..((j + 1) * block).min(len);
-        let same = match (theirs, config.compare) {
-            (ToSource::Bytes { data, .. }, _) => data.get(r.clone()) == Some(mine(&r)),
-            // Hash only blocks the destination has: a new destination costs no hashing.
-            (ToSource::Digests { digests, .. }, Compare::Digest(kind)) => digests
-                .get(j)
-                .is_some_and(|d| match ahead.and_then(|a| a.get(j)) {
-                    Some(known) => d == known,
-                    None => *d == kind.digest(mine(&r)),
-                }),
+        let change = match theirs {
+            ToSource::Bytes { data, zeros, .. } => {
+                let their_zero = zeros.get(j) == Some(&true);
+                match (zero, their_zero) {
+                    (true, true) => None,
+                    (true, false) => match data.get(r.clone()) {
+                        Some(b) if target::is_zero(b) => None,
+                        _ => Some(Send::Zero),
+                    },
+                    (false, true) if config.sparse => Some(Send::DataOverZero),
+                    (false, true) => Some(Send::Data),
+                    (false, false) => (data.get(r.clone()) != Some(mine(&r))).then_some(Send::Data),
+                }
+            }
+            ToSource::Digests { blocks, .. } => {
+                let theirs = blocks.get(j).copied().unwrap_or(BlockInfo::Missing);
+                match (zero, theirs) {
+                    (true, BlockInfo::Zero) => None,
+                    (true, _) => Some(Send::Zero),
+                    (false, BlockInfo::Digest(d)) => {
+                        // Hash only blocks the destination has: a new one costs no hashing.
+                        let same = match ahead.and_then(|a| a.get(j)) {
+                            Some(BlockInfo::Digest(known)) => *known == d,
+                            _ => match config.compare {
+                                Compare::Digest(kind) => kind.digest(mine(&r)) == d,
+                                Compare::Bytes => false,
+                            },
+                        };
+                        (!same).then_some(Send::Data)
+                    }
+                    (false, BlockInfo::Zero) if config.sparse => Some(Send::DataOverZero),
+                    (false, _) => Some(Send::Data),
+                }
+            }
             _ => unreachable!("checked by caller"),
         };
-        if same {
-            continue;
-        }
-        changed += 1;
+        let Some(how) = change else { continue };
         match ranges.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
-            _ => ranges.push(r),
+            Some((last, h)) if last.end == r.start && *h == how => last.end = r.end,
+            _ => ranges.push((r, how)),
         }
     }
-    Ok((ranges, changed))
+    ranges
 }
 
-/// Reads a changed range of a chunk that was hashed ahead and not kept.
+/// Reads a changed range of a chunk whose bytes were not kept.
 fn read_range(src: &Target, offset: u64, len: usize, stats: &Stats) -> Result<Slice> {
     let mut buf = vec![0u8; len];
     match target::read_full_at(&src.file, &mut buf, offset) {
@@ -196,20 +334,8 @@ fn read_range(src: &Target, offset: u64, len: usize, stats: &Stats) -> Result<Sl
             Stats::add(&stats.source_read, len as u64);
             Ok(Slice::owned(buf))
         }
-        Ok(_) => Err(Error::new(
-            Kind::Source,
-            format!(
-                "source {} shrank during the sync; sync from a snapshot or a read-only source",
-                src.path.display()
-            ),
-        )),
-        Err(e) => Err(Error::io(
-            Kind::Io,
-            "reading source",
-            &src.path,
-            &e,
-            &format!("at byte {offset}"),
-        )),
+        Ok(n) => Err(shrank(src, offset + n as u64)),
+        Err(e) => Err(read_error(src, offset, &e)),
     }
 }
 
@@ -223,6 +349,7 @@ fn compare_and_send(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let layout = config.layout;
+    let block = layout.block as usize;
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::new(Kind::Interrupted, "interrupted"));
@@ -256,24 +383,51 @@ fn compare_and_send(
                 "destination sent bytes, not digests",
             ));
         }
-        let (ranges, changed) = changed_ranges(config, &chunk, &theirs)?;
+        let ranges = changed_ranges(config, &chunk, &theirs);
         drop(theirs); // hand the destination's buffer back before waiting on anything else
         let (offset, len) = layout.chunk_at(index);
-        let nblocks = (len as u64).div_ceil(layout.block);
+        let nblocks = len.div_ceil(block) as u64;
+        let blocks_in = |r: &Range<usize>| (r.len().div_ceil(block)) as u64;
+        let changed: u64 = ranges.iter().map(|(r, _)| blocks_in(r)).sum();
+        let zeroed: u64 = ranges
+            .iter()
+            .filter(|(_, h)| *h == Send::Zero)
+            .map(|(r, _)| blocks_in(r))
+            .sum();
+        let changed_bytes: usize = ranges.iter().map(|(r, _)| r.len()).sum();
         Stats::add(&stats.blocks_changed, changed);
-        let changed_bytes: usize = ranges.iter().map(|r| r.len()).sum();
+        Stats::add(&stats.blocks_zeroed, zeroed);
         Stats::add(&stats.changed_bytes, changed_bytes as u64);
         Stats::add(&stats.blocks_same, nblocks - changed);
         if !config.dry_run && !ranges.is_empty() {
             let shared = chunk.data.map(Arc::new);
-            for r in ranges {
+            for (r, how) in ranges {
                 let at = offset + r.start as u64;
-                let data = match &shared {
-                    Some(buf) => Slice::new(buf.clone(), r),
-                    None => read_range(src, at, r.len(), stats)?,
+                let data = match (how, &shared) {
+                    (Send::Zero, _) => {
+                        let msg = ToDest::Zero {
+                            offset: at,
+                            len: r.len() as u64,
+                        };
+                        to_dest.send(msg).map_err(|_| why_gone(from_dest))?;
+                        continue;
+                    }
+                    (_, Some(buf)) => Slice::new(buf.clone(), r.clone()),
+                    (_, None) => read_range(src, at, r.len(), stats)?,
                 };
-                let write = ToDest::Write { offset: at, data };
-                to_dest.send(write).map_err(|_| why_gone(from_dest))?;
+                let whole = std::iter::once(0..data.len()).collect();
+                let pieces = if how == Send::DataOverZero {
+                    nonzero_pages(&data, 0)
+                } else {
+                    whole
+                };
+                for p in pieces {
+                    let msg = ToDest::Write {
+                        offset: at + p.start as u64,
+                        data: data.sub(p),
+                    };
+                    to_dest.send(msg).map_err(|_| why_gone(from_dest))?;
+                }
             }
         }
         Stats::add(&stats.done, len as u64);
