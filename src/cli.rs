@@ -60,6 +60,15 @@ pub struct Args {
     #[arg(short = 'n', long = "dry-run", visible_alias = "dryrun")]
     pub dry_run: bool,
 
+    /// Smallest piece a changed block is narrowed down to before sending (remote), or
+    /// compared in (local).
+    #[arg(long, value_name = "SIZE", default_value = "4K")]
+    pub min_block: String,
+
+    /// Send changed blocks whole, without narrowing them down.
+    #[arg(long)]
+    pub no_refine: bool,
+
     /// Write real zeros: never punch holes, allocate a new destination file fully.
     #[arg(long)]
     pub no_sparse: bool,

@@ -18,6 +18,15 @@ pub enum HashKind {
 /// Longest digest any [`HashKind`] produces, in bytes.
 pub const MAX_DIGEST: usize = 32;
 
+/// Bytes of a block digest as compared and sent: 128 bits. Why that is enough: an
+/// accidental match of two different blocks has probability 2^-128 per comparison, so
+/// even 2^40 block comparisons (a petabyte in 1 KiB blocks) leave it near 2^-88, far below
+/// the odds of an undetected disk or memory error. With BLAKE3 (the default), making a
+/// different block that matches a given one is a second-preimage attack on 128 bits, out
+/// of reach; XXH3 is not cryptographic, so it only guards against accidents. `--verify`
+/// compares the whole devices at full strength.
+pub const BLOCK_DIGEST: usize = 16;
+
 /// One block's digest. Shorter algorithms leave the tail zero, so equality is plain
 /// byte equality.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -69,7 +78,15 @@ impl HashKind {
         }
     }
 
-    /// The digest of `data`.
+    /// The digest used to compare blocks: [`HashKind::digest`] cut to
+    /// [`BLOCK_DIGEST`] bytes (the rest zero).
+    pub fn block_digest(self, data: &[u8]) -> Digest {
+        let mut d = self.digest(data);
+        d.0[BLOCK_DIGEST..].fill(0);
+        d
+    }
+
+    /// The full-strength digest of `data`.
     pub fn digest(self, data: &[u8]) -> Digest {
         let mut out = [0u8; MAX_DIGEST];
         match self {

@@ -90,6 +90,8 @@ struct Plan {
     pair: Pair,
     block: u64,
     hash: HashKind,
+    /// Sub-block size for refinement, 0 = off.
+    refine: u64,
 }
 
 fn plan(args: &Args) -> Result<Plan> {
@@ -115,7 +117,30 @@ fn plan(args: &Args) -> Result<Plan> {
     if args.workers == 0 {
         return Err(Error::new(Kind::Usage, "-w/--workers must be at least 1"));
     }
-    Ok(Plan { pair, block, hash })
+    let min_block = size::parse_size(&args.min_block)
+        .map_err(|m| Error::new(Kind::Usage, format!("--min-block {m}")))?;
+    if !(MIN_BLOCK..=MAX_BLOCK).contains(&min_block) {
+        return Err(Error::new(
+            Kind::Usage,
+            format!(
+                "--min-block {} is not usable; give 512 to the block size",
+                args.min_block
+            ),
+        ));
+    }
+    // No more pieces per block than a frame may list.
+    let min_block = min_block.max(block.div_ceil(protocol::MAX_DIGESTS as u64));
+    let refine = if args.no_refine || min_block >= block {
+        0
+    } else {
+        min_block
+    };
+    Ok(Plan {
+        pair,
+        block,
+        hash,
+        refine,
+    })
 }
 
 /// One-line notes for options that do nothing in a local sync.
@@ -188,14 +213,30 @@ pub fn run(args: &Args, reporter: &Reporter) -> Result<()> {
             for n in local_notes(args) {
                 reporter.note(n);
             }
-            run_local(args, reporter, plan.block, s, d)
+            run_local(args, reporter, &plan, s, d)
         }
-        (Endpoint::Local(s), Endpoint::Remote { host, path }) => {
-            remote::run(args, reporter, plan.block, plan.hash, host, path, s, true)
-        }
-        (Endpoint::Remote { host, path }, Endpoint::Local(d)) => {
-            remote::run(args, reporter, plan.block, plan.hash, host, path, d, false)
-        }
+        (Endpoint::Local(s), Endpoint::Remote { host, path }) => remote::run(
+            args,
+            reporter,
+            plan.block,
+            plan.hash,
+            plan.refine,
+            host,
+            path,
+            s,
+            true,
+        ),
+        (Endpoint::Remote { host, path }, Endpoint::Local(d)) => remote::run(
+            args,
+            reporter,
+            plan.block,
+            plan.hash,
+            plan.refine,
+            host,
+            path,
+            d,
+            false,
+        ),
         _ => unreachable!("both remote is refused by parse_operands"),
     }
 }
@@ -299,10 +340,11 @@ pub(crate) fn conclude(
 fn run_local(
     args: &Args,
     reporter: &Reporter,
-    block: u64,
+    plan: &Plan,
     src_path: &Path,
     dst_path: &Path,
 ) -> Result<()> {
+    let block = plan.block;
     let src = target::open_source(src_path)?;
     let probe = target::probe_destination(dst_path)?;
     if let Some(existing) = &probe.existing {
@@ -344,6 +386,7 @@ fn run_local(
     config.buffers = server::buffers_for(layout.chunk);
     config.sparse = !args.no_sparse;
     config.discard = args.discard;
+    config.refine = plan.refine;
 
     let cancel = cancel_on_signals();
     let stats = Arc::new(Stats::default());

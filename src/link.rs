@@ -88,6 +88,7 @@ pub fn send_to_dest(
                 data: packer.pack(&data),
             },
             ToDest::Zero { offset, len } => Frame::Zero { offset, len },
+            ToDest::Refine { offset, len } => Frame::Refine { offset, len },
             ToDest::Finish { size, counts } => Frame::Finish { size, counts },
             ToDest::Abort { kind, message } => Frame::Abort { kind, message },
         })
@@ -141,6 +142,7 @@ pub fn send_to_source(
 ) -> Result<()> {
     pump(rx, w, stats, peer, |msg| match msg {
         ToSource::Digests { index, blocks } => Ok(Frame::Digests { index, blocks }),
+        ToSource::Pieces { offset, pieces } => Ok(Frame::Pieces { offset, pieces }),
         ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
         ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
         ToSource::Bytes { .. } => Err(Error::new(
@@ -196,6 +198,7 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                 Stats::add(&stats.wire_received, n as u64);
                 match frame {
                     Frame::Digests { index, blocks } => ToSource::Digests { index, blocks },
+                    Frame::Pieces { offset, pieces } => ToSource::Pieces { offset, pieces },
                     Frame::Done { written, read } => {
                         // The remote half's counters join ours for the summary.
                         Stats::add(&stats.dest_read, read);
@@ -220,7 +223,7 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                 }
             }
         };
-        let end = !matches!(msg, ToSource::Digests { .. });
+        let end = !matches!(msg, ToSource::Digests { .. } | ToSource::Pieces { .. });
         if tx.send(msg).is_err() || end {
             return;
         }
@@ -275,6 +278,15 @@ pub fn recv_from_source(
                     ));
                 }
                 ToDest::Zero { offset, len }
+            }
+            Frame::Refine { offset, len } => {
+                if offset < layout.start || offset.saturating_add(len) > layout.end {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!("{} asked about a block outside its range", peer.0),
+                    ));
+                }
+                ToDest::Refine { offset, len }
             }
             Frame::Finish { size, counts } => {
                 Stats::add(&stats.source_read, counts.read);

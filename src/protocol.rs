@@ -64,6 +64,14 @@ pub enum ToDest {
         /// Length in bytes.
         len: u64,
     },
+    /// This block differs: answer with [`ToSource::Pieces`], what the destination holds
+    /// in each sub-block, so only the changed pieces need to cross.
+    Refine {
+        /// Byte offset of the block.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
     /// Stop early: flush what was written, leave the size alone, answer
     /// [`ToSource::Done`]. Carries why, so a destination on another machine can report it.
     Abort {
@@ -95,6 +103,13 @@ pub enum ToSource {
         /// One entry per block of the chunk (a shorter list: the rest are missing).
         blocks: Vec<BlockInfo>,
     },
+    /// The answer to [`ToDest::Refine`]: one entry per sub-block of the block.
+    Pieces {
+        /// Byte offset of the block.
+        offset: u64,
+        /// One per sub-block.
+        pieces: Vec<BlockInfo>,
+    },
     /// Everything written is on stable storage.
     Done {
         /// Bytes written by the destination half.
@@ -123,7 +138,7 @@ pub enum ToSource {
 // engine messages both ways at once (digests one way, writes the other), ending with the
 // source's Finish or Abort and the destination's Done (or Failed).
 
-use crate::hash::{HashKind, MAX_DIGEST};
+use crate::hash::{BLOCK_DIGEST, HashKind, MAX_DIGEST};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
@@ -131,7 +146,7 @@ use std::sync::Arc;
 /// or a shell error.
 pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame accepted: a chunk of the largest block size plus headers.
 pub const MAX_FRAME: usize = (crate::MAX_BLOCK as usize) + 1024;
 /// Longest path or message text in a frame.
@@ -149,6 +164,8 @@ const T_ABORT: u8 = 19;
 const T_DONE: u8 = 20;
 const T_FAILED: u8 = 21;
 const T_ZERO: u8 = 22;
+const T_REFINE: u8 = 23;
+const T_PIECES: u8 = 24;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
@@ -191,6 +208,8 @@ pub struct Hello {
     pub source_size: u64,
     /// Bandwidth limit for the source's sending, bytes per second; 0 = none.
     pub bwlimit: u64,
+    /// Sub-block size for refining changed blocks; 0 = send changed blocks whole.
+    pub refine: u64,
 }
 
 /// The server's answer to [`Hello`] once its checks passed.
@@ -251,6 +270,20 @@ pub enum Frame {
         offset: u64,
         /// Length.
         len: u64,
+    },
+    /// Ask for a block's sub-block digests.
+    Refine {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A block's sub-block digests.
+    Pieces {
+        /// Byte offset of the block.
+        offset: u64,
+        /// One per sub-block.
+        pieces: Vec<BlockInfo>,
     },
     /// Bytes to write at an offset.
     Write {
@@ -355,6 +388,29 @@ impl<'a> Rd<'a> {
         }
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::BadText)
     }
+    /// A number (chunk index or offset) and a list of block states.
+    fn infos(&mut self) -> Result<(u64, Vec<BlockInfo>), DecodeError> {
+        let at = self.u64()?;
+        let n = self.u32()? as usize;
+        if n > MAX_DIGESTS {
+            return Err(DecodeError::TooLarge("digest count"));
+        }
+        let mut blocks = Vec::with_capacity(n.min(self.0.len()));
+        for _ in 0..n {
+            blocks.push(match self.u8()? {
+                0 => BlockInfo::Missing,
+                1 => BlockInfo::Zero,
+                2 => BlockInfo::Digest(self.digest()?),
+                x => return Err(DecodeError::Unknown("block state", x.into())),
+            });
+        }
+        Ok((at, blocks))
+    }
+    fn digest(&mut self) -> Result<Digest, DecodeError> {
+        let mut d = [0u8; MAX_DIGEST];
+        d[..BLOCK_DIGEST].copy_from_slice(self.take(BLOCK_DIGEST)?);
+        Ok(Digest(d))
+    }
     fn kind_and_text(&mut self) -> Result<(Kind, String), DecodeError> {
         let k = self.u8()?;
         let kind = *Kind::ALL
@@ -384,6 +440,21 @@ fn put_text(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..n]);
 }
 
+fn put_infos(out: &mut Vec<u8>, at: u64, blocks: &[BlockInfo]) {
+    out.extend_from_slice(&at.to_le_bytes());
+    out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+    for b in blocks {
+        match b {
+            BlockInfo::Missing => out.push(0),
+            BlockInfo::Zero => out.push(1),
+            BlockInfo::Digest(d) => {
+                out.push(2);
+                out.extend_from_slice(&d.0[..BLOCK_DIGEST]);
+            }
+        }
+    }
+}
+
 fn kind_id(kind: Kind) -> u8 {
     Kind::ALL.iter().position(|k| *k == kind).expect("listed") as u8
 }
@@ -408,6 +479,7 @@ impl Frame {
                 p.extend_from_slice(&h.pause_ms.to_le_bytes());
                 p.extend_from_slice(&h.source_size.to_le_bytes());
                 p.extend_from_slice(&h.bwlimit.to_le_bytes());
+                p.extend_from_slice(&h.refine.to_le_bytes());
                 T_HELLO
             }
             Frame::Reply(r) => {
@@ -424,19 +496,17 @@ impl Frame {
                 T_GO
             }
             Frame::Digests { index, blocks } => {
-                p.extend_from_slice(&index.to_le_bytes());
-                p.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
-                for b in blocks {
-                    match b {
-                        BlockInfo::Missing => p.push(0),
-                        BlockInfo::Zero => p.push(1),
-                        BlockInfo::Digest(d) => {
-                            p.push(2);
-                            p.extend_from_slice(&d.0);
-                        }
-                    }
-                }
+                put_infos(&mut p, *index, blocks);
                 T_DIGESTS
+            }
+            Frame::Pieces { offset, pieces } => {
+                put_infos(&mut p, *offset, pieces);
+                T_PIECES
+            }
+            Frame::Refine { offset, len } => {
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                T_REFINE
             }
             Frame::Zero { offset, len } => {
                 p.extend_from_slice(&offset.to_le_bytes());
@@ -517,6 +587,11 @@ impl Frame {
                     pause_ms: r.u64()?,
                     source_size: r.u64()?,
                     bwlimit: r.u64()?,
+                    refine: match r.u64()? {
+                        0 => 0,
+                        x if x >= crate::MIN_BLOCK && block.div_ceil(x) <= MAX_DIGESTS as u64 => x,
+                        _ => return Err(DecodeError::TooLarge("refinement")),
+                    },
                 })
             }
             T_REPLY => {
@@ -545,23 +620,19 @@ impl Frame {
                 })
             }
             T_DIGESTS => {
-                let index = r.u64()?;
-                let n = r.u32()? as usize;
-                if n > MAX_DIGESTS {
-                    return Err(DecodeError::TooLarge("digest count"));
-                }
-                let mut blocks = Vec::with_capacity(n.min(r.0.len()));
-                for _ in 0..n {
-                    blocks.push(match r.u8()? {
-                        0 => BlockInfo::Missing,
-                        1 => BlockInfo::Zero,
-                        2 => BlockInfo::Digest(Digest(
-                            r.take(MAX_DIGEST)?.try_into().expect("digest size"),
-                        )),
-                        x => return Err(DecodeError::Unknown("block state", x.into())),
-                    });
-                }
+                let (index, blocks) = r.infos()?;
                 Frame::Digests { index, blocks }
+            }
+            T_PIECES => {
+                let (offset, pieces) = r.infos()?;
+                Frame::Pieces { offset, pieces }
+            }
+            T_REFINE => {
+                let (offset, len) = (r.u64()?, r.u64()?);
+                if len > crate::MAX_BLOCK || offset.checked_add(len).is_none() {
+                    return Err(DecodeError::TooLarge("refined block"));
+                }
+                Frame::Refine { offset, len }
             }
             T_WRITE => {
                 let offset = r.u64()?;
@@ -795,6 +866,7 @@ mod tests {
                 pause_ms: 5,
                 source_size: 12345,
                 bwlimit: 1 << 20,
+                refine: 4096,
             }),
             Frame::Reply(Reply { size: 99, kind: 2 }),
             Frame::Go(Go {
@@ -806,15 +878,26 @@ mod tests {
             Frame::Digests {
                 index: 7,
                 blocks: vec![
-                    BlockInfo::Digest(HashKind::Blake3.digest(b"a")),
+                    BlockInfo::Digest(HashKind::Blake3.block_digest(b"a")),
                     BlockInfo::Zero,
                     BlockInfo::Missing,
-                    BlockInfo::Digest(HashKind::Xxh3.digest(b"b")),
+                    BlockInfo::Digest(HashKind::Xxh3.block_digest(b"b")),
                 ],
             },
             Frame::Zero {
                 offset: 1 << 30,
                 len: 1 << 20,
+            },
+            Frame::Refine {
+                offset: 1 << 20,
+                len: 1 << 20,
+            },
+            Frame::Pieces {
+                offset: 1 << 20,
+                pieces: vec![
+                    BlockInfo::Zero,
+                    BlockInfo::Digest(HashKind::Blake3.block_digest(b"c")),
+                ],
             },
             Frame::Write {
                 offset: 1 << 40,

@@ -163,6 +163,7 @@ pub fn run(
     reporter: &Reporter,
     block: u64,
     hash: HashKind,
+    refine: u64,
     host: &str,
     remote_path: &str,
     local: &Path,
@@ -210,6 +211,7 @@ pub fn run(
         pause_ms: args.pause,
         source_size: src.as_ref().map_or(0, |s| s.size),
         bwlimit: bw / args.workers as u64,
+        refine,
     };
     let remote_name = format!("{host}:{remote_path}");
     let local_name = local.display().to_string();
@@ -355,6 +357,7 @@ pub fn run(
                 config.precomputed = precomputed.clone();
                 config.sparse = !args.no_sparse;
                 config.discard = args.discard;
+                config.refine = refine;
                 let (stats, cancel, src, dest) = (&*stats, &*cancel, src.as_ref(), dest.as_ref());
                 s.spawn(move || match src {
                     Some(src) => {

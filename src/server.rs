@@ -118,6 +118,7 @@ pub fn config_for(hello: &Hello, go: &crate::protocol::Go) -> Config {
     config.drop_cache = hello.flags & FLAG_DROP_CACHE != 0;
     config.sparse = hello.flags & FLAG_NO_SPARSE == 0;
     config.discard = hello.flags & FLAG_DISCARD != 0;
+    config.refine = hello.refine;
     config.pause = Duration::from_millis(hello.pause_ms);
     config.buffers = buffers_for(layout.chunk);
     config

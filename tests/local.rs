@@ -45,7 +45,13 @@ fn only_changed_blocks_are_written_and_second_run_writes_nothing() {
     let j = json(&out);
     assert_eq!(j["blocks_changed"], 4);
     assert_eq!(j["blocks_same"], 7);
-    assert_eq!(j["bytes_written"], 3 * M + 5);
+    // Only the changed 4 KiB pieces (and the 5-byte tail) are written.
+    assert_eq!(j["bytes_written"], 3 * 4096 + 5);
+    // Without refinement, whole blocks.
+    fs::write(&dst, &old).unwrap();
+    let out = run(&["-f", "--json", "--no-refine", s(&src), s(&dst)]);
+    assert_eq!(fs::read(&dst).unwrap(), content);
+    assert_eq!(json(&out)["bytes_written"], 3 * M + 5);
     let out = run(&["-f", "--json", s(&src), s(&dst)]);
     let j = json(&out);
     assert_eq!(j["blocks_changed"], 0);
@@ -117,7 +123,7 @@ fn dry_run_writes_and_creates_nothing() {
     let j = json(&out);
     assert_eq!(j["status"], "dry-run");
     assert_eq!(j["blocks_changed"], 1);
-    assert_eq!(j["bytes_changed"], M);
+    assert_eq!(j["bytes_changed"], 4096);
     assert_eq!(j["bytes_written"], 0);
 }
 

@@ -169,6 +169,35 @@ fn read_dest(
     }
 }
 
+/// What the destination holds in each sub-block of the block at `offset`. Runs on the
+/// writing thread, so it sees every write sent before the question.
+fn refine(
+    dest: Option<&Target>,
+    config: &Config,
+    offset: u64,
+    len: u64,
+    stats: &Stats,
+) -> std::io::Result<Vec<crate::protocol::BlockInfo>> {
+    let Compare::Digest(kind) = config.compare else {
+        return Err(std::io::Error::other("refining needs digests"));
+    };
+    let piece = config.refine.max(1) as usize;
+    let have = dest.map_or(0, |d| d.size.saturating_sub(offset).min(len)) as usize;
+    let mut data = vec![0u8; have];
+    if let Some(d) = dest.filter(|_| have > 0) {
+        let n = target::read_full_at(&d.file, &mut data, offset)?;
+        data.truncate(n);
+        Stats::add(&stats.dest_read, n as u64);
+    }
+    Ok(super::prehash::block_infos(
+        kind,
+        &data,
+        len as usize,
+        piece,
+        &[],
+    ))
+}
+
 /// Makes a range of the destination zero the cheapest way that keeps it correct.
 fn zero_range(d: &Target, config: &Config, offset: u64, len: u64) -> std::io::Result<()> {
     match d.kind {
@@ -232,6 +261,12 @@ fn write_dest(
                         e,
                     )
                 })?;
+            }
+            Ok(ToDest::Refine { offset, len }) => {
+                let pieces = refine(dest, config, offset, len, stats)
+                    .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
+                // A closed channel means the source is gone; the loop ends on its own.
+                let _ = to_source.send(ToSource::Pieces { offset, pieces });
             }
             Ok(ToDest::Finish { size, .. }) => break (true, size),
             // Stopped early: flush what was written so a rerun resumes from it.

@@ -115,6 +115,8 @@ pub struct Config {
     pub sparse: bool,
     /// Zero device ranges with BLKZEROOUT (`--discard`) rather than writing zeros.
     pub discard: bool,
+    /// Sub-block size a changed block is narrowed down to (0: send it whole).
+    pub refine: u64,
 }
 
 impl Config {
@@ -131,6 +133,7 @@ impl Config {
             precomputed: None,
             sparse: true,
             discard: false,
+            refine: 0,
         }
     }
 }

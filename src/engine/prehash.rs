@@ -74,8 +74,19 @@ pub fn chunk_info(
     data: &[u8],
     zeros: &[bool],
 ) -> Vec<BlockInfo> {
-    let block = layout.block as usize;
     let (_, len) = layout.chunk_at(index);
+    block_infos(kind, data, len, layout.block as usize, zeros)
+}
+
+/// What `data` (the held part of `len` bytes) holds per `block`-sized piece: zero (also
+/// where `zeros` says so), a digest, or missing where it does not hold all of a piece.
+pub fn block_infos(
+    kind: HashKind,
+    data: &[u8],
+    len: usize,
+    block: usize,
+    zeros: &[bool],
+) -> Vec<BlockInfo> {
     (0..len.div_ceil(block))
         .map(|j| {
             let r = j * block..((j + 1) * block).min(len);
@@ -86,7 +97,7 @@ pub fn chunk_info(
             } else if target::is_zero(&data[r.clone()]) {
                 BlockInfo::Zero
             } else {
-                BlockInfo::Digest(kind.digest(&data[r]))
+                BlockInfo::Digest(kind.block_digest(&data[r]))
             }
         })
         .collect()
@@ -151,7 +162,7 @@ mod tests {
         assert_eq!(first.len(), 2);
         assert_eq!(
             first[1],
-            BlockInfo::Digest(HashKind::Xxh3.digest(&data[4096..8192]))
+            BlockInfo::Digest(HashKind::Xxh3.block_digest(&data[4096..8192]))
         );
         // The second chunk holds 1808 of 3808 bytes: no complete block.
         assert_eq!(pre.get(8192).unwrap(), &[BlockInfo::Missing]);

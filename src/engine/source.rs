@@ -244,20 +244,23 @@ enum Send {
     /// The source's bytes over destination blocks known zero: all-zero pages inside
     /// can be left out, keeping a sparse destination thin.
     DataOverZero,
+    /// Blocks that differ from the destination's: ask for its sub-block digests first,
+    /// so only the changed pieces cross (see [`Refiner`]).
+    Refine,
 }
 
 /// Granularity of the zero pages left out of [`Send::DataOverZero`] runs: the usual
 /// filesystem block.
 const PAGE: usize = 4096;
 
-/// The non-zero pages of `data` (a run starting at chunk offset `base`), as ranges.
-fn nonzero_pages(data: &[u8], base: usize) -> Vec<Range<usize>> {
+/// The non-zero pages of `data`, as ranges of it.
+fn nonzero_pages(data: &[u8]) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
     for (i, page) in data.chunks(PAGE).enumerate() {
         if target::is_zero(page) {
             continue;
         }
-        let r = base + i * PAGE..base + i * PAGE + page.len();
+        let r = i * PAGE..i * PAGE + page.len();
         match out.last_mut() {
             Some(last) if last.end == r.start => last.end = r.end,
             _ => out.push(r),
@@ -266,9 +269,54 @@ fn nonzero_pages(data: &[u8], base: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// Which blocks of a chunk differ, as merged byte ranges within the chunk, each sent as
-/// data or as zeros.
-fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Vec<(Range<usize>, Send)> {
+/// What to send for one chunk.
+#[derive(Default)]
+struct Changes {
+    /// Byte ranges within the chunk, merged where adjacent and sent the same way.
+    ranges: Vec<(Range<usize>, Send)>,
+    /// Blocks that differ.
+    blocks: u64,
+    /// Of those, blocks sent as zero ranges.
+    zeroed: u64,
+}
+
+impl Changes {
+    fn push(&mut self, r: Range<usize>, how: Send) {
+        match self.ranges.last_mut() {
+            Some((last, h)) if last.end == r.start && *h == how && how != Send::Refine => {
+                last.end = r.end
+            }
+            _ => self.ranges.push((r, how)),
+        }
+    }
+}
+
+/// A block both sides hold in one process, differing: only its changed sub-blocks are
+/// written (or all of it when most differ).
+fn refine_bytes(changes: &mut Changes, config: &Config, mine: &[u8], theirs: &[u8], at: usize) {
+    let piece = config.refine as usize;
+    if piece == 0 || piece >= mine.len() {
+        changes.push(at..at + mine.len(), Send::Data);
+        return;
+    }
+    let differ: Vec<usize> = (0..mine.len().div_ceil(piece))
+        .filter(|&i| {
+            let r = i * piece..((i + 1) * piece).min(mine.len());
+            mine[r.clone()] != theirs[r]
+        })
+        .collect();
+    if differ.len() * 2 > mine.len().div_ceil(piece) {
+        changes.push(at..at + mine.len(), Send::Data);
+        return;
+    }
+    for i in differ {
+        let r = i * piece..((i + 1) * piece).min(mine.len());
+        changes.push(at + r.start..at + r.end, Send::Data);
+    }
+}
+
+/// Which blocks of a chunk differ and how to send them.
+fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Changes {
     let block = config.layout.block as usize;
     let (offset, len) = config.layout.chunk_at(chunk.index);
     let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
@@ -278,7 +326,8 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Vec<(Ran
             .as_ref()
             .expect("data blocks are read unless hashed ahead")[r.clone()]
     };
-    let mut ranges: Vec<(Range<usize>, Send)> = Vec::new();
+    let refine = config.refine > 0 && (config.refine as usize) < block;
+    let mut changes = Changes::default();
     for (j, &zero) in chunk.zeros.iter().enumerate() {
         let r = j * block..((j + 1) * block).min(len);
         let change = match theirs {
@@ -292,7 +341,15 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Vec<(Ran
                     },
                     (false, true) if config.sparse => Some(Send::DataOverZero),
                     (false, true) => Some(Send::Data),
-                    (false, false) => (data.get(r.clone()) != Some(mine(&r))).then_some(Send::Data),
+                    (false, false) => match data.get(r.clone()) {
+                        Some(b) if b == mine(&r) => None,
+                        Some(b) => {
+                            changes.blocks += 1;
+                            refine_bytes(&mut changes, config, mine(&r), b, r.start);
+                            continue;
+                        }
+                        None => Some(Send::Data),
+                    },
                 }
             }
             ToSource::Digests { blocks, .. } => {
@@ -305,11 +362,15 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Vec<(Ran
                         let same = match ahead.and_then(|a| a.get(j)) {
                             Some(BlockInfo::Digest(known)) => *known == d,
                             _ => match config.compare {
-                                Compare::Digest(kind) => kind.digest(mine(&r)) == d,
+                                Compare::Digest(kind) => kind.block_digest(mine(&r)) == d,
                                 Compare::Bytes => false,
                             },
                         };
-                        (!same).then_some(Send::Data)
+                        match (same, refine && r.len() > config.refine as usize) {
+                            (true, _) => None,
+                            (false, true) => Some(Send::Refine),
+                            (false, false) => Some(Send::Data),
+                        }
                     }
                     (false, BlockInfo::Zero) if config.sparse => Some(Send::DataOverZero),
                     (false, _) => Some(Send::Data),
@@ -318,12 +379,13 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Vec<(Ran
             _ => unreachable!("checked by caller"),
         };
         let Some(how) = change else { continue };
-        match ranges.last_mut() {
-            Some((last, h)) if last.end == r.start && *h == how => last.end = r.end,
-            _ => ranges.push((r, how)),
+        changes.blocks += 1;
+        if how == Send::Zero {
+            changes.zeroed += 1;
         }
+        changes.push(r, how);
     }
-    ranges
+    changes
 }
 
 /// Reads a changed range of a chunk whose bytes were not kept.
@@ -339,6 +401,149 @@ fn read_range(src: &Target, offset: u64, len: usize, stats: &Stats) -> Result<Sl
     }
 }
 
+/// Most blocks waiting for their sub-block digests at once; bounds the memory of the
+/// questions in flight while keeping the link busy.
+const MAX_PENDING: usize = 1024;
+
+/// Narrows changed blocks down to their changed sub-blocks without ever waiting for an
+/// answer before going on: questions go out with the other messages, answers are taken
+/// as they come back between the destination's chunk reports.
+struct Refiner<'a> {
+    src: &'a Target,
+    config: &'a Config,
+    stats: &'a Stats,
+    to_dest: &'a Sender<ToDest>,
+    from_dest: &'a Receiver<ToSource>,
+    /// Blocks asked about: offset -> length.
+    pending: std::collections::HashMap<u64, u64>,
+    /// Chunk reports that arrived while waiting for answers.
+    early: std::collections::VecDeque<ToSource>,
+}
+
+impl<'a> Refiner<'a> {
+    fn send(&self, msg: ToDest) -> Result<()> {
+        self.to_dest.send(msg).map_err(|_| why_gone(self.from_dest))
+    }
+
+    /// Asks about the block at `offset`, waiting first if too many questions are open.
+    fn ask(&mut self, offset: u64, len: u64) -> Result<()> {
+        while self.pending.len() >= MAX_PENDING {
+            let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
+            self.take(msg, true)?;
+        }
+        self.pending.insert(offset, len);
+        self.send(ToDest::Refine { offset, len })
+    }
+
+    /// The destination's next chunk report, handling answers that come first.
+    fn next_report(&mut self) -> Result<ToSource> {
+        if let Some(m) = self.early.pop_front() {
+            return Ok(m);
+        }
+        loop {
+            let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
+            if let Some(report) = self.take(msg, false)? {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Waits for every open question.
+    fn drain(&mut self) -> Result<()> {
+        while !self.pending.is_empty() {
+            let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
+            if let Some(other) = self.take(msg, false)? {
+                return Err(match other {
+                    ToSource::Failed { kind, message } => Error::new(kind, message),
+                    _ => Error::new(
+                        Kind::Protocol,
+                        "destination sent a report after the last chunk",
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles an answer; returns anything else (kept for later when `keep`).
+    fn take(&mut self, msg: ToSource, keep: bool) -> Result<Option<ToSource>> {
+        match msg {
+            ToSource::Pieces { offset, pieces } => {
+                self.answer(offset, &pieces)?;
+                Ok(None)
+            }
+            ToSource::Failed { kind, message } => Err(Error::new(kind, message)),
+            other if keep => {
+                self.early.push_back(other);
+                Ok(None)
+            }
+            other => Ok(Some(other)),
+        }
+    }
+
+    /// Sends the pieces of the block at `offset` that differ from the destination's.
+    fn answer(&mut self, offset: u64, theirs: &[BlockInfo]) -> Result<()> {
+        let Some(len) = self.pending.remove(&offset) else {
+            return Err(Error::new(
+                Kind::Protocol,
+                format!("destination answered about byte {offset}, which was not asked"),
+            ));
+        };
+        let Compare::Digest(kind) = self.config.compare else {
+            return Err(Error::new(Kind::Internal, "refining without digests"));
+        };
+        let piece = self.config.refine as usize;
+        let data = read_range(self.src, offset, len as usize, self.stats)?;
+        let mine = super::prehash::block_infos(kind, &data, len as usize, piece, &[]);
+        if theirs.len() != mine.len() {
+            return Err(Error::new(
+                Kind::Protocol,
+                format!(
+                    "destination answered {} pieces for {}",
+                    theirs.len(),
+                    mine.len()
+                ),
+            ));
+        }
+        let differ: Vec<usize> = (0..mine.len()).filter(|&i| mine[i] != theirs[i]).collect();
+        let mut changes = Changes::default();
+        if differ.len() * 2 > mine.len() {
+            // Most pieces differ: the whole block is cheaper than many small ones.
+            changes.push(0..data.len(), Send::Data);
+        } else {
+            for i in differ {
+                let r = i * piece..((i + 1) * piece).min(data.len());
+                let how = if mine[i] == BlockInfo::Zero {
+                    Send::Zero
+                } else {
+                    Send::Data
+                };
+                changes.push(r, how);
+            }
+        }
+        let bytes: usize = changes.ranges.iter().map(|(r, _)| r.len()).sum();
+        Stats::add(&self.stats.changed_bytes, bytes as u64);
+        if self.config.dry_run {
+            return Ok(());
+        }
+        for (r, how) in changes.ranges {
+            let at = offset + r.start as u64;
+            let msg = match how {
+                Send::Zero => ToDest::Zero {
+                    offset: at,
+                    len: r.len() as u64,
+                },
+                _ => ToDest::Write {
+                    offset: at,
+                    data: data.sub(r),
+                },
+            };
+            self.send(msg)?;
+        }
+        Ok(())
+    }
+}
+
 fn compare_and_send(
     src: &Target,
     config: &Config,
@@ -350,6 +555,15 @@ fn compare_and_send(
 ) -> Result<()> {
     let layout = config.layout;
     let block = layout.block as usize;
+    let mut refiner = Refiner {
+        src,
+        config,
+        stats,
+        to_dest,
+        from_dest,
+        pending: Default::default(),
+        early: Default::default(),
+    };
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::new(Kind::Interrupted, "interrupted"));
@@ -357,11 +571,11 @@ fn compare_and_send(
         let chunk = chunks
             .recv()
             .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
-        let theirs = from_dest.recv().map_err(|_| lost_destination())?;
+        let theirs = refiner.next_report()?;
         let their_index = match &theirs {
             ToSource::Bytes { index, .. } | ToSource::Digests { index, .. } => *index,
             ToSource::Failed { kind, message } => return Err(Error::new(*kind, message.clone())),
-            ToSource::Done { .. } => {
+            _ => {
                 return Err(Error::new(
                     Kind::Protocol,
                     "destination confirmed before the last block was sent",
@@ -383,51 +597,57 @@ fn compare_and_send(
                 "destination sent bytes, not digests",
             ));
         }
-        let ranges = changed_ranges(config, &chunk, &theirs);
+        let changes = changed_ranges(config, &chunk, &theirs);
         drop(theirs); // hand the destination's buffer back before waiting on anything else
         let (offset, len) = layout.chunk_at(index);
         let nblocks = len.div_ceil(block) as u64;
-        let blocks_in = |r: &Range<usize>| (r.len().div_ceil(block)) as u64;
-        let changed: u64 = ranges.iter().map(|(r, _)| blocks_in(r)).sum();
-        let zeroed: u64 = ranges
+        let bytes: usize = changes
+            .ranges
             .iter()
-            .filter(|(_, h)| *h == Send::Zero)
-            .map(|(r, _)| blocks_in(r))
+            .filter(|(_, h)| *h != Send::Refine)
+            .map(|(r, _)| r.len())
             .sum();
-        let changed_bytes: usize = ranges.iter().map(|(r, _)| r.len()).sum();
-        Stats::add(&stats.blocks_changed, changed);
-        Stats::add(&stats.blocks_zeroed, zeroed);
-        Stats::add(&stats.changed_bytes, changed_bytes as u64);
-        Stats::add(&stats.blocks_same, nblocks - changed);
-        if !config.dry_run && !ranges.is_empty() {
-            let shared = chunk.data.map(Arc::new);
-            for (r, how) in ranges {
-                let at = offset + r.start as u64;
-                let data = match (how, &shared) {
-                    (Send::Zero, _) => {
-                        let msg = ToDest::Zero {
-                            offset: at,
-                            len: r.len() as u64,
-                        };
-                        to_dest.send(msg).map_err(|_| why_gone(from_dest))?;
-                        continue;
-                    }
-                    (_, Some(buf)) => Slice::new(buf.clone(), r.clone()),
-                    (_, None) => read_range(src, at, r.len(), stats)?,
-                };
-                let whole = std::iter::once(0..data.len()).collect();
-                let pieces = if how == Send::DataOverZero {
-                    nonzero_pages(&data, 0)
-                } else {
-                    whole
-                };
-                for p in pieces {
-                    let msg = ToDest::Write {
-                        offset: at + p.start as u64,
-                        data: data.sub(p),
-                    };
-                    to_dest.send(msg).map_err(|_| why_gone(from_dest))?;
+        Stats::add(&stats.blocks_changed, changes.blocks);
+        Stats::add(&stats.blocks_zeroed, changes.zeroed);
+        Stats::add(&stats.changed_bytes, bytes as u64);
+        Stats::add(&stats.blocks_same, nblocks - changes.blocks);
+        let shared = chunk.data.map(Arc::new);
+        for (r, how) in changes.ranges {
+            let at = offset + r.start as u64;
+            if how == Send::Refine {
+                // Asked even in a dry run: the answer tells how much would be written.
+                for b in (r.start..r.end).step_by(block) {
+                    let blen = (r.end - b).min(block) as u64;
+                    refiner.ask(offset + b as u64, blen)?;
                 }
+                continue;
+            }
+            if config.dry_run {
+                continue;
+            }
+            let data = match (how, &shared) {
+                (Send::Zero, _) => {
+                    let msg = ToDest::Zero {
+                        offset: at,
+                        len: r.len() as u64,
+                    };
+                    refiner.send(msg)?;
+                    continue;
+                }
+                (_, Some(buf)) => Slice::new(buf.clone(), r.clone()),
+                (_, None) => read_range(src, at, r.len(), stats)?,
+            };
+            let pieces = if how == Send::DataOverZero {
+                nonzero_pages(&data)
+            } else {
+                std::iter::once(0..data.len()).collect()
+            };
+            for p in pieces {
+                let msg = ToDest::Write {
+                    offset: at + p.start as u64,
+                    data: data.sub(p),
+                };
+                refiner.send(msg)?;
             }
         }
         Stats::add(&stats.done, len as u64);
@@ -435,5 +655,5 @@ fn compare_and_send(
             std::thread::sleep(config.pause * nblocks as u32);
         }
     }
-    Ok(())
+    refiner.drain()
 }
