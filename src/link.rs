@@ -95,6 +95,26 @@ pub fn send_to_dest(
     })
 }
 
+/// Counts a frame of `n` bytes on the wire, and separately block data and digests.
+fn count(stats: &Stats, frame: &Frame, n: usize, sent: bool) {
+    let n = n as u64;
+    let (all, data, digests) = if sent {
+        (&stats.wire_sent, &stats.data_sent, &stats.digests_sent)
+    } else {
+        (
+            &stats.wire_received,
+            &stats.data_received,
+            &stats.digests_received,
+        )
+    };
+    Stats::add(all, n);
+    match frame {
+        Frame::Write { .. } => Stats::add(data, n),
+        Frame::Digests { .. } | Frame::Pieces { .. } => Stats::add(digests, n),
+        _ => {}
+    }
+}
+
 /// Compresses blocks, but stops trying for a while after blocks that do not shrink:
 /// random or encrypted data would only burn CPU the ssh cipher needs. The pause doubles
 /// (up to 64 blocks) with each failure and ends at the first success.
@@ -181,7 +201,7 @@ fn pump<M>(
             Frame::Finish { .. } | Frame::Abort { .. } | Frame::Done { .. } | Frame::Failed { .. }
         );
         let n = write_frame(&mut w, &frame).map_err(|e| write_failed(peer, e))?;
-        Stats::add(&stats.wire_sent, n as u64);
+        count(stats, &frame, n, true);
         if last {
             return flush(&mut w);
         }
@@ -195,7 +215,7 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
     loop {
         let msg = match read_frame(&mut r, &mut buf) {
             Ok((frame, n)) => {
-                Stats::add(&stats.wire_received, n as u64);
+                count(stats, &frame, n, false);
                 match frame {
                     Frame::Digests { index, blocks } => ToSource::Digests { index, blocks },
                     Frame::Pieces { offset, pieces } => ToSource::Pieces { offset, pieces },
@@ -246,7 +266,7 @@ pub fn recv_from_source(
     loop {
         let (frame, n) =
             read_frame_with(&mut r, &mut buf, Some(&recycler)).map_err(|e| lost(peer, &e))?;
-        Stats::add(&stats.wire_received, n as u64);
+        count(stats, &frame, n, false);
         let msg = match frame {
             Frame::Write { offset, data } => {
                 let bytes = data.unpack().map_err(|d| {

@@ -272,6 +272,14 @@ pub struct Summary {
     pub bytes_sent: u64,
     /// Bytes received over the ssh link.
     pub bytes_received: u64,
+    /// Of the bytes sent, block data (after compression).
+    pub data_sent: u64,
+    /// Of the bytes received, block data.
+    pub data_received: u64,
+    /// Of the bytes sent, block digests.
+    pub digests_sent: u64,
+    /// Of the bytes received, block digests.
+    pub digests_received: u64,
     /// Wall time.
     pub elapsed_seconds: f64,
     /// Source bytes compared per second.
@@ -308,6 +316,10 @@ impl Summary {
             bytes_written: Stats::get(&stats.written),
             bytes_sent: Stats::get(&stats.wire_sent),
             bytes_received: Stats::get(&stats.wire_received),
+            data_sent: Stats::get(&stats.data_sent),
+            data_received: Stats::get(&stats.data_received),
+            digests_sent: Stats::get(&stats.digests_sent),
+            digests_received: Stats::get(&stats.digests_received),
             elapsed_seconds: secs,
             rate_bytes_per_second: if secs > 0.0 { done as f64 / secs } else { 0.0 },
             destination_created: false,
@@ -359,9 +371,13 @@ impl Summary {
         ));
         if self.bytes_sent + self.bytes_received > 0 {
             out.push_str(&format!(
-                "  network: sent {}, received {}\n",
+                "  network: sent {} (data {}, digests {}), received {} (data {}, digests {})\n",
                 human(self.bytes_sent),
-                human(self.bytes_received)
+                human(self.data_sent),
+                human(self.digests_sent),
+                human(self.bytes_received),
+                human(self.data_received),
+                human(self.digests_received)
             ));
         }
         if self.destination_created {

@@ -163,6 +163,14 @@ pub struct Stats {
     pub wire_sent: AtomicU64,
     /// Bytes received over the link.
     pub wire_received: AtomicU64,
+    /// Of the bytes sent, block data frames.
+    pub data_sent: AtomicU64,
+    /// Of the bytes received, block data frames.
+    pub data_received: AtomicU64,
+    /// Of the bytes sent, digest frames.
+    pub digests_sent: AtomicU64,
+    /// Of the bytes received, digest frames.
+    pub digests_received: AtomicU64,
     /// Source bytes compared so far (progress).
     pub done: AtomicU64,
 }
