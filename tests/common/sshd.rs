@@ -114,9 +114,22 @@ impl Sshd {
         self.dir.path().join("cache")
     }
 
+    /// Waits (up to 20 s: logins are slow on a loaded machine) until a blocksync runs
+    /// through this sshd, then kills (SIGKILL) every such process; returns how many.
+    pub fn kill_remote_servers(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = self.kill_remote_servers_now();
+            if n > 0 || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Kills (SIGKILL) every blocksync process started through this sshd; returns how many.
     /// Only this sshd's descendants, so parallel tests are left alone.
-    pub fn kill_remote_servers(&self) -> usize {
+    fn kill_remote_servers_now(&self) -> usize {
         let parent_of = |pid: u32| -> Option<u32> {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let after = &stat[stat.rfind(')')? + 2..];
