@@ -32,6 +32,18 @@ flushed inside the timed run), and ``src`` and ``dst`` are read once to warm
 the cache.  After the run ``dst`` must equal ``src`` byte for byte, or the
 benchmark stops.
 
+sparse (``--sparse``, on by default), issue 4: ``sp.src`` is a 64 GiB
+(``--sparse-size``) sparse file with 1 GiB (``--sparse-data``) of random data
+in 4 MiB extents, one per equal slot at a seeded 4 KiB-aligned (not 1 MiB-
+aligned) offset.
+
+  A: new local copy, ``cp --sparse=always`` vs blocksync; allocated sizes.
+  B: new copy over the loopback sshd: time and loopback bytes (<= 1.05 x data).
+  C: re-sync after a few 4 KiB changes inside the data extents, vs reading
+  the data extents of both files in Python.
+  Copies are checked without reading the holes (sizes, data extents, and
+  zeros wherever the copy has data outside the source's extents).
+
 A last measurement (``--rss``, on by default) records the peak RSS of
 blocksync syncing a 16 GiB sparse file, via ``os.wait4``.
 
@@ -46,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import json
 import os
 import queue
@@ -93,6 +106,10 @@ TARGET_SSH_LO_MB = 12        # bytes crossing loopback for one ssh sync, < (MB)
 TARGET_FIRST_COPY = 0.9      # throughput blocksync / cat over ssh, >=
 TARGET_FIRST_COPY_W2 = 1.0   # throughput blocksync -w 2 / cat over ssh, >
 TARGET_LATENCY = 1.5         # push time at 2 x delay RTT / direct, <= (informational)
+TARGET_SPARSE_VS_CP = 1.5    # new local copy of a sparse file: blocksync / cp --sparse=always, <=
+TARGET_SPARSE_ALLOC = 0.05   # allocated size of the copy vs the source, within
+TARGET_SPARSE_LO = 1.05      # new sparse copy over ssh: loopback bytes / data bytes, <=
+TARGET_SPARSE_RESYNC = 1.3   # re-sync of the sparse file: blocksync / reading both files' data, <=
 
 
 # --------------------------------------------------------------------------
@@ -501,6 +518,10 @@ class Case:
     fresh   remove dst before each run instead of restoring it (first copy)
     stdin   file to feed on stdin (default /dev/null)
     net     record the bytes that crossed loopback during each run
+    setup   if set, called before each run instead of the default preparation
+            (restore or remove dst, sync, warm the cache)
+    check   if set, called after each run instead of cmp src dst
+    func    if set, timed instead of running argv (a baseline done in Python)
     """
     key: str
     label: str
@@ -509,6 +530,9 @@ class Case:
     fresh: bool = False
     stdin: Callable[[Workdir], Path] | None = None
     net: bool = False
+    setup: Callable[[Workdir], None] | None = None
+    check: Callable[[Workdir], None] | None = None
+    func: Callable[[Workdir], None] | None = None
 
 
 def case_read() -> Case:
@@ -615,6 +639,9 @@ def restore_dst(wd: Workdir) -> None:
 
 def prepare(case: Case, wd: Workdir) -> None:
     """Put dst in the state the case starts from, flush, and warm the cache."""
+    if case.setup:
+        case.setup(wd)
+        return
     if case.fresh:
         wd.dst.unlink(missing_ok=True)
         sync_disks()
@@ -623,6 +650,14 @@ def prepare(case: Case, wd: Workdir) -> None:
     if case.writes:
         restore_dst(wd)
     warm(wd.src, wd.dst)
+
+
+def verify_case(case: Case, wd: Workdir, what: str) -> None:
+    """After a run of a case that writes: its own check, or cmp src dst."""
+    if case.check:
+        case.check(wd)
+    elif case.writes:
+        verify_same(wd.src, wd.dst, what)
 
 
 def time_case(case: Case, wd: Workdir, runs: int) -> Result:
@@ -635,14 +670,16 @@ def time_case(case: Case, wd: Workdir, runs: int) -> Result:
         try:
             lo0 = lo_tx_bytes() if case.net else None
             t0 = time.perf_counter()
-            run(argv, stdin=stdin)
+            if case.func:
+                case.func(wd)
+            else:
+                run(argv, stdin=stdin)
             dt = time.perf_counter() - t0
             lo1 = lo_tx_bytes() if case.net else None
         finally:
             if case.stdin:
                 stdin.close()
-        if case.writes:
-            verify_same(wd.src, wd.dst, f"{case.key} run {i + 1}")
+        verify_case(case, wd, f"{case.key} run {i + 1}")
         result.times.append(dt)
         extra = ""
         if lo0 is not None and lo1 is not None:
@@ -658,7 +695,7 @@ def json_summary(case: Case, wd: Workdir) -> dict | None:
     argv = ["--json" if a == "-q" else a for a in case.argv(wd)]
     prepare(case, wd)
     cp = run(argv, stdout=subprocess.PIPE)
-    verify_same(wd.src, wd.dst, f"{case.key} --json run")
+    verify_case(case, wd, f"{case.key} --json run")
     try:
         return json.loads(cp.stdout)
     except ValueError:
@@ -687,6 +724,7 @@ class Group:
     targets: Callable[[dict[str, Result]], list[str]]
     notes: list[str] = field(default_factory=list)
     after: Callable[[Workdir, dict[str, Result]], list[str]] | None = None
+    lo_unit: tuple[str, int] = ("MB", MB)     # unit of the table's loopback column
 
 
 def local_targets(by: dict[str, Result]) -> list[str]:
@@ -829,20 +867,382 @@ def latency_group(args: argparse.Namespace, sshd: Sshd) -> Group:
 
 
 # --------------------------------------------------------------------------
+# sparse files (issue 4): new copies and a re-sync of a large sparse file
+# --------------------------------------------------------------------------
+
+SPARSE_EXTENT = 4 * MiB      # size of each data extent of sp.src
+PAGE = 4 * KiB               # extents and changes are aligned to this
+ZEROS = bytes(CHUNK)
+
+
+def data_extents_fd(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data ranges [start, end) of an open file, via SEEK_DATA/SEEK_HOLE."""
+    out = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # no data after pos
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            break
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return data_extents_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def read_extents(*paths: Path, align: int = 1) -> int:
+    """Read every data extent of each file once (4 MiB preadv into one reused
+    buffer, holes skipped); return the bytes read.  The re-sync baseline:
+    what any tool has to read at least.  With `align`, each extent is widened
+    to `align` boundaries first (see SparseData.warm)."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            spans: list[tuple[int, int]] = []
+            for start, end in data_extents_fd(fd, size):
+                start, end = start // align * align, min(-(-end // align) * align, size)
+                if spans and start <= spans[-1][1]:
+                    spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+                else:
+                    spans.append((start, end))
+            for start, end in spans:
+                pos = start
+                while pos < end:
+                    n = os.preadv(fd, [view[:min(CHUNK, end - pos)]], pos)
+                    if n <= 0:
+                        break
+                    pos += n
+                    total += n
+        finally:
+            os.close(fd)
+    return total
+
+
+def allocated(path: Path) -> int:
+    """Bytes allocated on disk (st_blocks * 512)."""
+    return os.stat(path).st_blocks * 512
+
+
+def subtract_ranges(a: list[tuple[int, int]],
+                    b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of the sorted, disjoint ranges `a` not covered by those of `b`."""
+    out = []
+    j = 0
+    for start, end in a:
+        pos = start
+        while j < len(b) and b[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < end and k < len(b) and b[k][0] < end:
+            if b[k][0] > pos:
+                out.append((pos, b[k][0]))
+            pos = max(pos, b[k][1])
+            k += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
+
+
+def verify_sparse_copy(src: Path, dst: Path, what: str) -> int:
+    """Check that dst reads the same as src without reading their holes: equal
+    sizes, equal bytes over src's data extents, and zeros wherever dst has data
+    outside them.  Stops the benchmark on a difference; returns the bytes of
+    data dst has outside src's extents (0 when dst is as sparse as src)."""
+    def fail(msg: str) -> None:
+        sys.exit(f"bench: VERIFY FAILED after {what}: {dst} differs from {src}: {msg}")
+
+    fs, fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDONLY)
+    try:
+        size = os.fstat(fs).st_size
+        if os.fstat(fd).st_size != size:
+            fail(f"size {os.fstat(fd).st_size} != {size}")
+        src_ext, dst_ext = data_extents_fd(fs, size), data_extents_fd(fd, size)
+        for start, end in src_ext:
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                a, b = os.pread(fs, n, pos), os.pread(fd, n, pos)
+                if a != b:
+                    i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]),
+                             min(len(a), len(b)))
+                    fail(f"first difference at byte {pos + i}")
+                pos += n
+        outside = subtract_ranges(dst_ext, src_ext)
+        for start, end in outside:
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                b = os.pread(fd, n, pos)
+                if b != ZEROS[:len(b)]:
+                    fail(f"non-zero data at {pos}..{pos + n} where src has a hole")
+                pos += n
+        return sum(e - s for s, e in outside)
+    finally:
+        os.close(fs)
+        os.close(fd)
+
+
+@dataclass
+class SparseData:
+    """The sparse source, where its data is, and the re-sync changes."""
+    src: Path
+    dst: Path
+    cp: Path
+    size: int
+    data: int
+    extents: list[tuple[int, int]]                  # as written
+    outside: dict[Path, int] = field(default_factory=dict)   # from the last verify
+    changes: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, dst's bytes)
+
+    def describe(self) -> str:
+        return (f"{human(self.size)} sparse file, {human(self.data)} of random data in "
+                f"{len(self.extents)} extents of {human(SPARSE_EXTENT)} at 4 KiB-aligned offsets")
+
+    def verify(self, dst: Path, what: str) -> None:
+        self.outside[dst] = verify_sparse_copy(self.src, dst, what)
+
+    def warm(self, *paths: Path) -> None:
+        """sync, then read the data of `paths` widened to blocksync's 1 MiB
+        blocks: blocksync reads whole blocks, so the hole part of a block at
+        an extent's edge is read too, and the kernel's first read of a hole
+        fills the page cache with zero pages, which costs noticeably (on a
+        fresh copy: +0.5 s for 2 x 256 MiB).  Warming only the exact extents
+        would leave that to blocksync's first timed run."""
+        sync_disks()
+        read_extents(*paths, align=BLOCK_SIZE)
+
+
+def generate_sparse(wd: Workdir, size: int, data: int, seed: int) -> SparseData:
+    """sp.src: a `size` file with `data` bytes of random data in 4 MiB extents,
+    one per equal slot of the file at a random 4 KiB-aligned (never 1 MiB-
+    aligned) position inside its slot, holes elsewhere."""
+    count = -(-data // SPARSE_EXTENT)
+    slot = size // count // PAGE * PAGE
+    if count < 1 or slot < SPARSE_EXTENT + 4 * PAGE:
+        sys.exit(f"bench: --sparse-size {human(size)} is too small for "
+                 f"{count} extents of {human(SPARSE_EXTENT)} (--sparse-data {human(data)})")
+    rng = random.Random(seed + 4)
+    extents = []
+    for i in range(count):
+        length = min(SPARSE_EXTENT, data - i * SPARSE_EXTENT)
+        # keep a page of hole at both ends of the slot, so extents never merge
+        pages = (slot - length) // PAGE - 2
+        off = i * slot + PAGE * (1 + rng.randrange(pages + 1))
+        if off % MiB == 0:
+            off += PAGE if off + PAGE + length <= (i + 1) * slot - PAGE else -PAGE
+        extents.append((off, off + length))
+    sp = SparseData(wd.path("sp.src"), wd.path("sp.dst"), wd.path("sp.cp"),
+                    size, data, extents)
+    log(f"sparse: generating {sp.describe()} ...")
+    t0 = time.perf_counter()
+    fd = os.open(sp.src, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for start, end in extents:
+            os.pwrite(fd, os.urandom(end - start), start)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sync_disks()
+    found = data_extents(sp.src)
+    if found != extents:
+        log(f"  warning: SEEK_DATA reports {len(found)} extents "
+            f"({sum(e - s for s, e in found)} bytes), not the {len(extents)} written")
+    log(f"  done in {time.perf_counter() - t0:.1f} s; {allocated(sp.src) / MiB:.1f} MiB allocated")
+    return sp
+
+
+def alloc_lines(sp: SparseData, copies: list[tuple[str, Path]]) -> list[str]:
+    """Allocated sizes of sp.src and the copies, and the <= 5% target per copy."""
+    sync_disks()
+    a_src = allocated(sp.src)
+    parts = [f"sp.src {a_src / MiB:.1f} MiB"]
+    lines = []
+    for name, path in copies:
+        if not path.exists():
+            continue
+        a = allocated(path)
+        parts.append(f"{name} {a / MiB:.1f} MiB")
+        x = a / a_src - 1
+        out = sp.outside.get(path)
+        extra = f"; {out / MiB:.1f} MiB of data outside sp.src's extents" if out is not None else ""
+        lines.append(f"{name} allocated / sp.src allocated = {a / a_src:.3f} "
+                     f"(target within {TARGET_SPARSE_ALLOC:.0%}) "
+                     f"{verdict(abs(x) <= TARGET_SPARSE_ALLOC)}{extra}")
+    return ["allocated (st_blocks x 512): " + ", ".join(parts)] + lines
+
+
+def sparse_new_group(args: argparse.Namespace, sp: SparseData) -> Group:
+    """Case A: a new local copy of the sparse file, cp --sparse=always vs blocksync."""
+    def fresh(path: Path) -> Callable[[Workdir], None]:
+        def setup(wd: Workdir) -> None:
+            path.unlink(missing_ok=True)
+            sp.warm(sp.src)
+        return setup
+
+    cp = Case("cp", "(a) cp --sparse=always sp.src sp.cp",
+              lambda wd: ["cp", "--sparse=always", str(sp.src), str(sp.cp)],
+              setup=fresh(sp.cp), check=lambda wd: sp.verify(sp.cp, "cp --sparse=always"))
+    # blocksync fsyncs the destination before it exits, cp does not: the same
+    # copy with its fsync, for a like-for-like (informational) ratio
+    cp_sync = Case("cp-fsync", "(a2) cp --sparse=always sp.src sp.cp && sync sp.cp",
+                   lambda wd: ["sh", "-c", f"cp --sparse=always {shlex.quote(str(sp.src))} "
+                               f"{shlex.quote(str(sp.cp))} && sync {shlex.quote(str(sp.cp))}"],
+                   setup=fresh(sp.cp), check=lambda wd: sp.verify(sp.cp, "cp && sync"))
+    bs = Case("blocksync", "(b) blocksync -f -q --no-progress sp.src sp.dst",
+              lambda wd: [str(args.bin), "-f", "-q", "--no-progress", str(sp.src), str(sp.dst)],
+              setup=fresh(sp.dst), check=lambda wd: sp.verify(sp.dst, "blocksync (new copy)"))
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        if "cp" not in by or "blocksync" not in by:
+            return []
+        x = by["blocksync"].median / by["cp"].median
+        lines = [f"blocksync / cp = {x:.2f} (target <= {TARGET_SPARSE_VS_CP:.2f}) "
+                 f"{verdict(x <= TARGET_SPARSE_VS_CP)}"]
+        if "cp-fsync" in by:
+            y = by["blocksync"].median / by["cp-fsync"].median
+            lines.append(f"blocksync / (cp && sync) = {y:.2f} (informational: blocksync "
+                         "fsyncs the copy before it exits, cp does not)")
+        return lines
+
+    return Group(f"sparse A: new local copy of a {sp.describe()}", [cp, cp_sync, bs], targets,
+                 notes=["before each run: the copy removed, sync, sp.src's data extents read "
+                        "(widened to 1 MiB blocks); after it: sizes, data extents and holes "
+                        "compared"],
+                 after=lambda wd, by: alloc_lines(sp, [("sp.cp", sp.cp), ("sp.dst", sp.dst)]))
+
+
+def sparse_ssh_group(args: argparse.Namespace, sp: SparseData, sshd: Sshd) -> Group:
+    """Case B: the sparse file to a missing destination over the loopback sshd."""
+    def setup(wd: Workdir) -> None:
+        sp.dst.unlink(missing_ok=True)
+        sp.warm(sp.src)
+
+    push = Case("ssh-new", "(e) blocksync sp.src benchhost:sp.dst (new)",
+                lambda wd: blocksync_ssh(args.bin, sshd, str(sp.src), f"{HOST}:{sp.dst}"),
+                net=True, setup=setup,
+                check=lambda wd: sp.verify(sp.dst, "blocksync over ssh (new copy)"))
+    limit = TARGET_SPARSE_LO * sp.data
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        r = by.get("ssh-new")
+        if r is None or not r.lo:
+            return []
+        lo, hi = min(r.lo) / GiB, max(r.lo) / GiB
+        spread = f" (runs {lo:.3f}..{hi:.3f})" if hi - lo >= 0.001 else ""
+        return [f"loopback bytes = {r.lo_median / GiB:.3f} GiB{spread} "
+                f"(target <= {limit / GiB:.3f} GiB = {TARGET_SPARSE_LO:.2f} x data) "
+                f"{verdict(r.lo_median <= limit)}",
+                f"throughput: {sp.data / MB / r.median:.0f} MB/s of data, "
+                f"{sp.size / GiB / r.median:.1f} GiB/s of file"]
+
+    def after(wd: Workdir, by: dict[str, Result]) -> list[str]:
+        return alloc_lines(sp, [("sp.dst", sp.dst)]) + ssh_after([push])(wd, by)
+
+    return Group(f"sparse B: new copy over loopback sshd (127.0.0.1:{sshd.port}, "
+                 f"{sshd.cipher})", [push], targets, after=after, lo_unit=("GiB", GiB))
+
+
+def sparse_resync_setup(args: argparse.Namespace, sp: SparseData, changes: int,
+                        seed: int) -> None:
+    """Make sp.dst a synced copy, then change `changes` 4 KiB pieces of sp.src
+    inside its data extents, remembering the old bytes (= sp.dst's)."""
+    if not sp.dst.exists():
+        log("sparse C: making sp.dst (blocksync, untimed) ...")
+        run([str(args.bin), "-f", "-q", "--no-progress", str(sp.src), str(sp.dst)])
+    sp.verify(sp.dst, "the copy for the re-sync")
+    extents = data_extents(sp.src)
+    rng = random.Random(seed + 5)
+    picks = sorted(rng.sample(range(len(extents)), min(changes, len(extents))))
+    while len(picks) < changes:                  # fewer extents than changes
+        picks.append(rng.randrange(len(extents)))
+    offsets = set()
+    for i in picks:
+        start, end = extents[i]
+        first, last = -(-start // PAGE), (end - PAGE) // PAGE
+        while True:
+            off = rng.randint(first, last) * PAGE
+            if off not in offsets:
+                break
+        offsets.add(off)
+    fd = os.open(sp.src, os.O_RDWR)
+    try:
+        for off in sorted(offsets):
+            sp.changes.append((off, os.pread(fd, PAGE, off)))
+            os.pwrite(fd, os.urandom(PAGE), off)
+    finally:
+        os.close(fd)
+    sync_disks()
+    log(f"sparse C: {len(sp.changes)} x 4 KiB changes in sp.src at "
+        + ", ".join(f"{o / MiB:.1f}M" for o, _ in sp.changes))
+
+
+def sparse_resync_group(args: argparse.Namespace, sp: SparseData) -> Group:
+    """Case C: re-sync after a few scattered changes, vs reading both files' data."""
+    def restore(wd: Workdir) -> None:
+        fd = os.open(sp.dst, os.O_WRONLY)
+        try:
+            for off, old in sp.changes:
+                os.pwrite(fd, old, off)
+        finally:
+            os.close(fd)
+        sp.warm(sp.src, sp.dst)
+
+    read = Case("read-extents", "(c) read data extents of sp.src and sp.dst (Python)",
+                lambda wd: [], writes=False, setup=restore,
+                func=lambda wd: read_extents(sp.src, sp.dst))
+    bs = Case("blocksync", "(d) blocksync -f -q --no-progress sp.src sp.dst",
+              lambda wd: [str(args.bin), "-f", "-q", "--no-progress", str(sp.src), str(sp.dst)],
+              setup=restore, check=lambda wd: sp.verify(sp.dst, "blocksync (re-sync)"))
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        if "read-extents" not in by or "blocksync" not in by:
+            return []
+        x = by["blocksync"].median / by["read-extents"].median
+        return [f"blocksync / read-extents = {x:.2f} (target <= {TARGET_SPARSE_RESYNC:.2f}) "
+                f"{verdict(x <= TARGET_SPARSE_RESYNC)}"]
+
+    return Group(f"sparse C: re-sync of {len(sp.changes)} x 4 KiB changes in the "
+                 f"{human(sp.size)} sparse file", [read, bs], targets,
+                 notes=["before each run: the changed pieces of sp.dst put back, sync, "
+                        "data extents of both files read (widened to 1 MiB blocks); "
+                        "(c) reads exactly the data extents"],
+                 after=lambda wd, by: alloc_lines(sp, [("sp.dst", sp.dst)]))
+
+
+# --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
 
-def print_table(results: list[Result], markdown: bool) -> None:
+def print_table(results: list[Result], markdown: bool,
+                lo_unit: tuple[str, int] = ("MB", MB)) -> None:
     ref = results[0].median
     with_lo = any(r.lo for r in results)
+    unit, div = lo_unit
     header = ["Case", "Median [s]", "Min [s]", f"vs {results[0].case.key}"]
     if with_lo:
-        header.append("Loopback [MB]")
+        header.append(f"Loopback [{unit}]")
     rows = []
     for r in results:
         row = [r.case.label, f"{r.median:.3f}", f"{r.min:.3f}", f"{r.median / ref:.2f}"]
         if with_lo:
-            row.append(f"{r.lo_median / MB:.2f}" if r.lo else "-")
+            row.append(f"{r.lo_median / div:.{3 if div >= GiB else 2}f}" if r.lo else "-")
         rows.append(row)
     if markdown:
         print("| " + " | ".join(header) + " |")
@@ -870,7 +1270,7 @@ def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> None:
         lines += group.after(wd, by)
     print()
     print(f"### {group.title}\n" if args.markdown else f"{group.title}:")
-    print_table(results, args.markdown)
+    print_table(results, args.markdown, group.lo_unit)
     if args.markdown and lines:
         print()
     for line in lines:
@@ -966,11 +1366,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="measure peak RSS on a sparse file (default: on)")
     ap.add_argument("--rss-size", type=parse_size, default=16 * GiB,
                     help="size of the sparse file for --rss (default 16G)")
+    ap.add_argument("--sparse", action=on, default=True,
+                    help="time new copies and a re-sync of a large sparse file, locally "
+                         "and over ssh (default: on)")
+    ap.add_argument("--sparse-size", type=parse_size, default=64 * GiB,
+                    help="apparent size of the sparse file for --sparse (default 64G)")
+    ap.add_argument("--sparse-data", type=parse_size, default=GiB,
+                    help="random data in the sparse file, in 4 MiB extents (default 1G)")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     if args.delay_ms < 0:
         ap.error("--delay-ms must not be negative")
+    if args.sparse_data < 1 or args.sparse_data > args.sparse_size:
+        ap.error("--sparse-data must be between 1 byte and --sparse-size")
     args.bin = args.bin.resolve()
     return args
 
@@ -981,6 +1390,17 @@ def main(argv: list[str] | None = None) -> int:
     wd = make_workdir(args.dir)
     sshd: Sshd | None = None
     proxies: list[DelayProxy] = []
+
+    def start_sshd() -> Sshd:
+        """The throwaway sshd, started on first use and shared by the groups."""
+        nonlocal sshd
+        if sshd is None:
+            sshd = Sshd(args.cipher)
+            atexit.register(sshd.stop)          # also on sys.exit from a failed run
+            sshd.start()
+            sshd.login_time(HOST)
+        return sshd
+
     try:
         args.bin = snapshot_binary(args.bin, wd)
         if args.local or args.ssh:
@@ -991,10 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local:
             run_group(local_group(args), wd, args)
         if args.ssh:
-            sshd = Sshd(args.cipher)
-            atexit.register(sshd.stop)          # also on sys.exit from a failed run
-            sshd.start()
-            sshd.login_time(HOST)
+            start_sshd()
             run_group(ssh_group(args, sshd), wd, args)
             if args.first_copy:
                 run_group(first_copy_group(args, sshd), wd, args)
@@ -1011,6 +1428,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"direct {logins[HOST]:.2f} s, proxy 0 ms {logins[HOST_PROXY]:.2f} s, "
                     f"proxy {args.delay_ms:g} ms {logins[HOST_SLOW]:.2f} s")
                 run_group(group, wd, args)
+        if args.sparse:
+            sp = generate_sparse(wd, args.sparse_size, args.sparse_data, args.seed)
+            print(f"\nsparse: {sp.describe()}, {args.runs} runs per case, {wd.root}")
+            sys.stdout.flush()
+            run_group(sparse_new_group(args, sp), wd, args)
+            if Path(SSHD).exists():
+                run_group(sparse_ssh_group(args, sp, start_sshd()), wd, args)
+            else:
+                print(f"\nsparse B (over ssh) skipped: {SSHD} missing")
+            sparse_resync_setup(args, sp, args.changes, args.seed)
+            run_group(sparse_resync_group(args, sp), wd, args)
         if args.rss:
             sys.stdout.flush()
             measure_rss(args.bin, wd, args.rss_size, args.changes, args.seed)
