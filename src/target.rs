@@ -516,6 +516,40 @@ pub fn hole_blocks(
     hole
 }
 
+/// Fills `buf` with the bytes at `offset`, reading only where `data` (absolute ranges,
+/// ascending; `None`: everywhere) says the file holds data and zero-filling the holes.
+/// Returns the bytes read; ending early is an `UnexpectedEof` error.
+pub fn read_data_at(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    data: Option<&[std::ops::Range<u64>]>,
+) -> io::Result<u64> {
+    let end = offset + buf.len() as u64;
+    let whole = [offset..end];
+    let mut pos = offset;
+    let mut read = 0;
+    for r in data.unwrap_or(&whole) {
+        let (s, e) = (r.start.max(offset), r.end.min(end));
+        if s >= e {
+            continue;
+        }
+        buf[(pos - offset) as usize..(s - offset) as usize].fill(0);
+        let part = &mut buf[(s - offset) as usize..(e - offset) as usize];
+        let n = read_full_at(file, part, s)?;
+        if n < part.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("file ends at byte {}", s + n as u64),
+            ));
+        }
+        read += n as u64;
+        pos = e;
+    }
+    buf[(pos - offset) as usize..].fill(0);
+    Ok(read)
+}
+
 /// Makes `len` bytes at `offset` of a file a hole (reads as zeros, frees the space),
 /// keeping the file size.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {

@@ -72,7 +72,8 @@ fn failed(kind: Kind, message: String) -> ToSource {
 
 /// Which blocks of the chunk at `offset` (`len` bytes, the destination holding `have` of
 /// them) are known zero without reading: holes, and in a sparse file destination the
-/// blocks past its end (extending the file makes them zero).
+/// blocks past its end (extending the file makes them zero). Also returns where the
+/// chunk holds data, when the file can tell.
 fn known_zero(
     dest: Option<&Target>,
     extents: Option<&mut Extents>,
@@ -80,14 +81,16 @@ fn known_zero(
     offset: u64,
     len: usize,
     have: usize,
-) -> Vec<bool> {
+) -> (Vec<bool>, Option<Vec<std::ops::Range<u64>>>) {
     let block = config.layout.block;
     let nblocks = (len as u64).div_ceil(block) as usize;
-    let mut zeros = match extents {
-        Some(e) if have > 0 => {
-            target::hole_blocks(&e.data_in(offset..offset + have as u64), offset, len, block)
-        }
-        _ => vec![false; nblocks],
+    let ranges = match extents {
+        Some(e) if have > 0 => Some(e.data_in(offset..offset + have as u64)),
+        _ => None,
+    };
+    let mut zeros = match &ranges {
+        Some(d) => target::hole_blocks(d, offset, len, block),
+        None => vec![false; nblocks],
     };
     let tail_is_zero = config.sparse && dest.is_none_or(|d| d.kind == TargetKind::File);
     for (j, z) in zeros.iter_mut().enumerate() {
@@ -98,7 +101,7 @@ fn known_zero(
             *z = start >= have as u64 && tail_is_zero;
         }
     }
-    zeros
+    (zeros, ranges)
 }
 
 fn read_dest(
@@ -129,7 +132,7 @@ fn read_dest(
             continue;
         }
         let have = have_size.saturating_sub(offset).min(len as u64) as usize;
-        let zeros = known_zero(dest, extents.as_mut(), config, offset, len, have);
+        let (zeros, ranges) = known_zero(dest, extents.as_mut(), config, offset, len, have);
         let mut data = pool.get(have);
         if let Some(d) = dest.filter(|_| have > 0) {
             // Read the runs of blocks not known zero.
@@ -142,8 +145,8 @@ fn read_dest(
                 let end = (j..zeros.len()).find(|&k| zeros[k]).unwrap_or(zeros.len());
                 let r = j * block..(end * block).min(have);
                 let at = offset + r.start as u64;
-                match target::read_full_at(&d.file, &mut data[r.clone()], at) {
-                    Ok(n) => Stats::add(&stats.dest_read, n as u64),
+                match target::read_data_at(&d.file, &mut data[r.clone()], at, ranges.as_deref()) {
+                    Ok(n) => Stats::add(&stats.dest_read, n),
                     Err(e) => {
                         let msg = format!(
                             "reading destination {} at byte {at}: {}",

@@ -119,14 +119,16 @@ fn read_error(src: &Target, at: u64, e: &std::io::Error) -> Error {
     )
 }
 
-/// Reads the blocks of a chunk that are not holes (runs of them at once) into `data`,
-/// then marks which blocks are zero. Returns the bytes read.
+/// Reads the blocks of a chunk that are not holes (runs of them at once, and within
+/// them only the ranges `extents` says hold data) into `data`, then marks which blocks
+/// are zero. Returns the bytes read.
 fn read_blocks(
     src: &Target,
     offset: u64,
     block: usize,
     data: &mut [u8],
     zeros: &mut [bool],
+    extents: Option<&[Range<u64>]>,
 ) -> Result<u64> {
     let mut read = 0;
     let mut j = 0;
@@ -138,9 +140,11 @@ fn read_blocks(
         let run_end = (j..zeros.len()).find(|&k| zeros[k]).unwrap_or(zeros.len());
         let r = j * block..(run_end * block).min(data.len());
         let at = offset + r.start as u64;
-        match target::read_full_at(&src.file, &mut data[r.clone()], at) {
-            Ok(n) if n == r.len() => read += n as u64,
-            Ok(n) => return Err(shrank(src, at + n as u64)),
+        match target::read_data_at(&src.file, &mut data[r.clone()], at, extents) {
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(shrank(src, at));
+            }
             Err(e) => return Err(read_error(src, at, &e)),
         }
         for (k, z) in zeros.iter_mut().enumerate().take(run_end).skip(j) {
@@ -186,13 +190,11 @@ fn read_source(
             continue;
         }
         // Blocks wholly in holes are zero without reading them.
-        let mut zeros = match extents.as_mut() {
-            Some(e) => target::hole_blocks(
-                &e.data_in(offset..offset + len as u64),
-                offset,
-                len,
-                layout.block,
-            ),
+        let data_ranges = extents
+            .as_mut()
+            .map(|e| e.data_in(offset..offset + len as u64));
+        let mut zeros = match &data_ranges {
+            Some(d) => target::hole_blocks(d, offset, len, layout.block),
             None => vec![false; nblocks],
         };
         let holes = zeros.iter().filter(|&&z| z).count();
@@ -205,7 +207,8 @@ fn read_source(
             })
         } else {
             let mut data = pool.get(len);
-            read_blocks(src, offset, block, &mut data, &mut zeros).map(|n| {
+            let ranges = data_ranges.as_deref();
+            read_blocks(src, offset, block, &mut data, &mut zeros, ranges).map(|n| {
                 Stats::add(&stats.source_read, n);
                 if config.drop_cache {
                     target::advise(&src.file, offset, len as u64, Advice::DontNeed);
