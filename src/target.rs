@@ -526,10 +526,10 @@ pub fn read_data_at(
     data: Option<&[std::ops::Range<u64>]>,
 ) -> io::Result<u64> {
     let end = offset + buf.len() as u64;
-    let whole = [offset..end];
+    let whole = std::slice::from_ref(&(offset..end));
     let mut pos = offset;
     let mut read = 0;
-    for r in data.unwrap_or(&whole) {
+    for r in data.unwrap_or(whole) {
         let (s, e) = (r.start.max(offset), r.end.min(end));
         if s >= e {
             continue;
