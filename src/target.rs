@@ -526,7 +526,8 @@ pub fn read_data_at(
     data: Option<&[std::ops::Range<u64>]>,
 ) -> io::Result<u64> {
     let end = offset + buf.len() as u64;
-    let whole = std::slice::from_ref(&(offset..end));
+    let all = offset..end;
+    let whole = std::slice::from_ref(&all);
     let mut pos = offset;
     let mut read = 0;
     for r in data.unwrap_or(whole) {
