@@ -185,19 +185,30 @@ impl TestUser {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("bst{}x{n}", std::process::id());
         let home = sshd.dir.path().join(format!("home-{name}"));
-        let out = Command::new("useradd")
-            // Password "*": no password works, yet the account is not locked (sshd
-            // without PAM refuses locked accounts even with a valid key).
-            .args(["-M", "-p", "*", "-s", "/bin/sh", "-d"])
-            .arg(&home)
-            .arg(&name)
-            .output()
-            .expect("useradd");
-        assert!(
-            out.status.success(),
-            "useradd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // useradd/userdel lock /etc/passwd: one at a time in this process, and retry
+        // while another process holds the lock.
+        let _serial = USERS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tries = 0;
+        loop {
+            let out = Command::new("useradd")
+                // Password "*": no password works, yet the account is not locked (sshd
+                // without PAM refuses locked accounts even with a valid key).
+                .args(["-M", "-p", "*", "-s", "/bin/sh", "-d"])
+                .arg(&home)
+                .arg(&name)
+                .output()
+                .expect("useradd");
+            if out.status.success() {
+                break;
+            }
+            tries += 1;
+            assert!(
+                tries < 50,
+                "useradd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         std::fs::create_dir(&home).unwrap();
         let chown = Command::new("chown")
             .arg(format!("{name}:"))
@@ -217,9 +228,23 @@ impl TestUser {
     }
 }
 
+/// Serializes user creation and removal within the test process.
+static USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = Command::new("userdel").arg("-f").arg(&self.name).output();
+        let _serial = USERS.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..50 {
+            let ok = Command::new("userdel")
+                .arg("-f")
+                .arg(&self.name)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
