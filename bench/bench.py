@@ -18,7 +18,11 @@ port (host and user keys made for the run, client config with
 
   changed blocks: (a) read again, blocksync push ``src benchhost:dst``,
   blocksync pull ``benchhost:src dst``, rsync over ssh; the bytes that
-  crossed loopback (``/sys/class/net/lo/statistics/tx_bytes``) per run.
+  crossed loopback (``/sys/class/net/lo/statistics/tx_bytes``) per run;
+  issue 5: push loopback bytes <= 0.20 MB.
+  many (``--many``): ``dst.many.orig`` = src with ``--many-changes`` (2000)
+  seeded random 4 KiB writes at uniform random 4 KiB-aligned offsets; a plain
+  read, blocksync push and ``rsync -z`` over ssh; bytes and time vs rsync.
   first copy: ``src`` to a missing destination: ``ssh benchhost 'cat > dst'
   < src`` vs blocksync vs blocksync ``-w 2``.
   latency: blocksync push direct vs through a TCP proxy that delays every
@@ -103,6 +107,7 @@ TARGET_RSS_MIB = 100         # peak RSS syncing 16 GiB
 TARGET_SSH_VS_READ = 1.6     # blocksync over ssh median / read median
 TARGET_SSH_VS_RSYNC = 0.40   # blocksync over ssh median / rsync over ssh median
 TARGET_SSH_LO_MB = 12        # bytes crossing loopback for one ssh sync, < (MB)
+TARGET_SSH_PUSH_LO_MB = 0.20  # issue 5: the same push, changed 4 KiB pieces only, <= (MB)
 TARGET_FIRST_COPY = 0.9      # throughput blocksync / cat over ssh, >=
 TARGET_FIRST_COPY_W2 = 1.0   # throughput blocksync -w 2 / cat over ssh, >
 TARGET_LATENCY = 1.5         # push time at 2 x delay RTT / direct, <= (informational)
@@ -255,6 +260,10 @@ class Workdir:
     def dst_orig(self) -> Path:
         return self.path("dst.orig")
 
+    @property
+    def dst_many_orig(self) -> Path:
+        return self.path("dst.many.orig")
+
     def cleanup(self) -> None:
         for p in self.files:
             p.unlink(missing_ok=True)
@@ -300,6 +309,28 @@ def generate_data(wd: Workdir, size: int, changes: int, seed: int) -> list[int]:
     sync_disks()
     log(f"  done in {time.perf_counter() - t0:.1f} s; changes at "
         + ", ".join(f"{o / MiB:.1f}M" for o in offsets))
+    return offsets
+
+
+def generate_many(wd: Workdir, size: int, count: int, seed: int,
+                  align: int = CHANGE_SIZE) -> list[int]:
+    """Write `dst.many.orig` = src with `count` random 4 KiB writes (seeded random
+    bytes) at distinct seeded random offsets, uniform over the file and
+    multiples of `align` (4 KiB by default, like the writes of a file system or
+    database; with a smaller `align` a write may straddle two 4 KiB pieces, and
+    writes may overlap); return the offsets."""
+    slots = (size - CHANGE_SIZE) // align + 1
+    if size < CHANGE_SIZE or slots < count:
+        raise SystemExit(f"bench: file of {size} bytes too small for {count} changes "
+                         f"aligned to {align}")
+    log(f"many: {wd.dst_many_orig} = src with {count} random 4 KiB writes ...")
+    t0 = time.perf_counter()
+    copy_file(wd.src, wd.dst_many_orig)
+    rng = random.Random(seed + 7)
+    offsets = sorted(i * align for i in rng.sample(range(slots), count))
+    write_changes(wd.dst_many_orig, rng, offsets)
+    sync_disks()
+    log(f"  done in {time.perf_counter() - t0:.1f} s")
     return offsets
 
 
@@ -624,14 +655,15 @@ class Result:
         return statistics.median(self.lo) if self.lo else None
 
 
-def restore_dst(wd: Workdir) -> None:
-    """Put dst back to dst.orig, older than src, with nothing left to flush.
+def restore_dst(wd: Workdir, orig: Path | None = None) -> None:
+    """Put dst back to `orig` (default dst.orig), older than src, with nothing
+    left to flush.
 
     The mtime matters: rsync's quick check skips a file whose size and mtime
     match the source's, and a restore made within the same second as src was
     written would otherwise make rsync do nothing at all.
     """
-    copy_file(wd.dst_orig, wd.dst)
+    copy_file(orig or wd.dst_orig, wd.dst)
     src_mtime = wd.src.stat().st_mtime_ns
     os.utime(wd.dst, ns=(src_mtime, src_mtime - 3600 * 10**9))
     sync_disks()
@@ -772,6 +804,10 @@ def ssh_targets(by: dict[str, Result]) -> list[str]:
             ok = r.lo_median / MB < TARGET_SSH_LO_MB
             lines.append(f"{name} {'loopback':<11} = {lo_text(r)} "
                          f"(target < {TARGET_SSH_LO_MB} MB) {verdict(ok)}")
+        if r.lo and key == "push":
+            ok = r.lo_median / MB <= TARGET_SSH_PUSH_LO_MB
+            lines.append(f"{name} {'loopback':<11} = {r.lo_median / MB:.3f} MB "
+                         f"(target <= {TARGET_SSH_PUSH_LO_MB:.2f} MB, issue 5) {verdict(ok)}")
     if "rsync-ssh" in by and by["rsync-ssh"].lo:
         lines.append(f"{'rsync-ssh loopback':<30} = {lo_text(by['rsync-ssh'])} (for comparison)")
     return lines
@@ -805,6 +841,67 @@ def ssh_group(args: argparse.Namespace, sshd: Sshd) -> Group:
                  f"{sshd.cipher})",
                  [case_read(), push, pull, case_rsync_ssh(sshd)], ssh_targets,
                  after=ssh_after([push, pull]))
+
+
+def many_group(args: argparse.Namespace, sshd: Sshd, offsets: list[int]) -> Group:
+    """Many scattered 4 KiB random writes (dst.many.orig): blocksync push vs
+    rsync -z over ssh, and a plain read for reference."""
+    def setup(wd: Workdir) -> None:
+        restore_dst(wd, wd.dst_many_orig)
+        warm(wd.src, wd.dst)
+
+    read = case_read()
+    read.label = "(m0) cat src dst >/dev/null"
+    push = Case("blocksync", "(m1) blocksync src benchhost:dst (push)",
+                lambda wd: blocksync_ssh(args.bin, sshd, str(wd.src), f"{HOST}:{wd.dst}"),
+                net=True, setup=setup)
+    rsync_z = Case("rsync-z", "(m2) rsync --inplace --no-whole-file -z -e ssh",
+                   lambda wd: [RSYNC, "--inplace", "--no-whole-file", "-z", "-e", sshd.rsh,
+                               str(wd.src), f"{HOST}:{wd.dst}"],
+                   net=True, setup=setup)
+
+    n = len(offsets)
+    # 4 KiB pieces and 1 MiB blocks the writes touch (a write may straddle two).
+    pieces = {p for o in offsets for p in range(o // CHANGE_SIZE,
+                                                 (o + CHANGE_SIZE - 1) // CHANGE_SIZE + 1)}
+    blocks = {o // BLOCK_SIZE for o in offsets} | {(o + CHANGE_SIZE - 1) // BLOCK_SIZE
+                                                   for o in offsets}
+    total_blocks = -(-args.size // BLOCK_SIZE)
+    notes = [f"the writes touch {len(pieces)} 4 KiB pieces ({len(pieces) * CHANGE_SIZE / MB:.2f} MB) "
+             f"in {len(blocks)} of {total_blocks} 1 MiB blocks"]
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        lines = []
+        b, r = by.get("blocksync"), by.get("rsync-z")
+        if b and r and b.lo and r.lo:
+            x, y = b.lo_median / MB, r.lo_median / MB
+            lines.append(f"blocksync bytes < rsync -z bytes: {x:.2f} MB vs {y:.2f} MB "
+                         f"({x / y:.2f} x) {verdict(x < y)}")
+        if b and r:
+            lines.append(f"blocksync time < rsync -z time: {b.median:.3f} s vs {r.median:.3f} s "
+                         f"({b.median / r.median:.2f} x) {verdict(b.median < r.median)}")
+        if b and "read" in by:
+            lines.append(f"blocksync / read = {b.median / by['read'].median:.2f} (info)")
+        return lines
+
+    def after(wd: Workdir, by: dict[str, Result]) -> list[str]:
+        log(f"  {push.key}: one more run with --json for its byte counts ...")
+        s = json_summary(push, wd)
+        if not s:
+            return []
+        fields = ("bytes_sent", "bytes_received", "data_sent", "digests_sent",
+                  "data_received", "digests_received")
+        try:
+            return [f"{push.key} --json: "
+                    + ", ".join(f"{k} {s[k]} ({s[k] / MB:.3f} MB)" for k in fields)
+                    + f", blocks_changed {s['blocks_changed']} of {s['blocks_total']}, "
+                    f"bytes_written {s['bytes_written']} ({s['bytes_written'] / MB:.2f} MB)"]
+        except (KeyError, TypeError):
+            return [f"{push.key} --json: {json.dumps(s)}"]
+
+    return Group(f"many: {n} scattered 4 KiB random writes in {human(args.size)} over loopback "
+                 f"sshd (127.0.0.1:{sshd.port}, {sshd.cipher})",
+                 [read, push, rsync_z], targets, notes=notes, after=after)
 
 
 def first_copy_group(args: argparse.Namespace, sshd: Sshd) -> Group:
@@ -1354,6 +1451,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ssh", action=on, default=True,
                     help="time the cases over a throwaway loopback sshd (default: on; "
                          "needs root and /usr/sbin/sshd)")
+    ap.add_argument("--many", action=on, default=True,
+                    help="with --ssh: time blocksync push vs rsync -z after many scattered "
+                         "4 KiB random writes (default: on)")
+    ap.add_argument("--many-changes", type=int, default=2000,
+                    help="number of random 4 KiB writes for --many (default 2000)")
+    ap.add_argument("--many-align", type=parse_size, default=CHANGE_SIZE,
+                    help="offsets of the --many writes are multiples of this (default 4K; "
+                         "1 for arbitrary offsets)")
     ap.add_argument("--first-copy", action=on, default=True,
                     help="with --ssh: time copying src to a missing destination (default: on)")
     ap.add_argument("--latency", action=on, default=True,
@@ -1376,6 +1481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+    if args.many_changes < 1:
+        ap.error("--many-changes must be at least 1")
+    if args.many_align < 1:
+        ap.error("--many-align must be at least 1")
     if args.delay_ms < 0:
         ap.error("--delay-ms must not be negative")
     if args.sparse_data < 1 or args.sparse_data > args.sparse_size:
@@ -1413,6 +1522,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.ssh:
             start_sshd()
             run_group(ssh_group(args, sshd), wd, args)
+            if args.many:
+                offsets = generate_many(wd, args.size, args.many_changes, args.seed,
+                                        args.many_align)
+                run_group(many_group(args, sshd, offsets), wd, args)
             if args.first_copy:
                 run_group(first_copy_group(args, sshd), wd, args)
             if args.latency:
