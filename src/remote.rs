@@ -445,7 +445,7 @@ fn push_stream(
     } = conn;
     let peer = Peer(format!("{host} (remote destination)"));
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(config.buffers);
+    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
     let result = std::thread::scope(|s| {
         let peer = &peer;
         s.spawn(move || link::recv_from_dest(reader, to_source, stats, peer));
@@ -478,7 +478,7 @@ fn pull_stream(
     } = conn;
     let peer = Peer(format!("{host} (remote source)"));
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(config.buffers);
+    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
     let finished = AtomicBool::new(false);
     let layout = config.layout;
     let result = std::thread::scope(|s| {

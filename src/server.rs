@@ -163,7 +163,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     let stats = Stats::default();
     let peer = Peer("the client".into());
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(config.buffers);
+    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
     std::thread::scope(|s| {
         let layout = config.layout;
         let (stats, peer) = (&stats, &peer);
@@ -204,7 +204,7 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
     // Nobody presses Ctrl-C here: the client stops us by closing the stream.
     let cancel = AtomicBool::new(false);
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(config.buffers);
+    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
     let level = hello.compress;
     std::thread::scope(|s| {
         let (stats, peer) = (&stats, &peer);

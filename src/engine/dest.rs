@@ -30,7 +30,7 @@ pub fn run(
             }
             Compare::Digest(kind) => {
                 // Reading and hashing on separate threads: one core each, overlapped.
-                let (raw_tx, raw_rx) = crossbeam_channel::bounded(config.buffers);
+                let (raw_tx, raw_rx) = crossbeam_channel::bounded(super::REPORTS_IN_FLIGHT);
                 s.spawn(move || read_dest(dest, config, &pool, raw_tx, stats));
                 let hash_tx = to_source.clone();
                 s.spawn(move || hash_dest(kind, config, raw_rx, hash_tx));

@@ -18,6 +18,11 @@ use crossbeam_channel::bounded;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Capacity of the channels carrying chunk reports. Reports that hold a buffer are
+/// bounded by the buffer pools anyway; the rest (holes, digests) are tiny, and a deep
+/// queue lets a run of them pass without a thread wake-up each.
+pub const REPORTS_IN_FLIGHT: usize = 256;
+
 /// Reads are grouped into chunks of about this many bytes: large enough that per-read
 /// and per-message costs vanish, small enough that a few of them bound memory.
 pub const CHUNK_TARGET: u64 = 4 << 20;
@@ -196,7 +201,7 @@ pub fn sync_local(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let (to_dest, from_source) = bounded::<ToDest>(config.buffers * 16);
-    let (to_source, from_dest) = bounded::<ToSource>(config.buffers);
+    let (to_source, from_dest) = bounded::<ToSource>(REPORTS_IN_FLIGHT);
     std::thread::scope(|s| {
         let dest_half = s.spawn(move || dest::run(dest, config, from_source, to_source, stats));
         let result = source::run(src, config, to_dest, from_dest, stats, cancel);

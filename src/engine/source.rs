@@ -54,7 +54,7 @@ pub fn run(
     let pool = Pool::new(config.buffers, layout.chunk as usize);
     target::advise(&src.file, 0, 0, Advice::Sequential);
     std::thread::scope(|s| {
-        let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(config.buffers);
+        let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(super::REPORTS_IN_FLIGHT);
         s.spawn(move || read_source(src, config, &pool, chunk_tx, stats, cancel));
         let outcome = compare_and_send(src, config, &chunk_rx, &to_dest, &from_dest, stats, cancel);
         // Unblock the reader (its sends now fail) before the scope joins it.
