@@ -86,12 +86,15 @@ fn reporter_for(args: &Args) -> Result<Reporter> {
 }
 
 /// The validated settings of a run.
-struct Plan {
-    pair: Pair,
-    block: u64,
-    hash: HashKind,
+pub(crate) struct Plan {
+    /// Source and destination.
+    pub pair: Pair,
+    /// Block size.
+    pub block: u64,
+    /// Block digest.
+    pub hash: HashKind,
     /// Sub-block size for refinement, 0 = off.
-    refine: u64,
+    pub refine: u64,
 }
 
 fn plan(args: &Args) -> Result<Plan> {
@@ -215,28 +218,12 @@ pub fn run(args: &Args, reporter: &Reporter) -> Result<()> {
             }
             run_local(args, reporter, &plan, s, d)
         }
-        (Endpoint::Local(s), Endpoint::Remote { host, path }) => remote::run(
-            args,
-            reporter,
-            plan.block,
-            plan.hash,
-            plan.refine,
-            host,
-            path,
-            s,
-            true,
-        ),
-        (Endpoint::Remote { host, path }, Endpoint::Local(d)) => remote::run(
-            args,
-            reporter,
-            plan.block,
-            plan.hash,
-            plan.refine,
-            host,
-            path,
-            d,
-            false,
-        ),
+        (Endpoint::Local(s), Endpoint::Remote { host, path }) => {
+            remote::run(args, reporter, &plan, host, path, s, true)
+        }
+        (Endpoint::Remote { host, path }, Endpoint::Local(d)) => {
+            remote::run(args, reporter, &plan, host, path, d, false)
+        }
         _ => unreachable!("both remote is refused by parse_operands"),
     }
 }

@@ -7,7 +7,6 @@ use crate::cli::Args;
 use crate::engine::prehash::Prehash;
 use crate::engine::{self, Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::hash::HashKind;
 use crate::link::{self, Peer};
 use crate::protocol::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_NO_SPARSE, Frame, Go,
@@ -17,7 +16,7 @@ use crate::report::Reporter;
 use crate::server::buffers_for;
 use crate::target::{self, Target, TargetKind};
 use crate::transport::{Connection, SshOptions, split_shell};
-use crate::{Sides, conclude, confirm_change, size};
+use crate::{Plan, Sides, conclude, confirm_change, size};
 use crossbeam_channel::bounded;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,18 +156,16 @@ fn refuse_all(streams: &mut [Stream]) {
 }
 
 /// Runs a sync between `local` and `host:remote_path`; `push` when the source is local.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
+pub(crate) fn run(
     args: &Args,
     reporter: &Reporter,
-    block: u64,
-    hash: HashKind,
-    refine: u64,
+    plan: &Plan,
     host: &str,
     remote_path: &str,
     local: &Path,
     push: bool,
 ) -> Result<()> {
+    let (block, hash, refine) = (plan.block, plan.hash, plan.refine);
     remote_notes(args, reporter);
     let opts = ssh_options(args)?;
     let level = if args.no_compress {

@@ -176,7 +176,7 @@ fn read_source(
         let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
         if let Some(ahead) = ahead.filter(|a| a.len() == nblocks) {
             let zeros: Vec<bool> = ahead.iter().map(|b| *b == BlockInfo::Zero).collect();
-            count_zeros(stats, &zeros, 0);
+            count_zeros(stats, &zeros);
             if out
                 .send(Ok(Chunk {
                     index,
@@ -221,7 +221,7 @@ fn read_source(
             })
         };
         if let Ok(c) = &item {
-            count_zeros(stats, &c.zeros, 0);
+            count_zeros(stats, &c.zeros);
         }
         let failed = item.is_err();
         if out.send(item).is_err() || failed {
@@ -230,7 +230,8 @@ fn read_source(
     }
 }
 
-fn count_zeros(stats: &Stats, zeros: &[bool], _: u64) {
+/// Adds the zero blocks of a chunk to the counters.
+fn count_zeros(stats: &Stats, zeros: &[bool]) {
     Stats::add(
         &stats.blocks_zero,
         zeros.iter().filter(|&&z| z).count() as u64,
