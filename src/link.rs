@@ -71,7 +71,7 @@ pub fn send_to_dest(
     let started = std::time::Instant::now();
     let mut sent = 0u64;
     let mut packer = Packer::new(level);
-    pump(rx, w, stats, peer, |msg| {
+    pump(rx, None, w, stats, peer, |msg| {
         if bwlimit > 0 {
             // Sleep until the bytes sent so far fit the rate (like rsync --bwlimit).
             let due = std::time::Duration::from_secs_f64(sent as f64 / bwlimit as f64);
@@ -152,15 +152,16 @@ impl Packer {
     }
 }
 
-/// Destination side, outgoing: encodes [`ToSource`] messages (digests, then done or
-/// failed).
+/// Destination side, outgoing: encodes [`ToSource`] messages (chunk reports from `rx`,
+/// answers and failures from `answers` first, then done or failed).
 pub fn send_to_source(
     rx: Receiver<ToSource>,
+    answers: Receiver<ToSource>,
     w: impl Write,
     stats: &Stats,
     peer: &Peer,
 ) -> Result<()> {
-    pump(rx, w, stats, peer, |msg| match msg {
+    pump(rx, Some(answers), w, stats, peer, |msg| match msg {
         ToSource::Digests { index, blocks } => Ok(Frame::Digests { index, blocks }),
         ToSource::Pieces { offset, pieces } => Ok(Frame::Pieces { offset, pieces }),
         ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
@@ -172,11 +173,12 @@ pub fn send_to_source(
     })
 }
 
-/// Moves messages from `rx` to `w` as frames until a final frame or the channel closes.
-/// Flushes whenever no message is waiting, so nothing sits in the buffer while the peer
-/// waits for it, yet bursts of small frames go out in few writes.
+/// Moves messages from `rx` (and, first, from `extra`) to `w` as frames until a final
+/// frame or `rx` closes. Flushes whenever no message is waiting, so nothing sits in the
+/// buffer while the peer waits for it, yet bursts of small frames go out in few writes.
 fn pump<M>(
     rx: Receiver<M>,
+    mut extra: Option<Receiver<M>>,
     w: impl Write,
     stats: &Stats,
     peer: &Peer,
@@ -185,13 +187,36 @@ fn pump<M>(
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, w);
     let flush = |w: &mut BufWriter<_>| w.flush().map_err(|e| write_failed(peer, e));
     loop {
-        let msg = match rx.try_recv() {
-            Ok(m) => m,
-            Err(_) => {
+        let ready = extra
+            .as_ref()
+            .and_then(|x| x.try_recv().ok())
+            .or_else(|| rx.try_recv().ok());
+        let msg = match ready {
+            Some(m) => m,
+            None => {
                 flush(&mut w)?;
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => return Ok(()),
+                match &extra {
+                    Some(x) => crossbeam_channel::select! {
+                        recv(x) -> m => match m {
+                            Ok(m) => m,
+                            Err(_) => {
+                                extra = None;
+                                continue;
+                            }
+                        },
+                        recv(rx) -> m => match m {
+                            Ok(m) => m,
+                            // Closed: whatever `extra` still holds (a failure) goes last.
+                            Err(_) => match x.try_recv() {
+                                Ok(m) => m,
+                                Err(_) => return Ok(()),
+                            },
+                        },
+                    },
+                    None => match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => return Ok(()),
+                    },
                 }
             }
         };
@@ -343,6 +368,14 @@ pub fn recv_from_source(
             }
         };
         if tx.send(msg).is_err() {
+            // The destination half failed (and says why on its own). Keep reading so the
+            // source is never stuck sending to us before it hears of the failure.
+            loop {
+                match read_frame(&mut r, &mut buf) {
+                    Ok((Frame::Finish { .. } | Frame::Abort { .. }, _)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
             return Err(Error::new(Kind::Internal, "destination half stopped early"));
         }
     }

@@ -26,7 +26,26 @@ impl Pool {
 
     /// Takes a buffer, waiting until one is free; `len` bytes long (contents unspecified).
     pub fn get(&self, len: usize) -> Buf {
-        let mut v = self.take.recv().expect("pool holds its own sender");
+        let v = self.take.recv().expect("pool holds its own sender");
+        self.wrap(v, len)
+    }
+
+    /// Like [`Pool::get`], but gives up (`None`) once `stop` is set: buffers held by
+    /// messages nobody will read again would otherwise keep a reader waiting forever.
+    pub fn get_unless(&self, len: usize, stop: &std::sync::atomic::AtomicBool) -> Option<Buf> {
+        use std::sync::atomic::Ordering;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            match self.take.recv_timeout(std::time::Duration::from_millis(20)) {
+                Ok(v) => return Some(self.wrap(v, len)),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn wrap(&self, mut v: Vec<u8>, len: usize) -> Buf {
         if v.len() < len {
             v.resize(len, 0);
         }

@@ -497,8 +497,10 @@ fn pull_stream(
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        let sender = s.spawn(move || link::send_to_source(from_dest, writer, stats, peer));
-        let written = engine::dest::run(dest, config, from_source, to_source, stats);
+        let (answers, answers_rx) = crossbeam_channel::unbounded();
+        let sender =
+            s.spawn(move || link::send_to_source(from_dest, answers_rx, writer, stats, peer));
+        let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
         finished.store(true, Ordering::Relaxed);
         let _ = sender.join();
         reap(&mut child);

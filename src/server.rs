@@ -168,8 +168,17 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         let layout = config.layout;
         let (stats, peer) = (&stats, &peer);
         let reader = s.spawn(move || link::recv_from_source(input, to_dest, layout, stats, peer));
-        let writer = s.spawn(move || link::send_to_source(from_dest, output, stats, peer));
-        let written = engine::dest::run(dest.as_ref(), &config, from_source, to_source, stats);
+        let (answers, answers_rx) = crossbeam_channel::unbounded();
+        let writer =
+            s.spawn(move || link::send_to_source(from_dest, answers_rx, output, stats, peer));
+        let written = engine::dest::run(
+            dest.as_ref(),
+            &config,
+            from_source,
+            to_source,
+            answers,
+            stats,
+        );
         let _ = writer.join();
         let received = reader
             .join()

@@ -8,17 +8,26 @@ use crate::pool::Pool;
 use crate::protocol::{ToDest, ToSource};
 use crate::target::{self, Advice, Extents, Target, TargetKind};
 use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Runs the destination half until the source says it is finished (or goes away).
 /// A failure is returned and also reported to the source as [`ToSource::Failed`].
+///
+/// Chunk reports go to `to_source`; answers to refinement questions and a failure go to
+/// `answers`, which must never block (unbounded, or the same channel when the source
+/// reads everything it is sent): the writing thread must not wait for the source, which
+/// may itself be waiting for the writer to take its blocks.
 pub fn run(
     dest: Option<&Target>,
     config: &Config,
     from_source: Receiver<ToDest>,
     to_source: Sender<ToSource>,
+    answers: Sender<ToSource>,
     stats: &Stats,
 ) -> Result<()> {
     let pool = Pool::new(config.buffers, config.layout.chunk as usize);
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
     if let Some(d) = dest {
         target::advise(&d.file, 0, 0, Advice::Sequential);
     }
@@ -26,19 +35,22 @@ pub fn run(
         match config.compare {
             Compare::Bytes => {
                 let reader_tx = to_source.clone();
-                s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats));
+                s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats, stop));
             }
             Compare::Digest(kind) => {
                 // Reading and hashing on separate threads: one core each, overlapped.
                 let (raw_tx, raw_rx) = crossbeam_channel::bounded(super::REPORTS_IN_FLIGHT);
-                s.spawn(move || read_dest(dest, config, &pool, raw_tx, stats));
+                s.spawn(move || read_dest(dest, config, &pool, raw_tx, stats, stop));
                 let hash_tx = to_source.clone();
                 s.spawn(move || hash_dest(kind, config, raw_rx, hash_tx));
             }
         }
-        let result = write_dest(dest, config, from_source, &to_source, stats);
+        let result = write_dest(dest, config, from_source, &to_source, &answers, stats);
+        // The reader may be waiting for buffers that unread reports hold: stop it.
+        stop.store(true, Ordering::Relaxed);
         if let Err(e) = &result {
-            let _ = to_source.send(failed(e.kind, e.message.clone()));
+            // Ahead of any queued reports, on the channel that never blocks.
+            let _ = answers.send(failed(e.kind, e.message.clone()));
         }
         result
     })
@@ -110,6 +122,7 @@ fn read_dest(
     pool: &Pool,
     out: Sender<ToSource>,
     stats: &Stats,
+    stop: &AtomicBool,
 ) {
     let layout = config.layout;
     let block = layout.block as usize;
@@ -133,7 +146,9 @@ fn read_dest(
         }
         let have = have_size.saturating_sub(offset).min(len as u64) as usize;
         let (zeros, ranges) = known_zero(dest, extents.as_mut(), config, offset, len, have);
-        let mut data = pool.get(have);
+        let Some(mut data) = pool.get_unless(have, stop) else {
+            return;
+        };
         if let Some(d) = dest.filter(|_| have > 0) {
             // Read the runs of blocks not known zero.
             let mut j = 0;
@@ -184,6 +199,11 @@ fn refine(
     let Compare::Digest(kind) = config.compare else {
         return Err(std::io::Error::other("refining needs digests"));
     };
+    if config.refine == 0 || len > config.layout.block {
+        return Err(std::io::Error::other(format!(
+            "the source asked about {len} bytes at once; refinement is off or the block is larger"
+        )));
+    }
     let piece = config.refine.max(1) as usize;
     let have = dest.map_or(0, |d| d.size.saturating_sub(offset).min(len)) as usize;
     let mut data = vec![0u8; have];
@@ -204,7 +224,13 @@ fn refine(
 /// Makes a range of the destination zero the cheapest way that keeps it correct.
 fn zero_range(d: &Target, config: &Config, offset: u64, len: u64) -> std::io::Result<()> {
     match d.kind {
-        TargetKind::File if config.sparse => target::punch_hole(&d.file, offset, len),
+        TargetKind::File if config.sparse => {
+            target::punch_hole(&d.file, offset, len).or_else(|e| match e.raw_os_error() {
+                // Filesystems without hole punching (NFSv3, exFAT, ...) get real zeros.
+                Some(libc::EOPNOTSUPP) => target::write_zeros(&d.file, offset, len),
+                _ => Err(e),
+            })
+        }
         TargetKind::BlockDevice if config.discard => target::zero_out_device(&d.file, offset, len)
             .or_else(|_| target::write_zeros(&d.file, offset, len)),
         _ => {
@@ -220,6 +246,7 @@ fn write_dest(
     config: &Config,
     from_source: Receiver<ToDest>,
     to_source: &Sender<ToSource>,
+    answers: &Sender<ToSource>,
     stats: &Stats,
 ) -> Result<()> {
     let mut written = 0u64;
@@ -269,7 +296,7 @@ fn write_dest(
                 let pieces = refine(dest, config, offset, len, stats)
                     .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
                 // A closed channel means the source is gone; the loop ends on its own.
-                let _ = to_source.send(ToSource::Pieces { offset, pieces });
+                let _ = answers.send(ToSource::Pieces { offset, pieces });
             }
             Ok(ToDest::Finish { size, .. }) => break (true, size),
             // Stopped early: flush what was written so a rerun resumes from it.
@@ -293,6 +320,16 @@ fn write_dest(
         }
     }
     let read = Stats::get(&stats.dest_read);
-    let _ = to_source.send(ToSource::Done { written, read });
+    let end = if finish {
+        ToSource::Done { written, read }
+    } else {
+        // Flushed, but not complete: never let this pass for the end of a good run.
+        failed(
+            Kind::Protocol,
+            "the destination stopped before the source finished; what was written is flushed"
+                .into(),
+        )
+    };
+    let _ = to_source.send(end);
     Ok(())
 }

@@ -203,7 +203,10 @@ pub fn sync_local(
     let (to_dest, from_source) = bounded::<ToDest>(config.buffers * 16);
     let (to_source, from_dest) = bounded::<ToSource>(REPORTS_IN_FLIGHT);
     std::thread::scope(|s| {
-        let dest_half = s.spawn(move || dest::run(dest, config, from_source, to_source, stats));
+        // In one process the source reads every report, so answers may share the channel.
+        let answers = to_source.clone();
+        let dest_half =
+            s.spawn(move || dest::run(dest, config, from_source, to_source, answers, stats));
         let result = source::run(src, config, to_dest, from_dest, stats, cancel);
         // The destination's failures reach the source half as messages too; a panic is a bug.
         if dest_half.join().is_err() {

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
-/// Most chunks hashed ahead (64 GiB at 4 MiB chunks; about 2.5 MiB of digests).
+/// Most chunks hashed ahead (64 GiB at 4 MiB chunks).
 const MAX_CHUNKS: usize = 16 << 10;
+/// Most block entries kept (about 10 MiB), whatever the block size.
+const MAX_ENTRIES: usize = 256 << 10;
 
 /// Digests computed ahead, per chunk of the whole layout, from chunk 0 on.
 #[derive(Debug, Default)]
@@ -114,8 +116,9 @@ impl Prehash {
                 ..Precomputed::default()
             };
             let mut buf = vec![0u8; layout.chunk as usize];
+            let mut entries = 0;
             for index in 0..layout.chunks().min(MAX_CHUNKS as u64) {
-                if flag.load(Ordering::Relaxed) {
+                if flag.load(Ordering::Relaxed) || entries >= MAX_ENTRIES {
                     break;
                 }
                 let (offset, len) = layout.chunk_at(index);
@@ -124,8 +127,9 @@ impl Prehash {
                     break; // the real pass will meet and report the error
                 };
                 out.read += n as u64;
-                out.digests
-                    .push(chunk_info(kind, &layout, index, &buf[..n], &[]));
+                let info = chunk_info(kind, &layout, index, &buf[..n], &[]);
+                entries += info.len();
+                out.digests.push(info);
             }
             out
         });

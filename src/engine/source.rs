@@ -53,11 +53,14 @@ pub fn run(
     let layout = config.layout;
     let pool = Pool::new(config.buffers, layout.chunk as usize);
     target::advise(&src.file, 0, 0, Advice::Sequential);
+    let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(super::REPORTS_IN_FLIGHT);
-        s.spawn(move || read_source(src, config, &pool, chunk_tx, stats, cancel));
+        let stop = &stop;
+        s.spawn(move || read_source(src, config, &pool, chunk_tx, stats, cancel, stop));
         let outcome = compare_and_send(src, config, &chunk_rx, &to_dest, &from_dest, stats, cancel);
-        // Unblock the reader (its sends now fail) before the scope joins it.
+        // Stop the reader, which may be waiting for buffers that queued chunks hold.
+        stop.store(true, Ordering::Relaxed);
         drop(chunk_rx);
         let end = match &outcome {
             Ok(()) => ToDest::Finish {
@@ -163,12 +166,13 @@ fn read_source(
     out: Sender<Result<Chunk>>,
     stats: &Stats,
     cancel: &AtomicBool,
+    stop: &AtomicBool,
 ) {
     let layout = config.layout;
     let block = layout.block as usize;
     let mut extents = Extents::new(&src.file, src.kind);
     for index in 0..layout.chunks() {
-        if cancel.load(Ordering::Relaxed) {
+        if cancel.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             return;
         }
         let (offset, len) = layout.chunk_at(index);
@@ -206,7 +210,9 @@ fn read_source(
                 zeros,
             })
         } else {
-            let mut data = pool.get(len);
+            let Some(mut data) = pool.get_unless(len, stop) else {
+                return;
+            };
             let ranges = data_ranges.as_deref();
             read_blocks(src, offset, block, &mut data, &mut zeros, ranges).map(|n| {
                 Stats::add(&stats.source_read, n);
@@ -420,8 +426,6 @@ struct Refiner<'a> {
     from_dest: &'a Receiver<ToSource>,
     /// Blocks asked about: offset -> length.
     pending: std::collections::HashMap<u64, u64>,
-    /// Chunk reports that arrived while waiting for answers.
-    early: std::collections::VecDeque<ToSource>,
 }
 
 impl<'a> Refiner<'a> {
@@ -429,24 +433,23 @@ impl<'a> Refiner<'a> {
         self.to_dest.send(msg).map_err(|_| why_gone(self.from_dest))
     }
 
-    /// Asks about the block at `offset`, waiting first if too many questions are open.
-    fn ask(&mut self, offset: u64, len: u64) -> Result<()> {
-        while self.pending.len() >= MAX_PENDING {
-            let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
-            self.take(msg, true)?;
+    /// Asks about the block at `offset`; `false` (not asked) when too many questions are
+    /// open, then the caller sends the block whole: waiting here for answers could stall
+    /// both sides, and memory for open questions stays bounded.
+    fn ask(&mut self, offset: u64, len: u64) -> Result<bool> {
+        if self.pending.len() >= MAX_PENDING {
+            return Ok(false);
         }
         self.pending.insert(offset, len);
-        self.send(ToDest::Refine { offset, len })
+        self.send(ToDest::Refine { offset, len })?;
+        Ok(true)
     }
 
     /// The destination's next chunk report, handling answers that come first.
     fn next_report(&mut self) -> Result<ToSource> {
-        if let Some(m) = self.early.pop_front() {
-            return Ok(m);
-        }
         loop {
             let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
-            if let Some(report) = self.take(msg, false)? {
+            if let Some(report) = self.take(msg)? {
                 return Ok(report);
             }
         }
@@ -456,7 +459,7 @@ impl<'a> Refiner<'a> {
     fn drain(&mut self) -> Result<()> {
         while !self.pending.is_empty() {
             let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
-            if let Some(other) = self.take(msg, false)? {
+            if let Some(other) = self.take(msg)? {
                 return Err(match other {
                     ToSource::Failed { kind, message } => Error::new(kind, message),
                     _ => Error::new(
@@ -469,18 +472,14 @@ impl<'a> Refiner<'a> {
         Ok(())
     }
 
-    /// Handles an answer; returns anything else (kept for later when `keep`).
-    fn take(&mut self, msg: ToSource, keep: bool) -> Result<Option<ToSource>> {
+    /// Handles an answer; returns anything else.
+    fn take(&mut self, msg: ToSource) -> Result<Option<ToSource>> {
         match msg {
             ToSource::Pieces { offset, pieces } => {
                 self.answer(offset, &pieces)?;
                 Ok(None)
             }
             ToSource::Failed { kind, message } => Err(Error::new(kind, message)),
-            other if keep => {
-                self.early.push_back(other);
-                Ok(None)
-            }
             other => Ok(Some(other)),
         }
     }
@@ -566,7 +565,6 @@ fn compare_and_send(
         to_dest,
         from_dest,
         pending: Default::default(),
-        early: Default::default(),
     };
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
@@ -621,8 +619,19 @@ fn compare_and_send(
             if how == Send::Refine {
                 // Asked even in a dry run: the answer tells how much would be written.
                 for b in (r.start..r.end).step_by(block) {
-                    let blen = (r.end - b).min(block) as u64;
-                    refiner.ask(offset + b as u64, blen)?;
+                    let blen = (r.end - b).min(block);
+                    if refiner.ask(offset + b as u64, blen as u64)? {
+                        continue;
+                    }
+                    Stats::add(&stats.changed_bytes, blen as u64);
+                    if !config.dry_run {
+                        let data = match &shared {
+                            Some(buf) => Slice::new(buf.clone(), b..b + blen),
+                            None => read_range(src, offset + b as u64, blen, stats)?,
+                        };
+                        let at = offset + b as u64;
+                        refiner.send(ToDest::Write { offset: at, data })?;
+                    }
                 }
                 continue;
             }
@@ -656,7 +665,8 @@ fn compare_and_send(
         }
         Stats::add(&stats.done, len as u64);
         if !config.pause.is_zero() {
-            std::thread::sleep(config.pause * nblocks as u32);
+            let nblocks = u32::try_from(nblocks).unwrap_or(u32::MAX);
+            std::thread::sleep(config.pause.saturating_mul(nblocks));
         }
     }
     refiner.drain()
