@@ -62,7 +62,7 @@ pub fn require_root() {
     }
 }
 
-fn sh(cmd: &str, args: &[&str]) -> String {
+pub fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -142,3 +142,62 @@ impl Drop for Mounted {
     }
 }
 pub mod sshd;
+
+/// Runs blocksync with `args`, failing the test (and killing it) if it takes longer than
+/// `secs`: for tests whose point is "no hang".
+pub fn run_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run blocksync");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "blocksync {args:?} hung for {secs} s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A tmpfs of `size` bytes mounted in a temp dir, unmounted on drop.
+pub struct Tmpfs {
+    /// The mount point.
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts it.
+    pub fn new(size: u64) -> Self {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                s(dir.path()),
+            ],
+        );
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).output();
+    }
+}
