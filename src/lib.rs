@@ -106,7 +106,7 @@ fn plan(args: &Args) -> Result<Plan> {
         return Err(Error::new(
             Kind::Usage,
             format!(
-                "block size {} is not usable; give 4K to 64M with -b (default 1M)",
+                "block size {} is not usable; give 512 to 64M with -b (default 1M)",
                 args.block_size
             ),
         ));

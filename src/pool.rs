@@ -97,11 +97,6 @@ impl Buf {
             home: Some(recycler.give.clone()),
         }
     }
-
-    /// Shortens the buffer to `len` bytes (after a short read).
-    pub fn truncate(&mut self, len: usize) {
-        self.data.truncate(len);
-    }
 }
 
 impl Deref for Buf {

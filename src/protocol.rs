@@ -134,7 +134,7 @@ pub enum ToSource {
 // bounded by [`MAX_FRAME`] before anything is allocated; every decoder checks each field
 // and rejects truncated, oversized or trailing bytes with an error, never a panic.
 //
-// Conversation: client Hello -> server Reply (or Failed) -> client Go (or Quit), then the
+// Conversation: client Hello -> server Reply (or Failed) -> client Go (proceed or not), then the
 // engine messages both ways at once (digests one way, writes the other), ending with the
 // source's Finish or Abort and the destination's Done (or Failed).
 
@@ -725,14 +725,6 @@ impl Data {
                 }
                 Ok(Slice::owned(out))
             }
-        }
-    }
-
-    /// Bytes this payload takes on the wire.
-    pub fn wire_len(&self) -> usize {
-        match self {
-            Data::Raw(b) => b.len(),
-            Data::Zstd { bytes, .. } => bytes.len(),
         }
     }
 }

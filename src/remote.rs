@@ -219,10 +219,16 @@ pub(crate) fn run(
             .file
             .try_clone()
             .ok()
-            .map(|f| Prehash::start(f, s.size, Layout::new(s.size, block), hash)),
+            .map(|f| Prehash::start(f, s.kind, s.size, Layout::new(s.size, block), hash)),
         (None, Some(p)) => p.existing.and_then(|e| {
             let f = std::fs::File::open(local).ok()?;
-            Some(Prehash::start(f, e.size, Layout::new(e.size, block), hash))
+            Some(Prehash::start(
+                f,
+                e.kind,
+                e.size,
+                Layout::new(e.size, block),
+                hash,
+            ))
         }),
         _ => None,
     };

@@ -551,6 +551,34 @@ pub fn read_data_at(
     Ok(read)
 }
 
+/// Reads the blocks of a chunk at `offset` that are not marked in `skip` (runs of them
+/// at once, and within them only where `data` says the file holds data) into `buf`,
+/// which holds the chunk's first `buf.len()` bytes. Returns the bytes read; an error
+/// names the offset it happened at.
+pub fn read_blocks_at(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    block: usize,
+    skip: &[bool],
+    data: Option<&[std::ops::Range<u64>]>,
+) -> Result<u64, (u64, io::Error)> {
+    let mut read = 0;
+    let mut j = 0;
+    while j < skip.len() && j * block < buf.len() {
+        if skip[j] {
+            j += 1;
+            continue;
+        }
+        let end = (j..skip.len()).find(|&k| skip[k]).unwrap_or(skip.len());
+        let r = j * block..(end * block).min(buf.len());
+        let at = offset + r.start as u64;
+        read += read_data_at(file, &mut buf[r], at, data).map_err(|e| (at, e))?;
+        j = end;
+    }
+    Ok(read)
+}
+
 /// Makes `len` bytes at `offset` of a file a hole (reads as zeros, frees the space),
 /// keeping the file size.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {

@@ -151,28 +151,18 @@ fn read_dest(
         };
         if let Some(d) = dest.filter(|_| have > 0) {
             // Read the runs of blocks not known zero.
-            let mut j = 0;
-            while j * block < have {
-                if zeros[j] {
-                    j += 1;
-                    continue;
+            let ranges = ranges.as_deref();
+            match target::read_blocks_at(&d.file, &mut data, offset, block, &zeros, ranges) {
+                Ok(n) => Stats::add(&stats.dest_read, n),
+                Err((at, e)) => {
+                    let msg = format!(
+                        "reading destination {} at byte {at}: {}",
+                        d.path.display(),
+                        os_text(&e)
+                    );
+                    let _ = out.send(failed(Kind::Io, msg));
+                    return;
                 }
-                let end = (j..zeros.len()).find(|&k| zeros[k]).unwrap_or(zeros.len());
-                let r = j * block..(end * block).min(have);
-                let at = offset + r.start as u64;
-                match target::read_data_at(&d.file, &mut data[r.clone()], at, ranges.as_deref()) {
-                    Ok(n) => Stats::add(&stats.dest_read, n),
-                    Err(e) => {
-                        let msg = format!(
-                            "reading destination {} at byte {at}: {}",
-                            d.path.display(),
-                            os_text(&e)
-                        );
-                        let _ = out.send(failed(Kind::Io, msg));
-                        return;
-                    }
-                }
-                j = end;
             }
             if config.drop_cache {
                 target::advise(&d.file, offset, have as u64, Advice::DontNeed);

@@ -107,7 +107,14 @@ pub fn block_infos(
 
 impl Prehash {
     /// Starts hashing `file`, which holds `have` bytes, over `layout` (the whole range).
-    pub fn start(file: File, have: u64, layout: Layout, kind: HashKind) -> Self {
+    /// `tkind` tells whether the file can report its holes, which are then not read.
+    pub fn start(
+        file: File,
+        tkind: target::TargetKind,
+        have: u64,
+        layout: Layout,
+        kind: HashKind,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -117,17 +124,37 @@ impl Prehash {
             };
             let mut buf = vec![0u8; layout.chunk as usize];
             let mut entries = 0;
+            let mut extents = target::Extents::new(&file, tkind);
+            let block = layout.block as usize;
             for index in 0..layout.chunks().min(MAX_CHUNKS as u64) {
                 if flag.load(Ordering::Relaxed) || entries >= MAX_ENTRIES {
                     break;
                 }
                 let (offset, len) = layout.chunk_at(index);
                 let want = have.saturating_sub(offset).min(len as u64) as usize;
-                let Ok(n) = target::read_full_at(&file, &mut buf[..want], offset) else {
+                // Holes are zero without reading; blocks past `have` are not held.
+                let ranges = extents
+                    .as_mut()
+                    .map(|e| e.data_in(offset..offset + want as u64));
+                let mut holes = match &ranges {
+                    Some(r) => target::hole_blocks(r, offset, len, layout.block),
+                    None => vec![false; len.div_ceil(block)],
+                };
+                for (j, h) in holes.iter_mut().enumerate() {
+                    *h &= ((j + 1) * block).min(len) <= want;
+                }
+                let Ok(n) = target::read_blocks_at(
+                    &file,
+                    &mut buf[..want],
+                    offset,
+                    block,
+                    &holes,
+                    ranges.as_deref(),
+                ) else {
                     break; // the real pass will meet and report the error
                 };
-                out.read += n as u64;
-                let info = chunk_info(kind, &layout, index, &buf[..n], &[]);
+                out.read += n;
+                let info = chunk_info(kind, &layout, index, &buf[..want], &holes);
                 entries += info.len();
                 out.digests.push(info);
             }
@@ -157,7 +184,13 @@ mod tests {
             chunk: 8192,
             ..Layout::new(12_000, 4096)
         };
-        let pre = Prehash::start(File::open(&p).unwrap(), 10_000, layout, HashKind::Xxh3);
+        let pre = Prehash::start(
+            File::open(&p).unwrap(),
+            target::TargetKind::File,
+            10_000,
+            layout,
+            HashKind::Xxh3,
+        );
         // Let it run to the end: the file is tiny.
         std::thread::sleep(std::time::Duration::from_millis(100));
         let pre = pre.finish();

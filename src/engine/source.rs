@@ -122,9 +122,8 @@ fn read_error(src: &Target, at: u64, e: &std::io::Error) -> Error {
     )
 }
 
-/// Reads the blocks of a chunk that are not holes (runs of them at once, and within
-/// them only the ranges `extents` says hold data) into `data`, then marks which blocks
-/// are zero. Returns the bytes read.
+/// Reads the blocks of a chunk that are not holes into `data`, then marks which of
+/// them are zero. Returns the bytes read.
 fn read_blocks(
     src: &Target,
     offset: u64,
@@ -133,28 +132,17 @@ fn read_blocks(
     zeros: &mut [bool],
     extents: Option<&[Range<u64>]>,
 ) -> Result<u64> {
-    let mut read = 0;
-    let mut j = 0;
-    while j < zeros.len() {
-        if zeros[j] {
-            j += 1;
-            continue;
+    let holes = zeros.to_vec();
+    let read = target::read_blocks_at(&src.file, data, offset, block, &holes, extents).map_err(
+        |(at, e)| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => shrank(src, at),
+            _ => read_error(src, at, &e),
+        },
+    )?;
+    for (k, z) in zeros.iter_mut().enumerate() {
+        if !*z {
+            *z = target::is_zero(&data[k * block..((k + 1) * block).min(data.len())]);
         }
-        let run_end = (j..zeros.len()).find(|&k| zeros[k]).unwrap_or(zeros.len());
-        let r = j * block..(run_end * block).min(data.len());
-        let at = offset + r.start as u64;
-        match target::read_data_at(&src.file, &mut data[r.clone()], at, extents) {
-            Ok(n) => read += n,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(shrank(src, at));
-            }
-            Err(e) => return Err(read_error(src, at, &e)),
-        }
-        for (k, z) in zeros.iter_mut().enumerate().take(run_end).skip(j) {
-            let b = k * block..((k + 1) * block).min(data.len());
-            *z = target::is_zero(&data[b]);
-        }
-        j = run_end;
     }
     Ok(read)
 }
