@@ -2,14 +2,17 @@
 //! thread per direction, so both directions flow at once and neither half ever waits for
 //! a round trip. Counts the bytes each way.
 
-use crate::engine::{Layout, Stats};
+use crate::engine::{self, Config, Layout, REPORTS_IN_FLIGHT, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::pool::{Recycler, Slice};
 use crate::protocol::{
     Data, Frame, ReadError, ToDest, ToSource, read_frame, read_frame_with, write_frame,
 };
+use crate::target::Target;
+use crossbeam_channel::bounded;
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Write buffer per stream: big enough to batch small frames into few syscalls.
 const WRITE_BUFFER: usize = 256 << 10;
@@ -379,4 +382,86 @@ pub fn recv_from_source(
             return Err(Error::new(Kind::Internal, "destination half stopped early"));
         }
     }
+}
+
+/// Runs the source half with its messages carried over `r`/`w`: the half on this thread,
+/// one thread per direction. `after` runs once the half and the sending side are done,
+/// before the receiving thread is joined (a client reaps ssh there, so a stuck peer
+/// cannot keep that thread waiting).
+#[allow(clippy::too_many_arguments)]
+pub fn source_over(
+    src: &Target,
+    config: &Config,
+    r: impl Read + Send,
+    w: impl Write + Send,
+    level: i32,
+    bwlimit: u64,
+    stats: &Stats,
+    cancel: &AtomicBool,
+    peer: &Peer,
+    after: impl FnOnce(),
+) -> Result<()> {
+    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
+    let (to_source, from_dest) = bounded(REPORTS_IN_FLIGHT);
+    std::thread::scope(|s| {
+        s.spawn(move || recv_from_dest(r, to_source, stats, peer));
+        let sender = s.spawn(move || send_to_dest(from_source, w, level, bwlimit, stats, peer));
+        let result = engine::source::run(src, config, to_dest, from_dest, stats, cancel);
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "sending thread panicked")));
+        after();
+        result.and(sent)
+    })
+}
+
+/// Runs the destination half with its messages carried over `r`/`w`, like
+/// [`source_over`]. With `cancel` (a client), Ctrl-C tells the remote source, which
+/// aborts, so this side flushes and stops.
+#[allow(clippy::too_many_arguments)]
+pub fn dest_over(
+    dest: Option<&Target>,
+    config: &Config,
+    r: impl Read + Send,
+    w: impl Write + Send,
+    stats: &Stats,
+    cancel: Option<&AtomicBool>,
+    peer: &Peer,
+    after: impl FnOnce(),
+) -> Result<()> {
+    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
+    let (to_source, from_dest) = bounded(REPORTS_IN_FLIGHT);
+    let (answers, answers_rx) = crossbeam_channel::unbounded();
+    let finished = AtomicBool::new(false);
+    let layout = config.layout;
+    std::thread::scope(|s| {
+        let receiver = s.spawn(move || recv_from_source(r, to_dest, layout, stats, peer));
+        if let Some(cancel) = cancel {
+            let (finished, tx) = (&finished, answers.clone());
+            s.spawn(move || {
+                while !finished.load(Ordering::Relaxed) {
+                    if cancel.load(Ordering::Relaxed) {
+                        let _ = tx.send(ToSource::Failed {
+                            kind: Kind::Interrupted,
+                            message: "interrupted on the destination side".into(),
+                        });
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+        }
+        let sender = s.spawn(move || send_to_source(from_dest, answers_rx, w, stats, peer));
+        let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
+        finished.store(true, Ordering::Relaxed);
+        let _ = sender.join();
+        after();
+        let received = receiver
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "receiving thread panicked")));
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return written.and(Err(Error::new(Kind::Interrupted, "interrupted")));
+        }
+        written.and(received)
+    })
 }

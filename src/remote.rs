@@ -5,21 +5,20 @@
 
 use crate::cli::Args;
 use crate::engine::prehash::Prehash;
-use crate::engine::{self, Compare, Config, Layout, Stats};
+use crate::engine::{Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_NO_SPARSE, Frame, Go,
-    Hello, Reply, Role, ToSource, read_frame, write_frame,
+    Hello, Reply, Role, read_frame, write_frame,
 };
 use crate::report::Reporter;
 use crate::server::buffers_for;
 use crate::target::{self, Target, TargetKind};
 use crate::transport::{Connection, SshOptions, split_shell};
 use crate::{Plan, Sides, conclude, confirm_change, size};
-use crossbeam_channel::bounded;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// zstd level for changed blocks over ssh when `-C` gives none: fast, and still shrinks
@@ -447,22 +446,11 @@ fn push_stream(
         host,
     } = conn;
     let peer = Peer(format!("{host} (remote destination)"));
-    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
-    let result = std::thread::scope(|s| {
-        let peer = &peer;
-        s.spawn(move || link::recv_from_dest(reader, to_source, stats, peer));
-        let sender =
-            s.spawn(move || link::send_to_dest(from_source, writer, level, bwlimit, stats, peer));
-        let result = engine::source::run(src, config, to_dest, from_dest, stats, cancel);
-        let sent = sender
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "sending thread panicked")));
-        // Unblock the receiving thread if the peer is stuck.
-        reap(&mut child);
-        result.and(sent)
-    });
-    result.map_err(|e| with_stderr(e, &stderr))
+    let reap_it = || reap(&mut child);
+    link::source_over(
+        src, config, reader, writer, level, bwlimit, stats, cancel, &peer, reap_it,
+    )
+    .map_err(|e| with_stderr(e, &stderr))
 }
 
 fn pull_stream(
@@ -480,43 +468,16 @@ fn pull_stream(
         host,
     } = conn;
     let peer = Peer(format!("{host} (remote source)"));
-    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
-    let finished = AtomicBool::new(false);
-    let layout = config.layout;
-    let result = std::thread::scope(|s| {
-        let peer = &peer;
-        let receiver =
-            s.spawn(move || link::recv_from_source(reader, to_dest, layout, stats, peer));
-        let watcher_tx = to_source.clone();
-        let finished = &finished;
-        // Ctrl-C here: tell the remote source, which aborts, so we flush and stop.
-        s.spawn(move || {
-            while !finished.load(Ordering::Relaxed) {
-                if cancel.load(Ordering::Relaxed) {
-                    let _ = watcher_tx.send(ToSource::Failed {
-                        kind: Kind::Interrupted,
-                        message: "interrupted on the destination side".into(),
-                    });
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        let (answers, answers_rx) = crossbeam_channel::unbounded();
-        let sender =
-            s.spawn(move || link::send_to_source(from_dest, answers_rx, writer, stats, peer));
-        let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
-        finished.store(true, Ordering::Relaxed);
-        let _ = sender.join();
-        reap(&mut child);
-        let received = receiver
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "receiving thread panicked")));
-        if cancel.load(Ordering::Relaxed) {
-            return written.and(Err(Error::new(Kind::Interrupted, "interrupted")));
-        }
-        written.and(received)
-    });
-    result.map_err(|e| with_stderr(e, &stderr))
+    let reap_it = || reap(&mut child);
+    link::dest_over(
+        dest,
+        config,
+        reader,
+        writer,
+        stats,
+        Some(cancel),
+        &peer,
+        reap_it,
+    )
+    .map_err(|e| with_stderr(e, &stderr))
 }

@@ -2,7 +2,7 @@
 //! on stdin/stdout, runs the source or destination half the client asks for, and makes
 //! the same checks as a local run before writing anything.
 
-use crate::engine::{self, Compare, Config, Layout, Stats};
+use crate::engine::{Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
@@ -10,7 +10,6 @@ use crate::protocol::{
     Frame, GREETING, Hello, ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
 use crate::target::{self, Target, TargetKind};
-use crossbeam_channel::bounded;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -162,29 +161,16 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     };
     let stats = Stats::default();
     let peer = Peer("the client".into());
-    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
-    std::thread::scope(|s| {
-        let layout = config.layout;
-        let (stats, peer) = (&stats, &peer);
-        let reader = s.spawn(move || link::recv_from_source(input, to_dest, layout, stats, peer));
-        let (answers, answers_rx) = crossbeam_channel::unbounded();
-        let writer =
-            s.spawn(move || link::send_to_source(from_dest, answers_rx, output, stats, peer));
-        let written = engine::dest::run(
-            dest.as_ref(),
-            &config,
-            from_source,
-            to_source,
-            answers,
-            stats,
-        );
-        let _ = writer.join();
-        let received = reader
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "receiving thread panicked")));
-        written.and(received)
-    })
+    link::dest_over(
+        dest.as_ref(),
+        &config,
+        input,
+        output,
+        &stats,
+        None,
+        &peer,
+        || {},
+    )
 }
 
 fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
@@ -212,21 +198,19 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
     let peer = Peer("the client".into());
     // Nobody presses Ctrl-C here: the client stops us by closing the stream.
     let cancel = AtomicBool::new(false);
-    let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
-    let (to_source, from_dest) = bounded(engine::REPORTS_IN_FLIGHT);
-    let level = hello.compress;
-    std::thread::scope(|s| {
-        let (stats, peer) = (&stats, &peer);
-        s.spawn(move || link::recv_from_dest(input, to_source, stats, peer));
-        let bw = hello.bwlimit;
-        let writer =
-            s.spawn(move || link::send_to_dest(from_source, output, level, bw, stats, peer));
-        let result = engine::source::run(&src, &config, to_dest, from_dest, stats, &cancel);
-        let sent = writer
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "sending thread panicked")));
-        result.and(sent)
-    })
+    let (level, bw) = (hello.compress, hello.bwlimit);
+    link::source_over(
+        &src,
+        &config,
+        input,
+        output,
+        level,
+        bw,
+        &stats,
+        &cancel,
+        &peer,
+        || {},
+    )
 }
 
 fn lost_client(e: std::io::Error) -> Error {
