@@ -99,10 +99,14 @@ fn handshake(opts: &SshOptions, host: &str, hello: &Hello) -> Result<Stream> {
             let _ = conn.child.wait();
             Err(Error::new(kind, format!("on {host}: {message}")))
         }
-        (_, Ok((other, _))) => Err(Error::new(
-            Kind::Protocol,
-            format!("{host} answered the hello with {other:?}"),
-        )),
+        (_, Ok((other, _))) => {
+            drop(conn.writer);
+            reap(&mut conn.child);
+            Err(Error::new(
+                Kind::Protocol,
+                format!("{host} answered the hello with {other:?}"),
+            ))
+        }
         (_, Err(e)) => {
             let _ = conn.child.wait();
             let detail = conn
@@ -319,17 +323,24 @@ pub(crate) fn run(
     }
     let ahead_read = precomputed.as_ref().map_or(0, |p| p.read);
     let precomputed = precomputed.map(std::sync::Arc::new);
-    for (i, s) in streams.iter_mut().enumerate() {
+    for i in 0..streams.len() {
         let part = whole.part(i as u64, n);
-        send_go(
-            s,
-            Go {
-                proceed: true,
-                size,
-                start: part.start,
-                end: part.end,
-            },
-        )?;
+        let go = Go {
+            proceed: true,
+            size,
+            start: part.start,
+            end: part.end,
+        };
+        if let Err(e) = send_go(&mut streams[i], go) {
+            // Refuse the streams not started; end the started ones (they stop at the
+            // closed stream before any block arrives) and reap every ssh.
+            refuse_all(&mut streams[i + 1..]);
+            for s in &mut streams[..=i] {
+                let _ = s.conn.child.kill();
+                let _ = s.conn.child.wait();
+            }
+            return Err(e);
+        }
     }
 
     let cancel = crate::cancel_on_signals();

@@ -188,6 +188,17 @@ pub fn probe_destination(path: &Path) -> Result<DestProbe> {
             })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A missing device name is nearly always a typo: a file created in /dev
+            // would fill its small tmpfs and leave the real disk untouched.
+            if path.starts_with("/dev") {
+                return Err(Error::new(
+                    Kind::Destination,
+                    format!(
+                        "destination {} does not exist; check the device name (blocksync does not create files in /dev)",
+                        path.display()
+                    ),
+                ));
+            }
             let parent = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,
                 _ => Path::new("."),
@@ -678,6 +689,8 @@ mod tests {
         let e = probe_destination(&dir.path().join("no/such/new")).unwrap_err();
         assert_eq!(e.kind, Kind::Destination);
         assert!(e.message.contains("does not exist"), "{e}");
+        let e = probe_destination(Path::new("/dev/sdzz9")).unwrap_err();
+        assert!(e.message.contains("device name"), "{e}");
     }
 
     #[test]

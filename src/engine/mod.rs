@@ -203,7 +203,9 @@ pub fn sync_local(
     let (to_dest, from_source) = bounded::<ToDest>(config.buffers * 16);
     let (to_source, from_dest) = bounded::<ToSource>(REPORTS_IN_FLIGHT);
     std::thread::scope(|s| {
-        // In one process the source reads every report, so answers may share the channel.
+        // In one process blocks are compared by bytes: no refinement questions, so the
+        // destination writer sends no answers that could wait on this bounded channel.
+        debug_assert_eq!(config.compare, Compare::Bytes);
         let answers = to_source.clone();
         let dest_half =
             s.spawn(move || dest::run(dest, config, from_source, to_source, answers, stats));

@@ -30,9 +30,9 @@ fn lost_destination() -> Error {
 }
 
 /// The destination stopped taking messages: find out why from what it (or the link
-/// carrying it) last said, waiting briefly for that to arrive.
+/// carrying it) last said, waiting a while for that to arrive over a slow link.
 fn why_gone(from_dest: &Receiver<ToSource>) -> Error {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while let Ok(msg) = from_dest.recv_deadline(deadline) {
         if let ToSource::Failed { kind, message } = msg {
             return Error::new(kind, message);
