@@ -182,6 +182,25 @@ fn deploys_itself_once_and_reuses_the_cache() {
     );
 }
 
+/// Starts a slowed sync from `from` to `to` through `sshd`, kills the remote blocksync
+/// mid-way, and returns what the local side printed once it noticed.
+fn kill_remote_mid_sync(sshd: &Sshd, from: &str, to: &str) -> std::process::Output {
+    let mut args = via(sshd);
+    args.extend(["-b", "64K", "-p", "20", from, to].map(String::from));
+    let child = std::process::Command::new(bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed().as_secs() < 15, "took too long to notice");
+    out
+}
+
 #[test]
 fn killed_remote_side_is_an_error_not_a_hang() {
     let sshd = Sshd::start();
@@ -190,53 +209,15 @@ fn killed_remote_side_is_an_error_not_a_hang() {
     let dst = dir.path().join("dst");
     fs::write(&src, data(16 * M, 25)).unwrap();
     let target = format!("testhost:{}", s(&dst));
-    let mut args = via(&sshd);
-    args.extend([
-        "-b".into(),
-        "64K".into(),
-        "-p".into(),
-        "20".into(),
-        s(&src).into(),
-        target,
-    ]);
-    let child = std::process::Command::new(bin())
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
-    let started = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    assert!(started.elapsed().as_secs() < 15, "took too long to notice");
+    let out = kill_remote_mid_sync(&sshd, s(&src), &target);
     assert_eq!(code(&out), 11, "{}", stderr(&out));
     assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
     assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
 
     // The same in pull mode: the remote source dies.
     let back = dir.path().join("back");
-    let mut args = via(&sshd);
     let from = format!("testhost:{}", s(&src));
-    args.extend([
-        "-b".into(),
-        "64K".into(),
-        "-p".into(),
-        "20".into(),
-        from,
-        s(&back).into(),
-    ]);
-    let child = std::process::Command::new(bin())
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
-    let started = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    assert!(started.elapsed().as_secs() < 15, "took too long to notice");
+    let out = kill_remote_mid_sync(&sshd, &from, s(&back));
     assert_eq!(code(&out), 11, "{}", stderr(&out));
     assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
 }
