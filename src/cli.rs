@@ -18,13 +18,18 @@ Examples:
   blocksync /dev/vg/data backup:/srv/data.img  push a volume to a backup host over ssh
   blocksync backup:/srv/data.img /dev/vg/data  pull it back
   blocksync -b 4M /dev/sda localhost /dev/sdb  the blocksync.py form, local
+  blocksync --verify vm.img backup:/srv/vm.img sync, then compare both sides in full
+  blocksync --bad-blocks sda.map /dev/sda /dev/sdb   rescue a failing disk, map what was lost
 
 Exit codes:
   0 success (destination equals source)   2 bad command line
   3 source unusable        4 destination unusable       5 destination device too small
   6 destination in use     7 same file on both sides    8 not confirmed (use -f)
-  10 local I/O error       11 ssh failed, link lost, or I/O error on the remote side
+  9 --verify found a difference                 10 local I/O error
+  11 ssh failed, link lost, or I/O error on the remote side
   12 protocol error (peer malformed or another version)
+  13 --verify: the source changed during the sync (use a snapshot)
+  14 finished, but some source sectors were unreadable (zeros written; see --bad-blocks)
   130 interrupted          1 internal error";
 
 /// blocksync: sync a file or block device onto another, locally or over ssh, writing only the
@@ -77,6 +82,23 @@ pub struct Args {
     /// guarantees zeros) instead of writing zeros.
     #[arg(long)]
     pub discard: bool,
+
+    /// After the sync, re-read both sides and compare them at full digest strength; also
+    /// finds source blocks that changed while the sync ran.
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Write the unreadable source ranges to FILE (ddrescue mapfile format).
+    #[arg(long, value_name = "FILE")]
+    pub bad_blocks: Option<PathBuf>,
+
+    /// Where the source is unreadable, leave the destination's old bytes (default: zeros).
+    #[arg(long)]
+    pub keep_unreadable: bool,
+
+    /// Give up after N unreadable source areas (default: read around all of them).
+    #[arg(long, value_name = "N")]
+    pub max_errors: Option<u64>,
 
     /// Do not ask before changing an existing destination.
     #[arg(short = 'f', long)]

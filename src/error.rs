@@ -25,6 +25,8 @@ pub enum Kind {
     SameFile,
     /// The destination exists and the change was not confirmed (no `-f`).
     NotConfirmed,
+    /// `--verify` found destination blocks that differ from the source.
+    Verify,
     /// Reading or writing failed on this machine during the sync (I/O error, disk full).
     Io,
     /// The ssh connection or the remote side could not be started or was lost, or I/O
@@ -32,6 +34,11 @@ pub enum Kind {
     Remote,
     /// The peer spoke a protocol we do not understand or sent malformed data.
     Protocol,
+    /// `--verify` found source blocks that changed while the sync ran: the destination
+    /// holds them as they were read.
+    SourceChanged,
+    /// The sync finished, but some source bytes could not be read (bad sectors).
+    Unreadable,
     /// Interrupted by a signal (Ctrl-C); what was written is flushed.
     Interrupted,
     /// A bug or an unexpected condition.
@@ -50,15 +57,18 @@ impl Kind {
             Kind::Busy => 6,
             Kind::SameFile => 7,
             Kind::NotConfirmed => 8,
+            Kind::Verify => 9,
             Kind::Io => 10,
             Kind::Remote => 11,
             Kind::Protocol => 12,
+            Kind::SourceChanged => 13,
+            Kind::Unreadable => 14,
             Kind::Interrupted => 130,
         }
     }
 
     /// Every kind, in exit-code order (for docs and tests).
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Internal,
         Kind::Usage,
         Kind::Source,
@@ -67,9 +77,12 @@ impl Kind {
         Kind::Busy,
         Kind::SameFile,
         Kind::NotConfirmed,
+        Kind::Verify,
         Kind::Io,
         Kind::Remote,
         Kind::Protocol,
+        Kind::SourceChanged,
+        Kind::Unreadable,
         Kind::Interrupted,
     ];
 
@@ -84,9 +97,16 @@ impl Kind {
             Kind::Busy => "destination device mounted or in use (see --force-mounted)",
             Kind::SameFile => "source and destination are the same file or device",
             Kind::NotConfirmed => "destination exists and the change was not confirmed (-f)",
+            Kind::Verify => "--verify found destination blocks that differ from the source",
             Kind::Io => "local read or write failed during the sync (I/O error, disk full)",
             Kind::Remote => "ssh failed, the link was lost, or I/O failed on the remote side",
             Kind::Protocol => "the peer sent something malformed or incompatible",
+            Kind::SourceChanged => {
+                "--verify found source blocks that changed during the sync (use a snapshot)"
+            }
+            Kind::Unreadable => {
+                "finished, but some source bytes were unreadable (see --bad-blocks)"
+            }
             Kind::Interrupted => "interrupted (Ctrl-C); written data was flushed",
         }
     }

@@ -5,6 +5,7 @@
 //! checks files and devices, [`engine`] runs the source and destination halves that talk
 //! through [`protocol`] messages, [`report`] shows progress and the summary.
 
+pub mod badmap;
 pub mod cli;
 pub mod endpoint;
 pub mod engine;
@@ -120,6 +121,9 @@ fn plan(args: &Args) -> Result<Plan> {
     if args.workers == 0 {
         return Err(Error::new(Kind::Usage, "-w/--workers must be at least 1"));
     }
+    if let Some(map) = &args.bad_blocks {
+        badmap::check_writable(map).map_err(|m| Error::new(Kind::Usage, m))?;
+    }
     let min_block = size::parse_size(&args.min_block)
         .map_err(|m| Error::new(Kind::Usage, format!("--min-block {m}")))?;
     if !(MIN_BLOCK..=MAX_BLOCK).contains(&min_block) {
@@ -144,6 +148,14 @@ fn plan(args: &Args) -> Result<Plan> {
         hash,
         refine,
     })
+}
+
+/// What the source does about unreadable sectors, from the options.
+pub(crate) fn salvage_of(args: &Args) -> engine::Salvage {
+    engine::Salvage {
+        max_errors: args.max_errors.unwrap_or(u64::MAX),
+        keep_unreadable: args.keep_unreadable,
+    }
 }
 
 /// One-line notes for options that do nothing in a local sync.
@@ -306,7 +318,78 @@ pub(crate) fn conclude(
         _ => {}
     }
     summary.status = if args.dry_run { "dry-run" } else { "ok" };
+    let findings = stats.findings();
+    summary.unreadable_bytes = engine::Findings::bytes(&findings.unreadable);
+    summary.unreadable_ranges = findings.unreadable.len() as u64;
+    summary.mismatch_bytes = engine::Findings::bytes(&findings.mismatch);
+    summary.source_changed_bytes = engine::Findings::bytes(&findings.source_changed);
+    if args.verify && !args.dry_run && result.is_ok() {
+        summary.verified_bytes = Some(Stats::get(&stats.verified));
+    }
+    if let Some(path) = &args.bad_blocks {
+        // Written even when the run failed: it tells what was found so far.
+        let reached = match &result {
+            Ok(()) => Some(sides.size),
+            Err(_) if args.workers == 1 => Some(Stats::get(&stats.done).min(sides.size)),
+            Err(_) => None,
+        };
+        let map = badmap::render(sides.size, &findings.unreadable, reached);
+        badmap::write(path, &map)
+            .map_err(|e| Error::io(Kind::Io, "writing the bad-blocks map", path, &e, ""))?;
+        summary.bad_blocks_map = Some(path.display().to_string());
+    }
+    let first = |list: &[std::ops::Range<u64>]| list.first().map_or(0, |r| r.start);
     match result {
+        Ok(()) if summary.mismatch_bytes > 0 => {
+            summary.status = "verify-failed";
+            reporter.summary(&summary);
+            Err(Error::new(
+                Kind::Verify,
+                format!(
+                    "verify failed: {} bytes in {} ranges of {} differ from the source (first at byte {}); run again to rewrite them, and check the destination's disk",
+                    summary.mismatch_bytes,
+                    findings.mismatch.len(),
+                    summary.destination,
+                    first(&findings.mismatch)
+                ),
+            ))
+        }
+        Ok(()) if summary.source_changed_bytes > 0 => {
+            summary.status = "source-changed";
+            reporter.summary(&summary);
+            Err(Error::new(
+                Kind::SourceChanged,
+                format!(
+                    "the source changed while it was synced: {} bytes in {} ranges (first at byte {}); the destination holds them as they were read. Sync from a snapshot or a read-only source, or run again",
+                    summary.source_changed_bytes,
+                    findings.source_changed.len(),
+                    first(&findings.source_changed)
+                ),
+            ))
+        }
+        Ok(()) if summary.unreadable_bytes > 0 => {
+            summary.status = "unreadable";
+            reporter.summary(&summary);
+            let there = if args.keep_unreadable {
+                "the destination keeps its old bytes there"
+            } else {
+                "the destination has zeros there"
+            };
+            let map = match &args.bad_blocks {
+                Some(p) => format!("map in {}", p.display()),
+                None => "give --bad-blocks FILE for a map".to_string(),
+            };
+            Err(Error::new(
+                Kind::Unreadable,
+                format!(
+                    "{} bytes of {} could not be read ({} ranges, first at byte {}); {there}; {map}",
+                    summary.unreadable_bytes,
+                    summary.source,
+                    summary.unreadable_ranges,
+                    first(&findings.unreadable)
+                ),
+            ))
+        }
         Ok(()) => {
             reporter.summary(&summary);
             Ok(())
@@ -374,6 +457,10 @@ fn run_local(
     config.sparse = !args.no_sparse;
     config.discard = args.discard;
     config.refine = plan.refine;
+    config.salvage = salvage_of(args);
+    if args.verify {
+        config.verify = Some(engine::VerifyLog::new(plan.hash));
+    }
 
     let cancel = cancel_on_signals();
     let stats = Arc::new(Stats::default());

@@ -92,6 +92,7 @@ pub fn send_to_dest(
             },
             ToDest::Zero { offset, len } => Frame::Zero { offset, len },
             ToDest::Refine { offset, len } => Frame::Refine { offset, len },
+            ToDest::Finding { kind, offset, len } => Frame::Finding { kind, offset, len },
             ToDest::Finish { size, counts } => Frame::Finish { size, counts },
             ToDest::Abort { kind, message } => Frame::Abort { kind, message },
         })
@@ -113,7 +114,9 @@ fn count(stats: &Stats, frame: &Frame, n: usize, sent: bool) {
     Stats::add(all, n);
     match frame {
         Frame::Write { .. } => Stats::add(data, n),
-        Frame::Digests { .. } | Frame::Pieces { .. } => Stats::add(digests, n),
+        Frame::Digests { .. } | Frame::Pieces { .. } | Frame::Verify { .. } => {
+            Stats::add(digests, n)
+        }
         _ => {}
     }
 }
@@ -166,6 +169,7 @@ pub fn send_to_source(
 ) -> Result<()> {
     pump(rx, Some(answers), w, stats, peer, |msg| match msg {
         ToSource::Digests { index, blocks } => Ok(Frame::Digests { index, blocks }),
+        ToSource::Verify { index, blocks } => Ok(Frame::Verify { index, blocks }),
         ToSource::Pieces { offset, pieces } => Ok(Frame::Pieces { offset, pieces }),
         ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
         ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
@@ -246,6 +250,7 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                 count(stats, &frame, n, false);
                 match frame {
                     Frame::Digests { index, blocks } => ToSource::Digests { index, blocks },
+                    Frame::Verify { index, blocks } => ToSource::Verify { index, blocks },
                     Frame::Pieces { offset, pieces } => ToSource::Pieces { offset, pieces },
                     Frame::Done { written, read } => {
                         // The remote half's counters join ours for the summary.
@@ -271,7 +276,10 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                 }
             }
         };
-        let end = !matches!(msg, ToSource::Digests { .. } | ToSource::Pieces { .. });
+        let end = !matches!(
+            msg,
+            ToSource::Digests { .. } | ToSource::Pieces { .. } | ToSource::Verify { .. }
+        );
         if tx.send(msg).is_err() || end {
             return;
         }
@@ -336,6 +344,15 @@ pub fn recv_from_source(
                 }
                 ToDest::Refine { offset, len }
             }
+            Frame::Finding { kind, offset, len } => {
+                if offset < layout.start || offset.saturating_add(len) > layout.end {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!("{} reported a range outside its own", peer.0),
+                    ));
+                }
+                ToDest::Finding { kind, offset, len }
+            }
             Frame::Finish { size, counts } => {
                 Stats::add(&stats.source_read, counts.read);
                 Stats::add(&stats.blocks_same, counts.same);
@@ -385,11 +402,45 @@ pub fn recv_from_source(
 }
 
 /// Runs the source half with its messages carried over `r`/`w`: the half on this thread,
-/// one thread per direction. `after` runs once the half and the sending side are done,
-/// before the receiving thread is joined (a client reaps ssh there, so a stuck peer
-/// cannot keep that thread waiting).
+/// one thread per direction; then, with `--verify`, the verify pass over the same stream.
+/// `after` runs once the last pass's half and sending side are done, before its receiving
+/// thread is joined (a client reaps ssh there, so a stuck peer cannot keep that thread
+/// waiting).
 #[allow(clippy::too_many_arguments)]
 pub fn source_over(
+    src: &Target,
+    config: &Config,
+    mut r: impl Read + Send,
+    mut w: impl Write + Send,
+    level: i32,
+    bwlimit: u64,
+    stats: &Stats,
+    cancel: &AtomicBool,
+    peer: &Peer,
+    after: impl FnOnce(),
+) -> Result<()> {
+    let mut after = Some(after);
+    let verify = config.verify_follows().then(|| config.for_verify());
+    let last = verify.is_none();
+    let (r, w) = (&mut r, &mut w);
+    let synced = source_pass(
+        src, config, &mut *r, &mut *w, level, bwlimit, stats, cancel, peer, &mut after, last,
+    );
+    let result = match (synced, verify) {
+        (Ok(()), Some(v)) => {
+            source_pass(src, &v, r, w, 0, 0, stats, cancel, peer, &mut after, true)
+        }
+        (result, _) => result,
+    };
+    if let Some(f) = after.take() {
+        f();
+    }
+    result
+}
+
+/// One pass of [`source_over`]; calls `after` when it is the last pass or fails.
+#[allow(clippy::too_many_arguments)]
+fn source_pass(
     src: &Target,
     config: &Config,
     r: impl Read + Send,
@@ -399,7 +450,8 @@ pub fn source_over(
     stats: &Stats,
     cancel: &AtomicBool,
     peer: &Peer,
-    after: impl FnOnce(),
+    after: &mut Option<impl FnOnce()>,
+    last: bool,
 ) -> Result<()> {
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(REPORTS_IN_FLIGHT);
@@ -410,16 +462,50 @@ pub fn source_over(
         let sent = sender
             .join()
             .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "sending thread panicked")));
-        after();
-        result.and(sent)
+        let result = result.and(sent);
+        if (last || result.is_err())
+            && let Some(f) = after.take()
+        {
+            f();
+        }
+        result
     })
 }
 
 /// Runs the destination half with its messages carried over `r`/`w`, like
-/// [`source_over`]. With `cancel` (a client), Ctrl-C tells the remote source, which
-/// aborts, so this side flushes and stops.
+/// [`source_over`] (the verify pass included). With `cancel` (a client), Ctrl-C tells the
+/// remote source, which aborts, so this side flushes and stops.
 #[allow(clippy::too_many_arguments)]
 pub fn dest_over(
+    dest: Option<&Target>,
+    config: &Config,
+    mut r: impl Read + Send,
+    mut w: impl Write + Send,
+    stats: &Stats,
+    cancel: Option<&AtomicBool>,
+    peer: &Peer,
+    after: impl FnOnce(),
+) -> Result<()> {
+    let mut after = Some(after);
+    let verify = config.verify_follows().then(|| config.for_verify());
+    let last = verify.is_none();
+    let (r, w) = (&mut r, &mut w);
+    let synced = dest_pass(
+        dest, config, &mut *r, &mut *w, stats, cancel, peer, &mut after, last,
+    );
+    let result = match (synced, verify) {
+        (Ok(()), Some(v)) => dest_pass(dest, &v, r, w, stats, cancel, peer, &mut after, true),
+        (result, _) => result,
+    };
+    if let Some(f) = after.take() {
+        f();
+    }
+    result
+}
+
+/// One pass of [`dest_over`]; calls `after` when it is the last pass or fails.
+#[allow(clippy::too_many_arguments)]
+fn dest_pass(
     dest: Option<&Target>,
     config: &Config,
     r: impl Read + Send,
@@ -427,7 +513,8 @@ pub fn dest_over(
     stats: &Stats,
     cancel: Option<&AtomicBool>,
     peer: &Peer,
-    after: impl FnOnce(),
+    after: &mut Option<impl FnOnce()>,
+    last: bool,
 ) -> Result<()> {
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(REPORTS_IN_FLIGHT);
@@ -455,7 +542,11 @@ pub fn dest_over(
         let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
         finished.store(true, Ordering::Relaxed);
         let _ = sender.join();
-        after();
+        if (last || written.is_err())
+            && let Some(f) = after.take()
+        {
+            f();
+        }
         let received = receiver
             .join()
             .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "receiving thread panicked")));

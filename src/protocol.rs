@@ -39,6 +39,26 @@ pub struct Counts {
     pub zeroed: u64,
 }
 
+/// What a [`ToDest::Finding`] reports about a byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindingKind {
+    /// The source could not read it (bad sectors).
+    Unreadable,
+    /// `--verify`: the destination differs from the source there.
+    Mismatch,
+    /// `--verify`: the source changed there while the sync ran.
+    SourceChanged,
+}
+
+impl FindingKind {
+    /// Every kind, in wire order.
+    pub const ALL: [FindingKind; 3] = [
+        FindingKind::Unreadable,
+        FindingKind::Mismatch,
+        FindingKind::SourceChanged,
+    ];
+}
+
 /// From the source half to the destination half.
 pub enum ToDest {
     /// Write `data` at byte `offset` of the destination.
@@ -72,6 +92,16 @@ pub enum ToDest {
         /// Its length.
         len: u64,
     },
+    /// Something the user must hear about a byte range (the source half may be on the
+    /// other machine): recorded for the summary, the exit code and `--bad-blocks`.
+    Finding {
+        /// What was found.
+        kind: FindingKind,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
     /// Stop early: flush what was written, leave the size alone, answer
     /// [`ToSource::Done`]. Carries why, so a destination on another machine can report it.
     Abort {
@@ -101,6 +131,13 @@ pub enum ToSource {
         /// Chunk number.
         index: u64,
         /// One entry per block of the chunk (a shorter list: the rest are missing).
+        blocks: Vec<BlockInfo>,
+    },
+    /// `--verify` pass: full-strength digests of the destination's blocks of chunk `index`.
+    Verify {
+        /// Chunk number.
+        index: u64,
+        /// One entry per block of the chunk (digests at full length).
         blocks: Vec<BlockInfo>,
     },
     /// The answer to [`ToDest::Refine`]: one entry per sub-block of the block.
@@ -146,7 +183,7 @@ use std::sync::Arc;
 /// or a shell error.
 pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Largest frame accepted: a chunk of the largest block size plus headers.
 pub const MAX_FRAME: usize = (crate::MAX_BLOCK as usize) + 1024;
 /// Longest path or message text in a frame.
@@ -166,6 +203,8 @@ const T_FAILED: u8 = 21;
 const T_ZERO: u8 = 22;
 const T_REFINE: u8 = 23;
 const T_PIECES: u8 = 24;
+const T_VERIFY: u8 = 25;
+const T_FINDING: u8 = 26;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
@@ -177,6 +216,10 @@ pub const FLAG_DROP_CACHE: u32 = 4;
 pub const FLAG_NO_SPARSE: u32 = 8;
 /// Hello flag: zero device ranges with BLKZEROOUT (`--discard`).
 pub const FLAG_DISCARD: u32 = 16;
+/// Hello flag: after the sync, a `--verify` pass over the same stream.
+pub const FLAG_VERIFY: u32 = 32;
+/// Hello flag: leave the destination's old bytes where the source is unreadable.
+pub const FLAG_KEEP_UNREADABLE: u32 = 64;
 
 /// Which half the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +253,9 @@ pub struct Hello {
     pub bwlimit: u64,
     /// Sub-block size for refining changed blocks; 0 = send changed blocks whole.
     pub refine: u64,
+    /// For a source server: give up after this many unreadable ranges (`--max-errors`);
+    /// `u64::MAX` = never.
+    pub max_errors: u64,
 }
 
 /// The server's answer to [`Hello`] once its checks passed.
@@ -273,6 +319,22 @@ pub enum Frame {
     },
     /// Ask for a block's sub-block digests.
     Refine {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// `--verify`: full-strength digests of a chunk's blocks.
+    Verify {
+        /// Chunk number in the stream's range.
+        index: u64,
+        /// One per block.
+        blocks: Vec<BlockInfo>,
+    },
+    /// A byte range the user must hear about.
+    Finding {
+        /// What was found.
+        kind: FindingKind,
         /// Byte offset.
         offset: u64,
         /// Length.
@@ -389,7 +451,7 @@ impl<'a> Rd<'a> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::BadText)
     }
     /// A number (chunk index or offset) and a list of block states.
-    fn infos(&mut self) -> Result<(u64, Vec<BlockInfo>), DecodeError> {
+    fn infos(&mut self, digest_len: usize) -> Result<(u64, Vec<BlockInfo>), DecodeError> {
         let at = self.u64()?;
         let n = self.u32()? as usize;
         if n > MAX_DIGESTS {
@@ -400,15 +462,15 @@ impl<'a> Rd<'a> {
             blocks.push(match self.u8()? {
                 0 => BlockInfo::Missing,
                 1 => BlockInfo::Zero,
-                2 => BlockInfo::Digest(self.digest()?),
+                2 => BlockInfo::Digest(self.digest(digest_len)?),
                 x => return Err(DecodeError::Unknown("block state", x.into())),
             });
         }
         Ok((at, blocks))
     }
-    fn digest(&mut self) -> Result<Digest, DecodeError> {
+    fn digest(&mut self, len: usize) -> Result<Digest, DecodeError> {
         let mut d = [0u8; MAX_DIGEST];
-        d[..BLOCK_DIGEST].copy_from_slice(self.take(BLOCK_DIGEST)?);
+        d[..len].copy_from_slice(self.take(len)?);
         Ok(Digest(d))
     }
     fn kind_and_text(&mut self) -> Result<(Kind, String), DecodeError> {
@@ -440,7 +502,7 @@ fn put_text(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..n]);
 }
 
-fn put_infos(out: &mut Vec<u8>, at: u64, blocks: &[BlockInfo]) {
+fn put_infos(out: &mut Vec<u8>, at: u64, blocks: &[BlockInfo], digest_len: usize) {
     out.extend_from_slice(&at.to_le_bytes());
     out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
     for b in blocks {
@@ -449,7 +511,7 @@ fn put_infos(out: &mut Vec<u8>, at: u64, blocks: &[BlockInfo]) {
             BlockInfo::Zero => out.push(1),
             BlockInfo::Digest(d) => {
                 out.push(2);
-                out.extend_from_slice(&d.0[..BLOCK_DIGEST]);
+                out.extend_from_slice(&d.0[..digest_len]);
             }
         }
     }
@@ -480,6 +542,7 @@ impl Frame {
                 p.extend_from_slice(&h.source_size.to_le_bytes());
                 p.extend_from_slice(&h.bwlimit.to_le_bytes());
                 p.extend_from_slice(&h.refine.to_le_bytes());
+                p.extend_from_slice(&h.max_errors.to_le_bytes());
                 T_HELLO
             }
             Frame::Reply(r) => {
@@ -496,11 +559,22 @@ impl Frame {
                 T_GO
             }
             Frame::Digests { index, blocks } => {
-                put_infos(&mut p, *index, blocks);
+                put_infos(&mut p, *index, blocks, BLOCK_DIGEST);
                 T_DIGESTS
             }
+            Frame::Verify { index, blocks } => {
+                put_infos(&mut p, *index, blocks, MAX_DIGEST);
+                T_VERIFY
+            }
+            Frame::Finding { kind, offset, len } => {
+                let k = FindingKind::ALL.iter().position(|x| x == kind);
+                p.push(k.expect("listed") as u8);
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                T_FINDING
+            }
             Frame::Pieces { offset, pieces } => {
-                put_infos(&mut p, *offset, pieces);
+                put_infos(&mut p, *offset, pieces, BLOCK_DIGEST);
                 T_PIECES
             }
             Frame::Refine { offset, len } => {
@@ -592,6 +666,7 @@ impl Frame {
                         x if x >= crate::MIN_BLOCK && block.div_ceil(x) <= MAX_DIGESTS as u64 => x,
                         _ => return Err(DecodeError::TooLarge("refinement")),
                     },
+                    max_errors: r.u64()?,
                 })
             }
             T_REPLY => {
@@ -620,11 +695,26 @@ impl Frame {
                 })
             }
             T_DIGESTS => {
-                let (index, blocks) = r.infos()?;
+                let (index, blocks) = r.infos(BLOCK_DIGEST)?;
                 Frame::Digests { index, blocks }
             }
+            T_VERIFY => {
+                let (index, blocks) = r.infos(MAX_DIGEST)?;
+                Frame::Verify { index, blocks }
+            }
+            T_FINDING => {
+                let k = r.u8()?;
+                let kind = *FindingKind::ALL
+                    .get(k as usize)
+                    .ok_or(DecodeError::Unknown("finding", k.into()))?;
+                let (offset, len) = (r.u64()?, r.u64()?);
+                if offset.checked_add(len).is_none() {
+                    return Err(DecodeError::TooLarge("finding range"));
+                }
+                Frame::Finding { kind, offset, len }
+            }
             T_PIECES => {
-                let (offset, pieces) = r.infos()?;
+                let (offset, pieces) = r.infos(BLOCK_DIGEST)?;
                 Frame::Pieces { offset, pieces }
             }
             T_REFINE => {
@@ -859,6 +949,7 @@ mod tests {
                 source_size: 12345,
                 bwlimit: 1 << 20,
                 refine: 4096,
+                max_errors: u64::MAX,
             }),
             Frame::Reply(Reply { size: 99, kind: 2 }),
             Frame::Go(Go {
@@ -875,6 +966,18 @@ mod tests {
                     BlockInfo::Missing,
                     BlockInfo::Digest(HashKind::Xxh3.block_digest(b"b")),
                 ],
+            },
+            Frame::Verify {
+                index: 3,
+                blocks: vec![
+                    BlockInfo::Digest(HashKind::Blake3.digest(b"full")),
+                    BlockInfo::Zero,
+                ],
+            },
+            Frame::Finding {
+                kind: FindingKind::SourceChanged,
+                offset: 512,
+                len: 4096,
             },
             Frame::Zero {
                 offset: 1 << 30,

@@ -9,8 +9,8 @@ use crate::engine::{Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
-    FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_NO_SPARSE, Frame, Go,
-    Hello, Reply, Role, read_frame, write_frame,
+    FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
+    FLAG_NO_SPARSE, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame, write_frame,
 };
 use crate::report::Reporter;
 use crate::server::buffers_for;
@@ -201,6 +201,12 @@ pub(crate) fn run(
     if args.discard {
         flags |= FLAG_DISCARD;
     }
+    if args.verify {
+        flags |= FLAG_VERIFY;
+    }
+    if args.keep_unreadable {
+        flags |= FLAG_KEEP_UNREADABLE;
+    }
     let hello = Hello {
         role: if push { Role::Dest } else { Role::Source },
         path: remote_path.to_string(),
@@ -212,6 +218,7 @@ pub(crate) fn run(
         source_size: src.as_ref().map_or(0, |s| s.size),
         bwlimit: bw / args.workers as u64,
         refine,
+        max_errors: args.max_errors.unwrap_or(u64::MAX),
     };
     let remote_name = format!("{host}:{remote_path}");
     let local_name = local.display().to_string();
@@ -344,6 +351,7 @@ pub(crate) fn run(
     }
 
     let cancel = crate::cancel_on_signals();
+    let verify = args.verify.then(|| crate::engine::VerifyLog::new(hash));
     let stats = std::sync::Arc::new(Stats::default());
     Stats::add(
         if push {
@@ -371,6 +379,8 @@ pub(crate) fn run(
                 config.sparse = !args.no_sparse;
                 config.discard = args.discard;
                 config.refine = refine;
+                config.salvage = crate::salvage_of(args);
+                config.verify = verify.clone();
                 let (stats, cancel, src, dest) = (&*stats, &*cancel, src.as_ref(), dest.as_ref());
                 s.spawn(move || match src {
                     Some(src) => {

@@ -290,6 +290,18 @@ pub struct Summary {
     pub destination_truncated_from: Option<u64>,
     /// A larger destination device kept this many bytes past the source size.
     pub destination_tail_kept: Option<u64>,
+    /// `--verify`: bytes compared at full strength after the sync (`None`: no verify).
+    pub verified_bytes: Option<u64>,
+    /// `--verify`: bytes of the destination that differ from the source.
+    pub mismatch_bytes: u64,
+    /// `--verify`: bytes of the source that changed while the sync ran.
+    pub source_changed_bytes: u64,
+    /// Source bytes that could not be read.
+    pub unreadable_bytes: u64,
+    /// Unreadable source ranges.
+    pub unreadable_ranges: u64,
+    /// Where the map of unreadable ranges was written (`--bad-blocks`).
+    pub bad_blocks_map: Option<String>,
 }
 
 impl Summary {
@@ -325,6 +337,12 @@ impl Summary {
             destination_created: false,
             destination_truncated_from: None,
             destination_tail_kept: None,
+            verified_bytes: None,
+            mismatch_bytes: 0,
+            source_changed_bytes: 0,
+            unreadable_bytes: 0,
+            unreadable_ranges: 0,
+            bad_blocks_map: None,
         }
     }
 
@@ -335,6 +353,9 @@ impl Summary {
         let state = match self.status {
             "interrupted" => " (interrupted)",
             "dry-run" => " (dry run, nothing written)",
+            "verify-failed" => " (VERIFY FAILED)",
+            "source-changed" => " (source changed during the sync)",
+            "unreadable" => " (source partly unreadable)",
             _ => "",
         };
         out.push_str(&format!(
@@ -393,6 +414,33 @@ impl Summary {
             out.push_str(&format!(
                 "  destination file {c} from {} to {} bytes\n",
                 old, self.size
+            ));
+        }
+        if self.unreadable_bytes > 0 {
+            let map = match &self.bad_blocks_map {
+                Some(m) => format!("; map in {m}"),
+                None => String::new(),
+            };
+            out.push_str(&format!(
+                "  UNREADABLE: {} in {} ranges of the source{map}\n",
+                human(self.unreadable_bytes),
+                self.unreadable_ranges
+            ));
+        }
+        if let Some(v) = self.verified_bytes {
+            let verdict = if self.mismatch_bytes > 0 {
+                format!("{} DIFFER", human(self.mismatch_bytes))
+            } else if self.source_changed_bytes > 0 {
+                format!(
+                    "the source changed in {} while syncing",
+                    human(self.source_changed_bytes)
+                )
+            } else {
+                "identical".to_string()
+            };
+            out.push_str(&format!(
+                "  verify: {} compared at full strength: {verdict}\n",
+                human(v)
             ));
         }
         if let Some(tail) = self.destination_tail_kept {

@@ -6,8 +6,9 @@ use crate::engine::{Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
-    DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_NO_SPARSE,
-    Frame, GREETING, Hello, ReadError, Reply, Role, VERSION, read_frame, write_frame,
+    DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
+    FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_VERIFY, Frame, GREETING, Hello, ReadError, Reply,
+    Role, VERSION, read_frame, write_frame,
 };
 use crate::target::{self, Target, TargetKind};
 use std::fs::File;
@@ -118,6 +119,13 @@ pub fn config_for(hello: &Hello, go: &crate::protocol::Go) -> Config {
     config.sparse = hello.flags & FLAG_NO_SPARSE == 0;
     config.discard = hello.flags & FLAG_DISCARD != 0;
     config.refine = hello.refine;
+    config.salvage = crate::engine::Salvage {
+        max_errors: hello.max_errors,
+        keep_unreadable: hello.flags & FLAG_KEEP_UNREADABLE != 0,
+    };
+    if hello.flags & FLAG_VERIFY != 0 {
+        config.verify = Some(crate::engine::VerifyLog::new(hello.hash));
+    }
     config.pause = Duration::from_millis(hello.pause_ms);
     config.buffers = buffers_for(layout.chunk);
     config

@@ -29,7 +29,15 @@ pub fn run(
     let stop = AtomicBool::new(false);
     let stop = &stop;
     if let Some(d) = dest {
+        if config.verify_pass {
+            // Verify what is on the disk, not what is still in the page cache (the sync
+            // flushed it, so these pages are clean and can be dropped).
+            target::advise(&d.file, 0, 0, Advice::DontNeed);
+        }
         target::advise(&d.file, 0, 0, Advice::Sequential);
+    }
+    if config.verify_pass && config.dest_progress {
+        stats.done.store(0, std::sync::atomic::Ordering::Relaxed); // the progress starts over
     }
     std::thread::scope(|s| {
         match config.compare {
@@ -66,6 +74,14 @@ fn hash_dest(
 ) {
     for msg in chunks {
         let msg = match msg {
+            ToSource::Bytes { index, data, zeros } if config.verify_pass => {
+                let (_, len) = config.layout.chunk_at(index);
+                let block = config.layout.block as usize;
+                ToSource::Verify {
+                    index,
+                    blocks: super::prehash::infos_at(kind, &data, len, block, &zeros, true),
+                }
+            }
             ToSource::Bytes { index, data, zeros } => ToSource::Digests {
                 index,
                 blocks: super::prehash::chunk_info(kind, &config.layout, index, &data, &zeros),
@@ -126,7 +142,14 @@ fn read_dest(
 ) {
     let layout = config.layout;
     let block = layout.block as usize;
-    let have_size = dest.map_or(0, |d| d.size);
+    let have_size = match dest {
+        // The sync pass may have grown a file destination since it was opened.
+        Some(d) if config.verify_pass && d.kind == TargetKind::File => {
+            d.file.metadata().map_or(d.size, |m| m.len())
+        }
+        Some(d) => d.size,
+        None => 0,
+    };
     let mut extents = dest.and_then(|d| Extents::new(&d.file, d.kind));
     for index in 0..layout.chunks() {
         let (offset, len) = layout.chunk_at(index);
@@ -173,6 +196,9 @@ fn read_dest(
         }
         if config.dest_progress {
             Stats::add(&stats.done, len as u64);
+            if config.verify_pass {
+                Stats::add(&stats.verified, len as u64);
+            }
         }
     }
 }
@@ -287,6 +313,13 @@ fn write_dest(
                     .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
                 // A closed channel means the source is gone; the loop ends on its own.
                 let _ = answers.send(ToSource::Pieces { offset, pieces });
+            }
+            Ok(ToDest::Finding { kind, offset, len }) => {
+                // Recorded here only when the source half is on another machine (else
+                // it recorded them itself).
+                if config.dest_progress {
+                    stats.found(kind, offset, len);
+                }
             }
             Ok(ToDest::Finish { size, .. }) => break (true, size),
             // Stopped early: flush what was written so a rerun resumes from it.

@@ -8,14 +8,18 @@
 
 pub mod dest;
 pub mod prehash;
+pub mod salvage;
 pub mod source;
 
 use crate::error::Result;
 use crate::hash::HashKind;
-use crate::protocol::{ToDest, ToSource};
+use crate::protocol::{BlockInfo, FindingKind, ToDest, ToSource};
 use crate::target::Target;
 use crossbeam_channel::bounded;
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Capacity of the channels carrying chunk reports. Reports that hold a buffer are
@@ -96,6 +100,126 @@ pub enum Compare {
     Digest(HashKind),
 }
 
+/// What the source does about unreadable sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Salvage {
+    /// Give up (error) after this many unreadable ranges; `u64::MAX`: never.
+    pub max_errors: u64,
+    /// Leave the destination's old bytes where the source is unreadable, instead of zeros.
+    pub keep_unreadable: bool,
+}
+
+impl Default for Salvage {
+    fn default() -> Self {
+        Salvage {
+            max_errors: u64::MAX,
+            keep_unreadable: false,
+        }
+    }
+}
+
+/// What the source read in the sync pass, kept for `--verify` to tell a destination that
+/// differs from a source that changed under the sync.
+#[derive(Debug)]
+pub struct VerifyLog {
+    /// The digest both sides use for the verify pass.
+    pub kind: HashKind,
+    /// Per chunk (by byte offset): a fingerprint of its block digests as read.
+    read: Mutex<HashMap<u64, Digest128>>,
+}
+
+/// A 128-bit fingerprint.
+type Digest128 = [u8; 16];
+
+impl VerifyLog {
+    /// An empty log for digests of `kind`.
+    pub fn new(kind: HashKind) -> Arc<Self> {
+        Arc::new(VerifyLog {
+            kind,
+            read: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The fingerprint of a chunk's blocks (digests at either strength: only the first
+    /// 128 bits count, so a verify pass's full digests match the sync pass's).
+    pub fn fingerprint(blocks: &[BlockInfo]) -> Digest128 {
+        let mut h = blake3::Hasher::new();
+        for b in blocks {
+            match b {
+                BlockInfo::Missing => h.update(&[0]),
+                BlockInfo::Zero => h.update(&[1]),
+                BlockInfo::Digest(d) => h.update(&[2]).update(&d.0[..crate::hash::BLOCK_DIGEST]),
+            };
+        }
+        h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
+    }
+
+    /// Records what the chunk at `offset` held when the sync read it.
+    pub fn record(&self, offset: u64, blocks: &[BlockInfo]) {
+        let fp = Self::fingerprint(blocks);
+        self.read.lock().expect("not poisoned").insert(offset, fp);
+    }
+
+    /// Whether the chunk at `offset` holds something else now than when the sync read it
+    /// (`None`: the sync did not record it).
+    pub fn changed(&self, offset: u64, now: &[BlockInfo]) -> Option<bool> {
+        let fp = Self::fingerprint(now);
+        let read = self.read.lock().expect("not poisoned");
+        read.get(&offset).map(|then| *then != fp)
+    }
+}
+
+/// Byte ranges the user must hear about, merged where adjacent.
+#[derive(Debug, Default, Clone)]
+pub struct Findings {
+    /// Source ranges that could not be read.
+    pub unreadable: Vec<Range<u64>>,
+    /// `--verify`: destination ranges that differ from the source.
+    pub mismatch: Vec<Range<u64>>,
+    /// `--verify`: source ranges that changed while the sync ran.
+    pub source_changed: Vec<Range<u64>>,
+}
+
+impl Findings {
+    /// Adds a range, merging it with the last one of its kind when they touch.
+    pub fn add(&mut self, kind: FindingKind, offset: u64, len: u64) {
+        let list = match kind {
+            FindingKind::Unreadable => &mut self.unreadable,
+            FindingKind::Mismatch => &mut self.mismatch,
+            FindingKind::SourceChanged => &mut self.source_changed,
+        };
+        let r = offset..offset.saturating_add(len);
+        match list.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => list.push(r),
+        }
+    }
+
+    /// Total bytes of a list of ranges.
+    pub fn bytes(list: &[Range<u64>]) -> u64 {
+        list.iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Sorts and merges each list (parallel streams add their ranges interleaved).
+    pub fn normalize(&mut self) {
+        for list in [
+            &mut self.unreadable,
+            &mut self.mismatch,
+            &mut self.source_changed,
+        ] {
+            list.sort_by_key(|r| r.start);
+            let mut out: Vec<Range<u64>> = Vec::with_capacity(list.len());
+            for r in list.drain(..) {
+                match out.last_mut() {
+                    Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+                    _ => out.push(r),
+                }
+            }
+            *list = out;
+        }
+    }
+}
+
 /// Settings shared by both halves.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -122,6 +246,13 @@ pub struct Config {
     pub discard: bool,
     /// Sub-block size a changed block is narrowed down to (0: send it whole).
     pub refine: u64,
+    /// Unreadable source sectors.
+    pub salvage: Salvage,
+    /// `--verify`: after the sync, a second pass compares both sides at full strength.
+    pub verify: Option<Arc<VerifyLog>>,
+    /// This is the verify pass: read (the destination from disk, not cache), hash at full
+    /// strength, compare, write nothing.
+    pub verify_pass: bool,
 }
 
 impl Config {
@@ -139,6 +270,28 @@ impl Config {
             sparse: true,
             discard: false,
             refine: 0,
+            salvage: Salvage::default(),
+            verify: None,
+            verify_pass: false,
+        }
+    }
+
+    /// Whether a verify pass follows this (successful) sync pass.
+    pub fn verify_follows(&self) -> bool {
+        self.verify.is_some() && !self.verify_pass && !self.dry_run
+    }
+
+    /// The settings of the verify pass that follows this sync pass.
+    pub fn for_verify(&self) -> Config {
+        let kind = self.verify.as_ref().map_or(HashKind::Blake3, |v| v.kind);
+        Config {
+            compare: Compare::Digest(kind),
+            dry_run: true,
+            pause: Duration::ZERO,
+            precomputed: None,
+            refine: 0,
+            verify_pass: true,
+            ..self.clone()
         }
     }
 }
@@ -178,6 +331,10 @@ pub struct Stats {
     pub digests_received: AtomicU64,
     /// Source bytes compared so far (progress).
     pub done: AtomicU64,
+    /// Bytes compared at full strength by `--verify`.
+    pub verified: AtomicU64,
+    /// Unreadable, mismatched and changed ranges.
+    pub findings: Mutex<Findings>,
 }
 
 impl Stats {
@@ -188,6 +345,19 @@ impl Stats {
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records a finding.
+    pub fn found(&self, kind: FindingKind, offset: u64, len: u64) {
+        let mut f = self.findings.lock().expect("not poisoned");
+        f.add(kind, offset, len);
+    }
+
+    /// The findings so far, sorted and merged.
+    pub fn findings(&self) -> Findings {
+        let mut f = self.findings.lock().expect("not poisoned").clone();
+        f.normalize();
+        f
     }
 }
 
@@ -200,12 +370,26 @@ pub fn sync_local(
     stats: &Stats,
     cancel: &AtomicBool,
 ) -> Result<()> {
+    local_pass(src, dest, config, stats, cancel)?;
+    if config.verify_follows() {
+        local_pass(src, dest, &config.for_verify(), stats, cancel)?;
+    }
+    Ok(())
+}
+
+fn local_pass(
+    src: &Target,
+    dest: Option<&Target>,
+    config: &Config,
+    stats: &Stats,
+    cancel: &AtomicBool,
+) -> Result<()> {
     let (to_dest, from_source) = bounded::<ToDest>(config.buffers * 16);
     let (to_source, from_dest) = bounded::<ToSource>(REPORTS_IN_FLIGHT);
     std::thread::scope(|s| {
         // In one process blocks are compared by bytes: no refinement questions, so the
         // destination writer sends no answers that could wait on this bounded channel.
-        debug_assert_eq!(config.compare, Compare::Bytes);
+        debug_assert!(config.compare == Compare::Bytes || config.refine == 0);
         let answers = to_source.clone();
         let dest_half =
             s.spawn(move || dest::run(dest, config, from_source, to_source, answers, stats));

@@ -89,6 +89,18 @@ pub fn block_infos(
     block: usize,
     zeros: &[bool],
 ) -> Vec<BlockInfo> {
+    infos_at(kind, data, len, block, zeros, false)
+}
+
+/// Like [`block_infos`], with digests at full strength when `full` (for `--verify`).
+pub fn infos_at(
+    kind: HashKind,
+    data: &[u8],
+    len: usize,
+    block: usize,
+    zeros: &[bool],
+    full: bool,
+) -> Vec<BlockInfo> {
     (0..len.div_ceil(block))
         .map(|j| {
             let r = j * block..((j + 1) * block).min(len);
@@ -98,6 +110,8 @@ pub fn block_infos(
                 BlockInfo::Missing
             } else if target::is_zero(&data[r.clone()]) {
                 BlockInfo::Zero
+            } else if full {
+                BlockInfo::Digest(kind.digest(&data[r]))
             } else {
                 BlockInfo::Digest(kind.block_digest(&data[r]))
             }

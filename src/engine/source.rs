@@ -2,10 +2,11 @@
 //! spotting zero blocks), compares each block with what the destination half reports,
 //! and sends the changed ranges: data, or a tiny zero message for zero blocks.
 
+use super::salvage::{self, Salvager};
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::pool::{Buf, Pool, Slice};
-use crate::protocol::{BlockInfo, Counts, ToDest, ToSource};
+use crate::protocol::{BlockInfo, Counts, FindingKind, ToDest, ToSource};
 use crate::target::{self, Advice, Extents, Target};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::ops::Range;
@@ -20,6 +21,34 @@ struct Chunk {
     data: Option<Buf>,
     /// Per block: all zero (a hole, or read and found zero).
     zeros: Vec<bool>,
+    /// Unreadable byte ranges of the chunk (zero-filled in `data`), ascending.
+    bad: Vec<Range<usize>>,
+}
+
+/// The source half's counters now.
+fn counts(stats: &Stats) -> Counts {
+    Counts {
+        read: Stats::get(&stats.source_read),
+        same: Stats::get(&stats.blocks_same),
+        changed: Stats::get(&stats.blocks_changed),
+        changed_bytes: Stats::get(&stats.changed_bytes),
+        zero: Stats::get(&stats.blocks_zero),
+        holes: Stats::get(&stats.blocks_hole),
+        zeroed: Stats::get(&stats.blocks_zeroed),
+    }
+}
+
+/// What was counted since `before` (a verify pass reports only its own reads).
+fn counts_since(now: Counts, before: Counts) -> Counts {
+    Counts {
+        read: now.read - before.read,
+        same: now.same - before.same,
+        changed: now.changed - before.changed,
+        changed_bytes: now.changed_bytes - before.changed_bytes,
+        zero: now.zero - before.zero,
+        holes: now.holes - before.holes,
+        zeroed: now.zeroed - before.zeroed,
+    }
 }
 
 fn lost_destination() -> Error {
@@ -53,6 +82,10 @@ pub fn run(
     let layout = config.layout;
     let pool = Pool::new(config.buffers, layout.chunk as usize);
     target::advise(&src.file, 0, 0, Advice::Sequential);
+    let before = counts(stats);
+    if config.verify_pass {
+        stats.done.store(0, Ordering::Relaxed); // the progress starts over
+    }
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(super::REPORTS_IN_FLIGHT);
@@ -65,15 +98,7 @@ pub fn run(
         let end = match &outcome {
             Ok(()) => ToDest::Finish {
                 size: layout.size,
-                counts: Counts {
-                    read: Stats::get(&stats.source_read),
-                    same: Stats::get(&stats.blocks_same),
-                    changed: Stats::get(&stats.blocks_changed),
-                    changed_bytes: Stats::get(&stats.changed_bytes),
-                    zero: Stats::get(&stats.blocks_zero),
-                    holes: Stats::get(&stats.blocks_hole),
-                    zeroed: Stats::get(&stats.blocks_zeroed),
-                },
+                counts: counts_since(counts(stats), before),
             },
             Err(e) => ToDest::Abort {
                 kind: e.kind,
@@ -122,29 +147,88 @@ fn read_error(src: &Target, at: u64, e: &std::io::Error) -> Error {
     )
 }
 
-/// Reads the blocks of a chunk that are not holes into `data`, then marks which of
-/// them are zero. Returns the bytes read.
-fn read_blocks(
-    src: &Target,
+/// Reads the blocks of a chunk that are not holes into `data`, reading around
+/// unreadable sectors (zero-filled and added to `bad`), then marks which blocks are zero.
+/// Returns the bytes read.
+#[allow(clippy::too_many_arguments)]
+fn read_blocks<'a>(
+    src: &'a Target,
     offset: u64,
     block: usize,
     data: &mut [u8],
     zeros: &mut [bool],
     extents: Option<&[Range<u64>]>,
+    salvager: &mut Option<Salvager<'a>>,
+    bad: &mut Vec<Range<usize>>,
 ) -> Result<u64> {
     let holes = zeros.to_vec();
-    let read = target::read_blocks_at(&src.file, data, offset, block, &holes, extents).map_err(
-        |(at, e)| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => shrank(src, at),
-            _ => read_error(src, at, &e),
-        },
-    )?;
+    let fail = |at: u64, e: &std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => shrank(src, at),
+        _ => read_error(src, at, e),
+    };
+    let read = match target::read_blocks_at(&src.file, data, offset, block, &holes, extents) {
+        Ok(n) => n,
+        Err((_, e)) if salvage::is_media_error(&e) => {
+            // Again block by block, splitting failed reads down to single sectors.
+            let s = salvager.get_or_insert_with(|| Salvager::new(src));
+            let mut n = 0;
+            for (j, &hole) in holes.iter().enumerate() {
+                let r = j * block..((j + 1) * block).min(data.len());
+                if hole || r.is_empty() {
+                    continue;
+                }
+                let at = offset + r.start as u64;
+                s.read(&mut data[r.clone()], at, r.start, bad)
+                    .map_err(|e| fail(at, &e))?;
+                n += r.len() as u64;
+            }
+            n
+        }
+        Err((at, e)) => return Err(fail(at, &e)),
+    };
     for (k, z) in zeros.iter_mut().enumerate() {
         if !*z {
             *z = target::is_zero(&data[k * block..((k + 1) * block).min(data.len())]);
         }
     }
     Ok(read)
+}
+
+/// The unreadable ranges of a chunk as absolute ranges, checked against `--max-errors`
+/// (a range continuing the previous chunk's last one counts once).
+struct ErrorCount {
+    ranges: u64,
+    last_end: u64,
+}
+
+impl ErrorCount {
+    fn add(
+        &mut self,
+        src: &Target,
+        config: &Config,
+        offset: u64,
+        bad: &[Range<usize>],
+    ) -> Result<()> {
+        for r in bad {
+            let (s, e) = (offset + r.start as u64, offset + r.end as u64);
+            if s != self.last_end {
+                self.ranges += 1;
+            }
+            self.last_end = e;
+        }
+        if self.ranges > config.salvage.max_errors {
+            return Err(Error::new(
+                Kind::Source,
+                format!(
+                    "source {}: gave up after {} unreadable areas (--max-errors {}); what was copied is flushed",
+                    src.path.display(),
+                    self.ranges,
+                    config.salvage.max_errors
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn read_source(
@@ -159,6 +243,11 @@ fn read_source(
     let layout = config.layout;
     let block = layout.block as usize;
     let mut extents = Extents::new(&src.file, src.kind);
+    let mut salvager = None;
+    let mut errors = ErrorCount {
+        ranges: 0,
+        last_end: u64::MAX,
+    };
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             return;
@@ -174,6 +263,7 @@ fn read_source(
                     index,
                     data: None,
                     zeros,
+                    bad: Vec::new(),
                 }))
                 .is_err()
             {
@@ -190,19 +280,44 @@ fn read_source(
             None => vec![false; nblocks],
         };
         let holes = zeros.iter().filter(|&&z| z).count();
-        Stats::add(&stats.blocks_hole, holes as u64);
+        if !config.verify_pass {
+            Stats::add(&stats.blocks_hole, holes as u64);
+        }
         let item = if holes == nblocks {
             Ok(Chunk {
                 index,
                 data: None,
                 zeros,
+                bad: Vec::new(),
             })
         } else {
             let Some(mut data) = pool.get_unless(len, stop) else {
                 return;
             };
             let ranges = data_ranges.as_deref();
-            read_blocks(src, offset, block, &mut data, &mut zeros, ranges).map(|n| {
+            let mut bad = Vec::new();
+            let res = read_blocks(
+                src,
+                offset,
+                block,
+                &mut data,
+                &mut zeros,
+                ranges,
+                &mut salvager,
+                &mut bad,
+            );
+            if !config.verify_pass {
+                // Recorded here, so a run that gives up still reports what it found.
+                for r in &bad {
+                    let at = offset + r.start as u64;
+                    stats.found(FindingKind::Unreadable, at, r.len() as u64);
+                }
+            }
+            res.and_then(|n| {
+                errors.add(src, config, offset, &bad)?;
+                Ok(n)
+            })
+            .map(|n| {
                 Stats::add(&stats.source_read, n);
                 if config.drop_cache {
                     target::advise(&src.file, offset, len as u64, Advice::DontNeed);
@@ -211,10 +326,13 @@ fn read_source(
                     index,
                     data: Some(data),
                     zeros,
+                    bad,
                 }
             })
         };
-        if let Ok(c) = &item {
+        if let Ok(c) = &item
+            && !config.verify_pass
+        {
             count_zeros(stats, &c.zeros);
         }
         let failed = item.is_err();
@@ -328,6 +446,19 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Changes 
     let mut changes = Changes::default();
     for (j, &zero) in chunk.zeros.iter().enumerate() {
         let r = j * block..((j + 1) * block).min(len);
+        let bad = overlapping(&chunk.bad, &r);
+        if !bad.is_empty() && config.salvage.keep_unreadable {
+            // Only the readable parts go; the destination keeps its old bytes in the rest.
+            changes.blocks += 1;
+            let mut at = r.start;
+            for b in bad.iter().chain(std::iter::once(&(r.end..r.end))) {
+                if b.start > at {
+                    changes.push(at..b.start, Send::Data);
+                }
+                at = at.max(b.end);
+            }
+            continue;
+        }
         let change = match theirs {
             ToSource::Bytes { data, zeros, .. } => {
                 let their_zero = zeros.get(j) == Some(&true);
@@ -376,6 +507,11 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Changes 
             }
             _ => unreachable!("checked by caller"),
         };
+        // Refining re-reads the source, which would only fail again: send what we have.
+        let change = change.map(|how| match how {
+            Send::Refine if !bad.is_empty() => Send::Data,
+            how => how,
+        });
         let Some(how) = change else { continue };
         changes.blocks += 1;
         if how == Send::Zero {
@@ -384,6 +520,60 @@ fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Changes 
         changes.push(r, how);
     }
     changes
+}
+
+/// The parts of the ranges in `bad` (ascending) that fall in `r`.
+fn overlapping(bad: &[Range<usize>], r: &Range<usize>) -> Vec<Range<usize>> {
+    bad.iter()
+        .filter(|b| b.start < r.end && b.end > r.start)
+        .map(|b| b.start.max(r.start)..b.end.min(r.end))
+        .collect()
+}
+
+/// The verify pass for one chunk: compares the source's full-strength digests with the
+/// destination's, and with what the sync pass read, and reports what differs.
+fn verify_chunk(
+    config: &Config,
+    chunk: &Chunk,
+    theirs: &[BlockInfo],
+    refiner: &Refiner,
+    stats: &Stats,
+) -> Result<()> {
+    let Some(log) = &config.verify else {
+        return Err(Error::new(Kind::Internal, "verify pass without a log"));
+    };
+    let block = config.layout.block as usize;
+    let (offset, len) = config.layout.chunk_at(chunk.index);
+    let data = chunk.data.as_deref().unwrap_or(&[]);
+    let mine = super::prehash::infos_at(log.kind, data, len, block, &chunk.zeros, true);
+    let mut found = Vec::new();
+    if log.changed(offset, &mine) == Some(true) {
+        // The destination holds what the sync read; the source moved on since.
+        found.push((FindingKind::SourceChanged, offset, len as u64));
+    } else {
+        for (j, m) in mine.iter().enumerate() {
+            let r = j * block..((j + 1) * block).min(len);
+            let t = theirs.get(j).copied().unwrap_or(BlockInfo::Missing);
+            // Unreadable sectors are zeros (or old bytes) by design, not a mismatch.
+            if *m != t && overlapping(&chunk.bad, &r).is_empty() {
+                found.push((
+                    FindingKind::Mismatch,
+                    offset + r.start as u64,
+                    r.len() as u64,
+                ));
+            }
+        }
+    }
+    for (kind, at, n) in found {
+        stats.found(kind, at, n);
+        refiner.send(ToDest::Finding {
+            kind,
+            offset: at,
+            len: n,
+        })?;
+    }
+    Stats::add(&stats.verified, len as u64);
+    Ok(())
 }
 
 /// Reads a changed range of a chunk whose bytes were not kept.
@@ -563,7 +753,9 @@ fn compare_and_send(
             .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
         let theirs = refiner.next_report()?;
         let their_index = match &theirs {
-            ToSource::Bytes { index, .. } | ToSource::Digests { index, .. } => *index,
+            ToSource::Bytes { index, .. }
+            | ToSource::Digests { index, .. }
+            | ToSource::Verify { index, .. } => *index,
             ToSource::Failed { kind, message } => return Err(Error::new(*kind, message.clone())),
             _ => {
                 return Err(Error::new(
@@ -581,15 +773,47 @@ fn compare_and_send(
                 ),
             ));
         }
-        if let (Compare::Digest(_), ToSource::Bytes { .. }) = (config.compare, &theirs) {
-            return Err(Error::new(
-                Kind::Protocol,
-                "destination sent bytes, not digests",
-            ));
+        let (offset, len) = layout.chunk_at(index);
+        match (config.verify_pass, config.compare, &theirs) {
+            (true, _, ToSource::Verify { blocks, .. }) => {
+                verify_chunk(config, &chunk, blocks, &refiner, stats)?;
+                Stats::add(&stats.done, len as u64);
+                continue;
+            }
+            (false, Compare::Digest(_), ToSource::Digests { .. })
+            | (false, Compare::Bytes, ToSource::Bytes { .. }) => {}
+            _ => {
+                return Err(Error::new(
+                    Kind::Protocol,
+                    "destination sent another kind of report than asked for",
+                ));
+            }
+        }
+        for r in &chunk.bad {
+            refiner.send(ToDest::Finding {
+                kind: FindingKind::Unreadable,
+                offset: offset + r.start as u64,
+                len: r.len() as u64,
+            })?;
+        }
+        if let Some(log) = &config.verify {
+            // What the sync read, so the verify pass can tell a source that changed since.
+            let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
+            let blocks = match (ahead, &chunk.data) {
+                (Some(a), None) => a.to_vec(),
+                (_, data) => super::prehash::infos_at(
+                    log.kind,
+                    data.as_deref().map_or(&[][..], |d| d),
+                    len,
+                    block,
+                    &chunk.zeros,
+                    false,
+                ),
+            };
+            log.record(offset, &blocks);
         }
         let changes = changed_ranges(config, &chunk, &theirs);
         drop(theirs); // hand the destination's buffer back before waiting on anything else
-        let (offset, len) = layout.chunk_at(index);
         let nblocks = len.div_ceil(block) as u64;
         let bytes: usize = changes
             .ranges
