@@ -339,10 +339,9 @@ pub(crate) fn conclude(
         summary.bad_blocks_map = Some(path.display().to_string());
     }
     let first = |list: &[std::ops::Range<u64>]| list.first().map_or(0, |r| r.start);
-    match result {
+    let outcome = match result {
         Ok(()) if summary.mismatch_bytes > 0 => {
             summary.status = "verify-failed";
-            reporter.summary(&summary);
             Err(Error::new(
                 Kind::Verify,
                 format!(
@@ -356,7 +355,6 @@ pub(crate) fn conclude(
         }
         Ok(()) if summary.source_changed_bytes > 0 => {
             summary.status = "source-changed";
-            reporter.summary(&summary);
             Err(Error::new(
                 Kind::SourceChanged,
                 format!(
@@ -369,7 +367,6 @@ pub(crate) fn conclude(
         }
         Ok(()) if summary.unreadable_bytes > 0 => {
             summary.status = "unreadable";
-            reporter.summary(&summary);
             let there = if args.keep_unreadable {
                 "the destination keeps its old bytes there"
             } else {
@@ -390,21 +387,24 @@ pub(crate) fn conclude(
                 ),
             ))
         }
-        Ok(()) => {
-            reporter.summary(&summary);
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(e) if e.kind == Kind::Interrupted => {
             summary.status = "interrupted";
             summary.destination_truncated_from = None;
-            reporter.summary(&summary);
             Err(Error::new(
                 Kind::Interrupted,
                 "interrupted; what was written is flushed. Run the same command again to finish",
             ))
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    if let Err(e) = &outcome {
+        // One JSON object for scripts: the summary carries the error.
+        summary.error = Some(e.message.clone());
+        summary.exit_code = e.kind.exit_code();
     }
+    reporter.summary(&summary);
+    outcome
 }
 
 fn run_local(

@@ -32,6 +32,8 @@ pub struct Reporter {
     progress: ProgressMode,
     interval: Duration,
     log: Option<Mutex<File>>,
+    /// The JSON summary went out (with the error in it): print no second object.
+    summarized: AtomicBool,
 }
 
 impl Reporter {
@@ -63,6 +65,7 @@ impl Reporter {
             progress,
             interval,
             log,
+            summarized: AtomicBool::new(false),
         })
     }
 
@@ -75,6 +78,7 @@ impl Reporter {
             progress: ProgressMode::Never,
             interval: Duration::from_secs(1),
             log: None,
+            summarized: AtomicBool::new(false),
         }
     }
 
@@ -109,7 +113,7 @@ impl Reporter {
         let line = format!("blocksync: error: {}", err.message);
         eprintln!("{line}");
         self.to_log(&line);
-        if self.json {
+        if self.json && !self.summarized.load(Ordering::Relaxed) {
             let v = serde_json::json!({
                 "status": "error",
                 "error": err.message,
@@ -211,6 +215,7 @@ impl Reporter {
         }
         if self.json {
             println!("{}", serde_json::to_string(s).expect("summary serializes"));
+            self.summarized.store(true, Ordering::Relaxed);
         } else if !self.quiet {
             print!("{text}");
         }
@@ -302,6 +307,10 @@ pub struct Summary {
     pub unreadable_ranges: u64,
     /// Where the map of unreadable ranges was written (`--bad-blocks`).
     pub bad_blocks_map: Option<String>,
+    /// The error the run ended with, if any (also printed on stderr).
+    pub error: Option<String>,
+    /// The process exit code.
+    pub exit_code: i32,
 }
 
 impl Summary {
@@ -343,6 +352,8 @@ impl Summary {
             unreadable_bytes: 0,
             unreadable_ranges: 0,
             bad_blocks_map: None,
+            error: None,
+            exit_code: 0,
         }
     }
 
