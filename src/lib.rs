@@ -53,7 +53,7 @@ pub fn main_entry() -> i32 {
             return e.kind.exit_code();
         }
     };
-    match run(&args, &reporter) {
+    match run(&args, &reporter).map_err(interrupted_if_cancelled) {
         Ok(()) => 0,
         Err(e) => {
             reporter.error(&e);
@@ -271,14 +271,34 @@ pub(crate) fn confirm_change(
     }
 }
 
-/// Sets a flag on Ctrl-C or SIGTERM; a second signal ends the process at once.
+/// The flag Ctrl-C or SIGTERM sets (handlers installed on the first call); a second
+/// signal ends the process at once.
 pub(crate) fn cancel_on_signals() -> Arc<AtomicBool> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
-        let _ = signal_hook::flag::register(sig, cancel.clone());
+    static CANCEL: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    CANCEL
+        .get_or_init(|| {
+            let cancel = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
+                let _ = signal_hook::flag::register(sig, cancel.clone());
+            }
+            cancel
+        })
+        .clone()
+}
+
+/// After Ctrl-C, whatever failed next (ssh dies of the same Ctrl-C, say) is reported as
+/// the interruption it is.
+fn interrupted_if_cancelled(e: Error) -> Error {
+    if e.kind != Kind::Interrupted && cancel_on_signals().load(std::sync::atomic::Ordering::Relaxed)
+    {
+        Error::new(
+            Kind::Interrupted,
+            "interrupted; what was written is flushed. Run the same command again to finish",
+        )
+    } else {
+        e
     }
-    cancel
 }
 
 /// What a run knows about its two sides, for the summary.
@@ -318,6 +338,7 @@ pub(crate) fn conclude(
         _ => {}
     }
     summary.status = if args.dry_run { "dry-run" } else { "ok" };
+    let result = result.map_err(interrupted_if_cancelled);
     let findings = stats.findings();
     summary.unreadable_bytes = engine::Findings::bytes(&findings.unreadable);
     summary.unreadable_ranges = findings.unreadable.len() as u64;

@@ -190,6 +190,9 @@ pub const MAX_FRAME: usize = (crate::MAX_BLOCK as usize) + 1024;
 pub const MAX_TEXT: usize = 8192;
 /// Most digests in one frame (a chunk of the smallest block size).
 pub const MAX_DIGESTS: usize = (super::engine::CHUNK_TARGET / crate::MIN_BLOCK) as usize;
+/// Largest source or destination size in a frame: what `off_t` can address. Only a broken
+/// or hostile peer sends more, and offsets past it would overflow range arithmetic.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
 
 const T_HELLO: u8 = 1;
 const T_REPLY: u8 = 2;
@@ -675,6 +678,9 @@ impl Frame {
                     return Err(DecodeError::Version(v));
                 }
                 let size = r.u64()?;
+                if size > MAX_SIZE {
+                    return Err(DecodeError::TooLarge("size"));
+                }
                 let kind = r.u8()?;
                 if kind > 2 {
                     return Err(DecodeError::Unknown("target kind", kind.into()));
@@ -684,6 +690,9 @@ impl Frame {
             T_GO => {
                 let proceed = r.u8()? != 0;
                 let (size, start, end) = (r.u64()?, r.u64()?, r.u64()?);
+                if size > MAX_SIZE {
+                    return Err(DecodeError::TooLarge("size"));
+                }
                 if start > end || end > size {
                     return Err(DecodeError::Unknown("range end", end));
                 }
@@ -1114,6 +1123,29 @@ mod tests {
             panic!()
         };
         assert_eq!(data.unpack(), Err(DecodeError::BadCompression));
+    }
+
+    /// Found by fuzz target handshake_client: a Reply of almost 2^64 bytes overflowed the
+    /// client's range arithmetic (Layout::part) in a pull. No file is that large.
+    #[test]
+    fn sizes_past_off_t_are_rejected() {
+        let reply = |size: u64| Frame::Reply(Reply { size, kind: 1 }).encode().1;
+        let go = |size: u64| {
+            let g = Go {
+                proceed: true,
+                size,
+                start: 0,
+                end: size,
+            };
+            Frame::Go(g).encode().1
+        };
+        assert!(Frame::decode(T_REPLY, &reply(MAX_SIZE)).is_ok());
+        assert!(Frame::decode(T_GO, &go(MAX_SIZE)).is_ok());
+        for size in [MAX_SIZE + 1, u64::MAX] {
+            let too_large = Err(DecodeError::TooLarge("size"));
+            assert_eq!(Frame::decode(T_REPLY, &reply(size)), too_large);
+            assert_eq!(Frame::decode(T_GO, &go(size)), too_large);
+        }
     }
 
     /// Property test: random and mutated frames decode to an error or a frame, never panic,

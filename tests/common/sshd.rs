@@ -129,7 +129,7 @@ impl Sshd {
 
     /// Kills (SIGKILL) every blocksync process started through this sshd; returns how many.
     /// Only this sshd's descendants, so parallel tests are left alone.
-    fn kill_remote_servers_now(&self) -> usize {
+    pub fn kill_remote_servers_now(&self) -> usize {
         let parent_of = |pid: u32| -> Option<u32> {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let after = &stat[stat.rfind(')')? + 2..];
