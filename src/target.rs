@@ -108,6 +108,15 @@ fn kind_of(meta: &Metadata, what: &str, path: &Path, err_kind: Kind) -> Result<T
     }
 }
 
+/// Whether a block device is set read-only (the BLKROGET ioctl).
+pub fn device_read_only(file: &File) -> bool {
+    use rustix::ioctl::{Getter, ioctl, opcode};
+    // BLKROGET is _IO(0x12, 94) and writes an int.
+    const BLKROGET: rustix::ioctl::Opcode = opcode::none(0x12, 94);
+    // SAFETY: BLKROGET writes one c_int, which is what the Getter provides.
+    unsafe { ioctl(file, Getter::<BLKROGET, libc::c_int>::new()) }.is_ok_and(|ro| ro != 0)
+}
+
 /// Exact size of an open block device, from the BLKGETSIZE64 ioctl.
 pub fn block_device_size(file: &File) -> io::Result<u64> {
     use rustix::ioctl::{Getter, ioctl, opcode};
@@ -404,6 +413,16 @@ pub fn open_destination(probe: &DestProbe, force_mounted: bool) -> Result<Target
             "cannot read its size",
         )
     })?;
+    // Root may open a read-only device for writing; every write would then fail.
+    if kind == TargetKind::BlockDevice && device_read_only(&file) {
+        return Err(Error::new(
+            Kind::Destination,
+            format!(
+                "destination {} is a read-only device; make it writable (blockdev --setrw) or pick another",
+                path.display()
+            ),
+        ));
+    }
     Ok(Target {
         path: path.clone(),
         file,

@@ -121,3 +121,100 @@ fn more_changed_blocks_than_open_questions() {
     assert_eq!(fs::read(&dst).unwrap(), content);
     assert_eq!(json(&out)["blocks_changed"], 3072);
 }
+
+/// Runs blocksync as user nobody (uid 65534), for permission tests (we are root).
+fn run_as_nobody(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn read_only_destinations_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(3 * M as usize, 50)).unwrap();
+
+    // A file on a filesystem mounted read-only.
+    let fs_ro = Tmpfs::new(16 * M);
+    let dst = fs_ro.dir.path().join("dst");
+    let old = data(3 * M as usize, 51);
+    fs::write(&dst, &old).unwrap();
+    sh("mount", &["-o", "remount,ro", s(fs_ro.dir.path())]);
+    let out = run_within(&["-f", s(&src), s(&dst)], 30);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains(s(&dst)), "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), old);
+    // A missing file there cannot be created either.
+    let out = run_within(&[s(&src), &format!("{}/new", s(fs_ro.dir.path()))], 30);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+
+    // A block device set read-only.
+    let dev = LoopDev::new(4 * M, &old);
+    sh("blockdev", &["--setro", s(&dev.dev)]);
+    let out = run_within(&["-f", s(&src), s(&dev.dev)], 30);
+    sh("blockdev", &["--setrw", s(&dev.dev)]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains(s(&dev.dev)), "{}", stderr(&out));
+    assert_eq!(&dev.read()[..old.len()], &old[..]);
+}
+
+#[test]
+fn permission_denied_names_the_path_locally_and_remotely() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M as usize, 52)).unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
+    let dst = dir.path().join("dst");
+    let old = data(M as usize, 53);
+    fs::write(&dst, &old).unwrap();
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Locally, as a user who may read the source but not write the destination.
+    let out = run_as_nobody(&["-f", s(&src), s(&dst)]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Permission denied") && err.contains(s(&dst)),
+        "{err}"
+    );
+    assert_eq!(fs::read(&dst).unwrap(), old);
+    // An unreadable source is the source's fault.
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run_as_nobody(&["-f", s(&src), &format!("{}/x", s(dir.path()))]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Over ssh, as a user without write permission there: the remote says why.
+    let sshd = Sshd::start();
+    let user = common::sshd::TestUser::new(&sshd);
+    let out = run_within(
+        &[
+            "-e",
+            &sshd.rsh(),
+            "-S",
+            bin(),
+            "-f",
+            s(&src),
+            &user.at(&dst),
+        ],
+        60,
+    );
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Permission denied") && err.contains("testhost"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&dst).unwrap(), old);
+}
