@@ -1,0 +1,631 @@
+//! A hostile or broken client against the real server (`blocksync --server` on pipes, as
+//! ssh runs it): random bytes, truncated conversations, lying length prefixes, a wrong
+//! magic or version, and a valid handshake followed by garbage. Every time the server
+//! must exit non-zero within seconds, without a panic, and leave the destination named
+//! in the Hello as it was (or, for a conversation cut after whole blocks arrived, with
+//! at most those blocks written).
+
+mod common;
+
+use blocksync::error::Kind;
+use blocksync::hash::HashKind;
+use blocksync::pool::Slice;
+use blocksync::protocol::{
+    BlockInfo, Counts, Data, Frame, GREETING, Go, Hello, MAX_FRAME, Reply, Role, VERSION,
+    read_frame, write_frame, write_raw_frame,
+};
+use common::{bin, data};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const K: usize = 1024;
+/// The destination file's size; the "source" in these conversations is smaller, so a
+/// Finish the server should never have acted on would show as a cut file.
+const DEST_SIZE: usize = 256 * K;
+const SOURCE_SIZE: u64 = 192 * K as u64;
+const BLOCK: u64 = 4096;
+/// A server that needs longer than this on a few KiB of input hangs.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// How one server run ended.
+struct Ended {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+/// Runs `blocksync --server` in `dir`, writes `input` to its stdin and closes it, reads
+/// everything it writes (a peer that stops reading would block it on a full pipe, which
+/// is not what is tested here), and returns how it ended. Fails the test on a hang or a
+/// death by signal.
+fn serve(input: &[u8], dir: &Path) -> Ended {
+    let mut child = Command::new(bin())
+        .arg("--server")
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start blocksync --server");
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = input.to_vec();
+    // The server may stop reading at the first bad frame: a failed write is expected.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stderr.read_to_string(&mut out);
+        out
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server hung for {DEADLINE:?} on {} bytes of input: {}",
+                input_len(&writer),
+                err_reader.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = writer.join();
+    let stdout = reader.join().expect("stdout reader");
+    let stderr = err_reader.join().expect("stderr reader");
+    let code = status
+        .code()
+        .unwrap_or_else(|| panic!("the server died by a signal ({status}): {stderr}"));
+    Ended {
+        code,
+        stdout,
+        stderr,
+    }
+}
+
+fn input_len(writer: &std::thread::JoinHandle<()>) -> &'static str {
+    if writer.is_finished() {
+        "all its"
+    } else {
+        "(still writing)"
+    }
+}
+
+/// The server refused: a non-zero exit, no panic, and the greeting then at most a
+/// Failed frame on stdout (never a Done).
+fn assert_refused(ended: &Ended, what: &str) {
+    assert_ne!(ended.code, 0, "{what}: the server accepted it");
+    assert!(
+        !ended.stderr.contains("panicked"),
+        "{what}: the server panicked: {}",
+        ended.stderr
+    );
+    assert!(
+        ended.stdout.starts_with(GREETING),
+        "{what}: no greeting first"
+    );
+    let mut r = &ended.stdout[GREETING.len()..];
+    let mut buf = Vec::new();
+    let mut reason = String::new();
+    while let Ok((frame, _)) = read_frame(&mut r, &mut buf) {
+        assert!(
+            !matches!(frame, Frame::Done { .. }),
+            "{what}: the server confirmed a sync"
+        );
+        if let Frame::Failed { message, .. } = frame {
+            reason = message;
+        }
+    }
+    // Shown with --nocapture: what the client would have been told.
+    eprintln!("{what}: exit {}: {reason}", ended.code);
+}
+
+/// A temp dir with a destination file of known contents.
+struct Scene {
+    dir: tempfile::TempDir,
+    dest: PathBuf,
+    before: Vec<u8>,
+}
+
+impl Scene {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("dest.img");
+        let before = data(DEST_SIZE, 7);
+        std::fs::write(&dest, &before).unwrap();
+        Scene { dir, dest, before }
+    }
+
+    fn hello(&self, role: Role) -> Hello {
+        Hello {
+            role,
+            path: self.dest.to_str().unwrap().into(),
+            block: BLOCK,
+            hash: HashKind::Blake3,
+            compress: 1,
+            flags: 0,
+            pause_ms: 0,
+            source_size: SOURCE_SIZE,
+            bwlimit: 0,
+            refine: 0,
+            max_errors: u64::MAX,
+        }
+    }
+
+    fn serve(&self, input: &[u8]) -> Ended {
+        serve(input, self.dir.path())
+    }
+
+    fn assert_unchanged(&self, what: &str) {
+        let now = std::fs::read(&self.dest).unwrap();
+        assert_eq!(now.len(), self.before.len(), "{what}: the size changed");
+        assert!(now == self.before, "{what}: the destination changed");
+    }
+}
+
+fn wire(frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        write_frame(&mut out, f).unwrap();
+    }
+    out
+}
+
+fn go(size: u64) -> Frame {
+    Frame::Go(Go {
+        proceed: true,
+        size,
+        start: 0,
+        end: size,
+    })
+}
+
+/// Bytes that are no frame: a deterministic mix of lengths.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    data(len, 1000 + seed)
+}
+
+#[test]
+fn random_bytes_are_refused() {
+    let scene = Scene::new();
+    for (seed, len) in [(0, 0), (1, 1), (2, 3), (3, 4), (4, 5), (5, 64), (6, 4096)] {
+        let what = format!("{len} random bytes");
+        let ended = scene.serve(&noise(seed, len));
+        assert_refused(&ended, &what);
+        scene.assert_unchanged(&what);
+    }
+}
+
+#[test]
+fn lying_length_prefixes_are_refused() {
+    let scene = Scene::new();
+    let hello = wire(&[Frame::Hello(scene.hello(Role::Dest))]);
+    for (len, what) in [
+        (0u32, "a zero length"),
+        (MAX_FRAME as u32 + 1, "a length over the frame bound"),
+        (u32::MAX, "a length of 4 GiB"),
+        (
+            MAX_FRAME as u32,
+            "a 64 MiB frame that ends after its header",
+        ),
+        (hello.len() as u32, "a hello longer than its bytes"),
+    ] {
+        let mut input = len.to_le_bytes().to_vec();
+        input.extend_from_slice(&hello[4..]);
+        let ended = scene.serve(&input);
+        assert_refused(&ended, what);
+        scene.assert_unchanged(what);
+    }
+}
+
+#[test]
+fn a_wrong_magic_or_version_is_refused_with_a_reason() {
+    let scene = Scene::new();
+    let (t, good) = Frame::Hello(scene.hello(Role::Dest)).encode();
+    // The payload starts with the magic (8 bytes) and the version (2).
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for version in [0, 1, VERSION - 1, VERSION + 1, u16::MAX] {
+        let mut p = good.clone();
+        p[8..10].copy_from_slice(&version.to_le_bytes());
+        cases.push((format!("protocol version {version}"), p));
+    }
+    let mut p = good.clone();
+    p[..8].copy_from_slice(b"RSYNC\0\0\x01");
+    cases.push(("another magic".into(), p));
+    let mut p = good.clone();
+    p[7] ^= 0xff;
+    cases.push(("the greeting's version byte changed".into(), p));
+    for (what, payload) in cases {
+        let mut input = Vec::new();
+        write_raw_frame(&mut input, t, &payload).unwrap();
+        let ended = scene.serve(&input);
+        assert_refused(&ended, &what);
+        assert_eq!(ended.code, Kind::Protocol.exit_code(), "{what}");
+        // The client hears why, as a Failed frame after the greeting.
+        let mut r = &ended.stdout[GREETING.len()..];
+        let (frame, _) = read_frame(&mut r, &mut Vec::new()).expect("a Failed frame");
+        let Frame::Failed { kind, message } = frame else {
+            panic!("{what}: answered with {frame:?}")
+        };
+        assert_eq!(kind, Kind::Protocol, "{what}: {message}");
+        if what.starts_with("protocol version") {
+            assert!(message.contains("protocol"), "{what}: {message}");
+        }
+        scene.assert_unchanged(&what);
+    }
+}
+
+/// A valid push of three changes (two blocks, one zero range) and a Finish.
+struct Push {
+    input: Vec<u8>,
+    /// Where each change's frame ends in `input`, its offset and its new bytes.
+    changes: Vec<(usize, u64, Vec<u8>)>,
+}
+
+fn valid_push(scene: &Scene) -> Push {
+    let mut input = wire(&[Frame::Hello(scene.hello(Role::Dest)), go(SOURCE_SIZE)]);
+    let mut changes = Vec::new();
+    let raw = data(BLOCK as usize, 70);
+    let packed = vec![0x5a; BLOCK as usize];
+    for (offset, frame, bytes) in [
+        (
+            0,
+            Frame::Write {
+                offset: 0,
+                data: Data::Raw(Slice::owned(raw.clone())),
+            },
+            raw,
+        ),
+        (
+            8 * BLOCK,
+            Frame::Write {
+                offset: 8 * BLOCK,
+                data: Data::pack(&Slice::owned(packed.clone()), 1),
+            },
+            packed,
+        ),
+        (
+            16 * BLOCK,
+            Frame::Zero {
+                offset: 16 * BLOCK,
+                len: BLOCK,
+            },
+            vec![0; BLOCK as usize],
+        ),
+    ] {
+        write_frame(&mut input, &frame).unwrap();
+        changes.push((input.len(), offset, bytes));
+    }
+    write_frame(
+        &mut input,
+        &Frame::Finish {
+            size: SOURCE_SIZE,
+            counts: Counts::default(),
+        },
+    )
+    .unwrap();
+    Push { input, changes }
+}
+
+#[test]
+fn the_valid_conversation_these_tests_cut_succeeds() {
+    // Guards the tests below: what they cut and corrupt is a push the server accepts.
+    let scene = Scene::new();
+    let push = valid_push(&scene);
+    let ended = scene.serve(&push.input);
+    assert_eq!(ended.code, 0, "{}", ended.stderr);
+    let mut expect = scene.before.clone();
+    for (_, offset, bytes) in &push.changes {
+        let at = *offset as usize;
+        expect[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    expect.truncate(SOURCE_SIZE as usize);
+    assert!(std::fs::read(&scene.dest).unwrap() == expect);
+}
+
+#[test]
+fn truncated_conversations_are_refused() {
+    let probe = Scene::new();
+    let push = valid_push(&probe);
+    let full = push.input.len();
+    // Every cut in the handshake and a little past it, then a spread through the blocks,
+    // and the last bytes.
+    let handshake = wire(&[Frame::Hello(probe.hello(Role::Dest)), go(SOURCE_SIZE)]).len();
+    let mut cuts: Vec<usize> = (0..handshake + 24).collect();
+    cuts.extend((handshake..full).step_by(97));
+    cuts.extend(full - 8..full);
+    for &(end, _, _) in &push.changes {
+        cuts.extend([end - 1, end, end + 1]);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    for cut in cuts.into_iter().filter(|&c| c < full) {
+        let scene = Scene::new();
+        let what = format!("the push cut at byte {cut} of {full}");
+        let ended = scene.serve(&push.input[..cut]);
+        assert_refused(&ended, &what);
+        // Blocks that arrived whole may have been written (an interrupted sync is
+        // completed by running it again); nothing else, and no resize without a Finish.
+        let now = std::fs::read(&scene.dest).unwrap();
+        assert_eq!(now.len(), DEST_SIZE, "{what}: the size changed");
+        let mut expect_old = scene.before.clone();
+        for (end, offset, bytes) in &push.changes {
+            let r = *offset as usize..*offset as usize + bytes.len();
+            let (old, new) = (&scene.before[r.clone()], &now[r.clone()]);
+            assert!(
+                new == old || (*end <= cut && new == &bytes[..]),
+                "{what}: bytes {r:?} are neither old nor the block sent"
+            );
+            expect_old[r.clone()].copy_from_slice(new);
+        }
+        assert!(
+            expect_old == now,
+            "{what}: bytes changed outside the blocks sent"
+        );
+    }
+}
+
+/// Frames a client must not send after a valid handshake, each with what it is.
+fn garbage_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut frame = |what: &str, f: Frame| cases.push((what.into(), wire(&[f])));
+    frame(
+        "a block past the end",
+        Frame::Write {
+            offset: SOURCE_SIZE,
+            data: Data::Raw(Slice::owned(vec![1; 512])),
+        },
+    );
+    frame(
+        "a block across the end",
+        Frame::Write {
+            offset: SOURCE_SIZE - 100,
+            data: Data::Raw(Slice::owned(vec![1; 512])),
+        },
+    );
+    frame(
+        "a block at the last offset",
+        Frame::Write {
+            offset: u64::MAX,
+            data: Data::Raw(Slice::owned(vec![1; 2])),
+        },
+    );
+    frame(
+        "a zero range past the end",
+        Frame::Zero {
+            offset: 0,
+            len: SOURCE_SIZE + 1,
+        },
+    );
+    frame(
+        "a refine past the end",
+        Frame::Refine {
+            offset: SOURCE_SIZE,
+            len: BLOCK,
+        },
+    );
+    frame(
+        "a Finish of another size",
+        Frame::Finish {
+            size: SOURCE_SIZE + 1,
+            counts: Counts::default(),
+        },
+    );
+    frame("a second hello", Frame::Hello(hello.clone()));
+    frame("a reply", Frame::Reply(Reply { size: 1, kind: 1 }));
+    frame("a second go", go(SOURCE_SIZE));
+    frame(
+        "a Digests frame",
+        Frame::Digests {
+            index: 0,
+            blocks: vec![BlockInfo::Zero],
+        },
+    );
+    frame(
+        "a Done frame",
+        Frame::Done {
+            written: 0,
+            read: 0,
+        },
+    );
+    // A zstd block whose bytes are not zstd, and one that claims more than it holds.
+    let mut bad = wire(&[Frame::Write {
+        offset: 0,
+        data: Data::pack(&Slice::owned(vec![0; BLOCK as usize]), 1),
+    }]);
+    let n = bad.len();
+    bad[n - 6..].fill(0xee);
+    cases.push(("a corrupt zstd block".into(), bad));
+    let mut long = wire(&[Frame::Write {
+        offset: 0,
+        data: Data::pack(&Slice::owned(vec![0; BLOCK as usize]), 1),
+    }]);
+    // Length prefix (4), type (1), offset (8), codec (1), then the stated size.
+    long[14..18].copy_from_slice(&(BLOCK as u32 + 1).to_le_bytes());
+    cases.push(("a zstd block shorter than stated".into(), long));
+    let mut unknown = Vec::new();
+    write_raw_frame(&mut unknown, 99, &[1, 2, 3]).unwrap();
+    cases.push(("an unknown frame type".into(), unknown));
+    cases.push(("a zero length prefix".into(), vec![0; 4]));
+    cases.push((
+        "a 4 GiB length prefix".into(),
+        u32::MAX.to_le_bytes().to_vec(),
+    ));
+    let mut lying = (MAX_FRAME as u32).to_le_bytes().to_vec();
+    lying.extend(noise(9, 100));
+    cases.push(("a 64 MiB frame that ends early".into(), lying));
+    for seed in 0..4 {
+        cases.push((format!("random bytes ({seed})"), noise(seed, 2000)));
+    }
+    cases
+}
+
+#[test]
+fn garbage_after_a_valid_push_handshake_is_refused() {
+    let scene = Scene::new();
+    let hello = scene.hello(Role::Dest);
+    let handshake = wire(&[Frame::Hello(hello.clone()), go(SOURCE_SIZE)]);
+    for (what, garbage) in garbage_frames(&hello) {
+        let mut input = handshake.clone();
+        input.extend(&garbage);
+        let what = format!("push, then {what}");
+        let ended = scene.serve(&input);
+        assert_refused(&ended, &what);
+        scene.assert_unchanged(&what);
+    }
+}
+
+#[test]
+fn garbage_after_a_valid_pull_handshake_is_refused() {
+    // The server is the source: its file must stay as it is, and the client's answers
+    // (digests, piece digests) are what can lie.
+    let scene = Scene::new();
+    let hello = scene.hello(Role::Source);
+    let size = DEST_SIZE as u64;
+    let handshake = wire(&[Frame::Hello(hello.clone()), go(size)]);
+    let mut cases = garbage_frames(&hello);
+    let digest = BlockInfo::Digest(HashKind::Blake3.block_digest(b"x"));
+    for (what, f) in [
+        (
+            "digests of a chunk past the end",
+            Frame::Digests {
+                index: u64::MAX,
+                blocks: vec![digest],
+            },
+        ),
+        (
+            "more digests than the chunk has blocks",
+            Frame::Digests {
+                index: 0,
+                blocks: vec![BlockInfo::Zero; 8192],
+            },
+        ),
+        (
+            "piece digests nobody asked for",
+            Frame::Pieces {
+                offset: u64::MAX - 1,
+                pieces: vec![digest; 16],
+            },
+        ),
+        (
+            "verify digests outside a verify pass",
+            Frame::Verify {
+                index: 0,
+                blocks: vec![digest],
+            },
+        ),
+        (
+            "a Finish (the wrong direction)",
+            Frame::Finish {
+                size,
+                counts: Counts::default(),
+            },
+        ),
+    ] {
+        cases.push((what.into(), wire(&[f])));
+    }
+    for (what, garbage) in cases {
+        let mut input = handshake.clone();
+        input.extend(&garbage);
+        let what = format!("pull, then {what}");
+        let ended = scene.serve(&input);
+        // The source may finish on its own before it reads the garbage only if it sent
+        // every block and heard Done; neither happens here.
+        assert_refused(&ended, &what);
+        scene.assert_unchanged(&what);
+    }
+}
+
+#[test]
+fn a_go_the_server_cannot_honor_is_refused() {
+    let scene = Scene::new();
+    let hello = scene.hello(Role::Dest);
+    for (what, g) in [
+        (
+            "a range past the size",
+            Go {
+                proceed: true,
+                size: 10,
+                start: 0,
+                end: 11,
+            },
+        ),
+        (
+            "a range that ends before it starts",
+            Go {
+                proceed: true,
+                size: SOURCE_SIZE,
+                start: 2 * BLOCK,
+                end: BLOCK,
+            },
+        ),
+        (
+            "a size no file can have",
+            Go {
+                proceed: true,
+                size: u64::MAX,
+                start: 0,
+                end: u64::MAX,
+            },
+        ),
+    ] {
+        let mut input = wire(&[Frame::Hello(hello.clone())]);
+        let (t, p) = Frame::Go(g).encode();
+        write_raw_frame(&mut input, t, &p).unwrap();
+        let ended = scene.serve(&input);
+        assert_refused(&ended, what);
+        scene.assert_unchanged(what);
+    }
+}
+
+#[test]
+fn an_odd_but_decodable_go_then_a_lost_client_ends_quickly() {
+    // Ranges the decoder lets through but no client sends: the largest size a file can
+    // have (the destination half would report digests for 2^41 chunks), a range that is
+    // not on chunk boundaries, an empty range. The client then leaves; the server must
+    // notice and stop instead of working through the range.
+    let scene = Scene::new();
+    let max = i64::MAX as u64;
+    for role in [Role::Dest, Role::Source] {
+        // A source server checks the size against its file first.
+        let full = match role {
+            Role::Dest => SOURCE_SIZE,
+            Role::Source => DEST_SIZE as u64,
+        };
+        for (what, g) in [
+            ("the largest size", (max, 0, max)),
+            ("a range ending at the largest size", (max, max - 4096, max)),
+            ("a range off chunk boundaries", (full, 1, full - 1)),
+            ("an empty range", (full, 4096, 4096)),
+        ] {
+            let (size, start, end) = g;
+            let go = Frame::Go(Go {
+                proceed: true,
+                size,
+                start,
+                end,
+            });
+            let what = format!("{role:?} server, {what}");
+            for tail in [vec![], noise(3, 64)] {
+                let mut input = wire(&[Frame::Hello(scene.hello(role)), go.clone()]);
+                input.extend(&tail);
+                let ended = scene.serve(&input);
+                assert_refused(&ended, &what);
+                scene.assert_unchanged(&what);
+            }
+        }
+    }
+}
