@@ -141,6 +141,7 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(self.dir.path()).output();
     }
 }
+pub mod faultyfs;
 pub mod sshd;
 
 /// Runs blocksync with `args`, failing the test (and killing it) if it takes longer than
