@@ -20,6 +20,7 @@ Examples:
   blocksync -b 4M /dev/sda localhost /dev/sdb  the blocksync.py form, local
   blocksync --verify vm.img backup:/srv/vm.img sync, then compare both sides in full
   blocksync --bad-blocks sda.map /dev/sda /dev/sdb   rescue a failing disk, map what was lost
+  blocksync --digest-file vm.digests vm.img backup:/srv/vm.img   nightly: backup not read
 
 Exit codes:
   0 success (destination equals source)   2 bad command line
@@ -30,6 +31,7 @@ Exit codes:
   12 protocol error (peer malformed or another version)
   13 --verify: the source changed during the sync (use a snapshot)
   14 finished, but some source sectors were unreadable (zeros written; see --bad-blocks)
+  15 digest file or patch does not match the destination (see --digest-rebuild)
   130 interrupted          1 internal error";
 
 /// blocksync: sync a file or block device onto another, locally or over ssh, writing only the
@@ -87,6 +89,15 @@ pub struct Args {
     /// finds source blocks that changed while the sync ran.
     #[arg(long)]
     pub verify: bool,
+
+    /// Keep the destination's block digests in FILE (on this machine, the source's): the
+    /// next run compares against it instead of reading the destination.
+    #[arg(long, value_name = "FILE")]
+    pub digest_file: Option<PathBuf>,
+
+    /// Ignore the digest file's contents: read the destination once and write it anew.
+    #[arg(long, requires = "digest_file")]
+    pub digest_rebuild: bool,
 
     /// Write the unreadable source ranges to FILE (ddrescue mapfile format).
     #[arg(long, value_name = "FILE")]

@@ -39,6 +39,9 @@ pub enum Kind {
     SourceChanged,
     /// The sync finished, but some source bytes could not be read (bad sectors).
     Unreadable,
+    /// A digest file or patch does not match the destination (changed behind its back,
+    /// or meant for another target).
+    StaleCache,
     /// Interrupted by a signal (Ctrl-C); what was written is flushed.
     Interrupted,
     /// A bug or an unexpected condition.
@@ -63,12 +66,13 @@ impl Kind {
             Kind::Protocol => 12,
             Kind::SourceChanged => 13,
             Kind::Unreadable => 14,
+            Kind::StaleCache => 15,
             Kind::Interrupted => 130,
         }
     }
 
     /// Every kind, in exit-code order (for docs and tests).
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Internal,
         Kind::Usage,
         Kind::Source,
@@ -83,6 +87,7 @@ impl Kind {
         Kind::Protocol,
         Kind::SourceChanged,
         Kind::Unreadable,
+        Kind::StaleCache,
         Kind::Interrupted,
     ];
 
@@ -106,6 +111,9 @@ impl Kind {
             }
             Kind::Unreadable => {
                 "finished, but some source bytes were unreadable (see --bad-blocks)"
+            }
+            Kind::StaleCache => {
+                "digest file or patch does not match the destination (see --digest-rebuild)"
             }
             Kind::Interrupted => "interrupted (Ctrl-C); written data was flushed",
         }

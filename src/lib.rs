@@ -7,6 +7,8 @@
 
 pub mod badmap;
 pub mod cli;
+pub mod digestcache;
+pub mod digests;
 pub mod endpoint;
 pub mod engine;
 pub mod error;
@@ -18,6 +20,7 @@ pub mod remote;
 pub mod report;
 pub mod server;
 pub mod size;
+pub mod syncid;
 pub mod target;
 pub mod transport;
 
@@ -123,6 +126,16 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     if let Some(map) = &args.bad_blocks {
         badmap::check_writable(map).map_err(|m| Error::new(Kind::Usage, m))?;
+    }
+    if let Some(df) = &args.digest_file {
+        badmap::check_writable(df)
+            .map_err(|m| Error::new(Kind::Usage, m.replace("--bad-blocks", "--digest-file")))?;
+        if matches!(pair.source, Endpoint::Remote { .. }) {
+            return Err(Error::new(
+                Kind::Usage,
+                "--digest-file is kept on the source's machine: use it for a local sync or a push (run the pull as a push on the other machine)",
+            ));
+        }
     }
     let min_block = size::parse_size(&args.min_block)
         .map_err(|m| Error::new(Kind::Usage, format!("--min-block {m}")))?;
@@ -482,6 +495,34 @@ fn run_local(
     if args.verify {
         config.verify = Some(engine::VerifyLog::new(plan.hash));
     }
+    let cached = match &dest {
+        Some(d) => {
+            let state = digestcache::DestState {
+                label: std::fs::canonicalize(dst_path)
+                    .unwrap_or_else(|_| dst_path.to_path_buf())
+                    .display()
+                    .to_string(),
+                size: probe.existing.map_or(0, |e| e.size),
+                size_after: match d.kind {
+                    TargetKind::File => src.size,
+                    TargetKind::BlockDevice => d.size,
+                },
+                sync_id: syncid::load(d),
+            };
+            digestcache::prepare(args, plan.hash, block, src.size, &state)?
+        }
+        None => None,
+    };
+    if let Some(u) = &cached {
+        config.cache = Some(u.cache.clone());
+        config.track = (!args.dry_run).then_some(u.new_id);
+        if u.skip_reading {
+            // The digest file stands in for the destination: compare digests.
+            config.compare = Compare::Digest(plan.hash);
+            config.dest_reads = false;
+            config.refine = 0;
+        }
+    }
 
     let cancel = cancel_on_signals();
     let stats = Arc::new(Stats::default());
@@ -489,6 +530,14 @@ fn run_local(
     let progress = reporter.start_progress(src.size, stats.clone());
     let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
     progress.finish();
+    drop(config);
+    let result = match cached {
+        Some(u) => {
+            let sealed = digestcache::finish(u.cache, result.is_ok());
+            result.and(sealed)
+        }
+        None => result,
+    };
     let sides = Sides {
         source: src_path.display().to_string(),
         destination: dst_path.display().to_string(),

@@ -93,6 +93,7 @@ pub fn send_to_dest(
             ToDest::Zero { offset, len } => Frame::Zero { offset, len },
             ToDest::Refine { offset, len } => Frame::Refine { offset, len },
             ToDest::Finding { kind, offset, len } => Frame::Finding { kind, offset, len },
+            ToDest::Check { offset, len } => Frame::Check { offset, len },
             ToDest::Finish { size, counts } => Frame::Finish { size, counts },
             ToDest::Abort { kind, message } => Frame::Abort { kind, message },
         })
@@ -343,6 +344,15 @@ pub fn recv_from_source(
                     ));
                 }
                 ToDest::Refine { offset, len }
+            }
+            Frame::Check { offset, len } => {
+                if offset < layout.start || offset.saturating_add(len) > layout.end {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!("{} asked to check a block outside its range", peer.0),
+                    ));
+                }
+                ToDest::Check { offset, len }
             }
             Frame::Finding { kind, offset, len } => {
                 if offset < layout.start || offset.saturating_add(len) > layout.end {

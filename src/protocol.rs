@@ -92,6 +92,14 @@ pub enum ToDest {
         /// Its length.
         len: u64,
     },
+    /// Spot-check: answer with [`ToSource::Pieces`] holding one entry, what the destination
+    /// holds in this block (digest files must still describe the destination).
+    Check {
+        /// Byte offset of the block.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
     /// Something the user must hear about a byte range (the source half may be on the
     /// other machine): recorded for the summary, the exit code and `--bad-blocks`.
     Finding {
@@ -208,6 +216,7 @@ const T_REFINE: u8 = 23;
 const T_PIECES: u8 = 24;
 const T_VERIFY: u8 = 25;
 const T_FINDING: u8 = 26;
+const T_CHECK: u8 = 27;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
@@ -223,6 +232,12 @@ pub const FLAG_DISCARD: u32 = 16;
 pub const FLAG_VERIFY: u32 = 32;
 /// Hello flag: leave the destination's old bytes where the source is unreadable.
 pub const FLAG_KEEP_UNREADABLE: u32 = 64;
+/// Hello flag: the destination reports its sync id, forgets it before writing, and
+/// records the Go's id once the sync completed and is flushed (for `--digest-file`).
+pub const FLAG_TRACK_ID: u32 = 128;
+/// Hello flag: the destination does not read itself (the source has its digests in a
+/// digest file); it only answers [`ToDest::Check`] spot-checks.
+pub const FLAG_NO_READ: u32 = 256;
 
 /// Which half the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +283,9 @@ pub struct Reply {
     pub size: u64,
     /// 0 missing, 1 file, 2 block device.
     pub kind: u8,
+    /// With [`FLAG_TRACK_ID`]: the id of the last sync completed onto the destination
+    /// (zeros: none).
+    pub sync_id: [u8; 16],
 }
 
 /// The client's go-ahead (or not) after the reply.
@@ -281,6 +299,10 @@ pub struct Go {
     pub start: u64,
     /// End of that range (exclusive).
     pub end: u64,
+    /// With [`FLAG_TRACK_ID`]: the id the destination records once this sync completes.
+    pub sync_id: [u8; 16],
+    /// The destination need not read itself: the source compares against a digest file.
+    pub no_read: bool,
 }
 
 /// A block payload on the wire.
@@ -333,6 +355,13 @@ pub enum Frame {
         index: u64,
         /// One per block.
         blocks: Vec<BlockInfo>,
+    },
+    /// Spot-check a block.
+    Check {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
     },
     /// A byte range the user must hear about.
     Finding {
@@ -552,13 +581,15 @@ impl Frame {
                 p.extend_from_slice(&VERSION.to_le_bytes());
                 p.extend_from_slice(&r.size.to_le_bytes());
                 p.push(r.kind);
+                p.extend_from_slice(&r.sync_id);
                 T_REPLY
             }
             Frame::Go(g) => {
-                p.push(g.proceed as u8);
+                p.push(g.proceed as u8 | (g.no_read as u8) << 1);
                 for v in [g.size, g.start, g.end] {
                     p.extend_from_slice(&v.to_le_bytes());
                 }
+                p.extend_from_slice(&g.sync_id);
                 T_GO
             }
             Frame::Digests { index, blocks } => {
@@ -584,6 +615,11 @@ impl Frame {
                 p.extend_from_slice(&offset.to_le_bytes());
                 p.extend_from_slice(&len.to_le_bytes());
                 T_REFINE
+            }
+            Frame::Check { offset, len } => {
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                T_CHECK
             }
             Frame::Zero { offset, len } => {
                 p.extend_from_slice(&offset.to_le_bytes());
@@ -685,10 +721,16 @@ impl Frame {
                 if kind > 2 {
                     return Err(DecodeError::Unknown("target kind", kind.into()));
                 }
-                Frame::Reply(Reply { size, kind })
+                let sync_id = r.take(16)?.try_into().expect("16 bytes");
+                Frame::Reply(Reply {
+                    size,
+                    kind,
+                    sync_id,
+                })
             }
             T_GO => {
-                let proceed = r.u8()? != 0;
+                let bits = r.u8()?;
+                let (proceed, no_read) = (bits & 1 != 0, bits & 2 != 0);
                 let (size, start, end) = (r.u64()?, r.u64()?, r.u64()?);
                 if size > MAX_SIZE {
                     return Err(DecodeError::TooLarge("size"));
@@ -696,11 +738,14 @@ impl Frame {
                 if start > end || end > size {
                     return Err(DecodeError::Unknown("range end", end));
                 }
+                let sync_id = r.take(16)?.try_into().expect("16 bytes");
                 Frame::Go(Go {
                     proceed,
                     size,
                     start,
                     end,
+                    sync_id,
+                    no_read,
                 })
             }
             T_DIGESTS => {
@@ -732,6 +777,13 @@ impl Frame {
                     return Err(DecodeError::TooLarge("refined block"));
                 }
                 Frame::Refine { offset, len }
+            }
+            T_CHECK => {
+                let (offset, len) = (r.u64()?, r.u64()?);
+                if len > crate::MAX_BLOCK || offset.checked_add(len).is_none() {
+                    return Err(DecodeError::TooLarge("checked block"));
+                }
+                Frame::Check { offset, len }
             }
             T_WRITE => {
                 let offset = r.u64()?;
@@ -960,12 +1012,22 @@ mod tests {
                 refine: 4096,
                 max_errors: u64::MAX,
             }),
-            Frame::Reply(Reply { size: 99, kind: 2 }),
+            Frame::Reply(Reply {
+                size: 99,
+                kind: 2,
+                sync_id: [3; 16],
+            }),
+            Frame::Check {
+                offset: 1 << 20,
+                len: 4096,
+            },
             Frame::Go(Go {
                 proceed: true,
                 size: 100,
                 start: 0,
                 end: 100,
+                sync_id: [9; 16],
+                no_read: true,
             }),
             Frame::Digests {
                 index: 7,
@@ -1129,13 +1191,22 @@ mod tests {
     /// client's range arithmetic (Layout::part) in a pull. No file is that large.
     #[test]
     fn sizes_past_off_t_are_rejected() {
-        let reply = |size: u64| Frame::Reply(Reply { size, kind: 1 }).encode().1;
+        let reply = |size: u64| {
+            let r = Reply {
+                size,
+                kind: 1,
+                sync_id: [0; 16],
+            };
+            Frame::Reply(r).encode().1
+        };
         let go = |size: u64| {
             let g = Go {
                 proceed: true,
                 size,
                 start: 0,
                 end: size,
+                sync_id: [0; 16],
+                no_read: false,
             };
             Frame::Go(g).encode().1
         };

@@ -10,7 +10,8 @@ use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_NO_SPARSE, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame, write_frame,
+    FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame,
+    write_frame,
 };
 use crate::report::Reporter;
 use crate::server::buffers_for;
@@ -152,6 +153,8 @@ fn refuse_all(streams: &mut [Stream]) {
                 size: 0,
                 start: 0,
                 end: 0,
+                sync_id: [0; 16],
+                no_read: false,
             },
         );
         let _ = s.conn.child.wait();
@@ -206,6 +209,9 @@ pub(crate) fn run(
     }
     if args.keep_unreadable {
         flags |= FLAG_KEEP_UNREADABLE;
+    }
+    if args.digest_file.is_some() {
+        flags |= FLAG_TRACK_ID;
     }
     let hello = Hello {
         role: if push { Role::Dest } else { Role::Source },
@@ -330,6 +336,28 @@ pub(crate) fn run(
     }
     let ahead_read = precomputed.as_ref().map_or(0, |p| p.read);
     let precomputed = precomputed.map(std::sync::Arc::new);
+    // With --digest-file (push only): may the file stand in for reading the destination?
+    let cached = match src.as_ref().filter(|_| push) {
+        Some(s) => {
+            let state = crate::digestcache::DestState {
+                label: remote_name.clone(),
+                size: existing.map_or(0, |e| e.1),
+                size_after: match existing {
+                    Some((TargetKind::BlockDevice, n)) => n,
+                    _ => s.size,
+                },
+                sync_id: reply.sync_id,
+            };
+            match crate::digestcache::prepare(args, hash, block, s.size, &state) {
+                Ok(c) => c,
+                Err(e) => {
+                    refuse_all(&mut streams);
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     for i in 0..streams.len() {
         let part = whole.part(i as u64, n);
         let go = Go {
@@ -337,6 +365,8 @@ pub(crate) fn run(
             size,
             start: part.start,
             end: part.end,
+            sync_id: cached.as_ref().map_or([0; 16], |u| u.new_id),
+            no_read: cached.as_ref().is_some_and(|u| u.skip_reading),
         };
         if let Err(e) = send_go(&mut streams[i], go) {
             // Refuse the streams not started; end the started ones (they stop at the
@@ -381,6 +411,10 @@ pub(crate) fn run(
                 config.refine = refine;
                 config.salvage = crate::salvage_of(args);
                 config.verify = verify.clone();
+                if let Some(u) = &cached {
+                    config.cache = Some(u.cache.clone());
+                    config.dest_reads = !u.skip_reading;
+                }
                 let (stats, cancel, src, dest) = (&*stats, &*cancel, src.as_ref(), dest.as_ref());
                 s.spawn(move || match src {
                     Some(src) => {
@@ -409,6 +443,13 @@ pub(crate) fn run(
         first
     });
     progress.finish();
+    let result = match cached {
+        Some(u) => {
+            let sealed = crate::digestcache::finish(u.cache, result.is_ok());
+            result.and(sealed)
+        }
+        None => result,
+    };
     let (source, destination) = if push {
         (local_name, remote_name)
     } else {

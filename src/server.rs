@@ -7,8 +7,8 @@ use crate::error::{Error, Kind, Result};
 use crate::link::{self, Peer};
 use crate::protocol::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
-    FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_VERIFY, Frame, GREETING, Hello, ReadError, Reply,
-    Role, VERSION, read_frame, write_frame,
+    FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Hello,
+    ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
 use crate::target::{self, Target, TargetKind};
 use std::fs::File;
@@ -128,6 +128,10 @@ pub fn config_for(hello: &Hello, go: &crate::protocol::Go) -> Config {
     }
     config.pause = Duration::from_millis(hello.pause_ms);
     config.buffers = buffers_for(layout.chunk);
+    if hello.flags & FLAG_TRACK_ID != 0 {
+        config.track = Some(go.sync_id);
+    }
+    config.dest_reads = !go.no_read;
     config
 }
 
@@ -145,9 +149,14 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     {
         target::check_device(path, existing, hello.source_size, force_mounted)?;
     }
+    let track = hello.flags & FLAG_TRACK_ID != 0;
     let reply = Reply {
         size: probe.existing.map_or(0, |e| e.size),
         kind: probe.existing.map_or(0, |e| kind_byte(e.kind)),
+        sync_id: match probe.existing {
+            Some(e) if track => crate::syncid::load_of(path, &e.id),
+            _ => [0; 16],
+        },
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;
@@ -186,6 +195,7 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
     let reply = Reply {
         size: src.size,
         kind: kind_byte(src.kind),
+        sync_id: [0; 16],
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;

@@ -39,8 +39,22 @@ pub fn run(
     if config.verify_pass && config.dest_progress {
         stats.done.store(0, std::sync::atomic::Ordering::Relaxed); // the progress starts over
     }
+    if let (Some(_), Some(d)) = (config.track, dest.filter(|_| !config.dry_run)) {
+        // From here on the destination no longer matches any digest file.
+        crate::syncid::clear(d).map_err(|e| {
+            Error::new(
+                Kind::Io,
+                format!(
+                    "forgetting the sync id of {}: {}",
+                    d.path.display(),
+                    os_text(&e)
+                ),
+            )
+        })?;
+    }
     std::thread::scope(|s| {
         match config.compare {
+            _ if !config.dest_reads => {} // a digest file stands in for reading
             Compare::Bytes => {
                 let reader_tx = to_source.clone();
                 s.spawn(move || read_dest(dest, config, &pool, reader_tx, stats, stop));
@@ -237,6 +251,31 @@ fn refine(
     ))
 }
 
+/// What the destination holds in the block at `offset` (a spot-check of a digest file).
+fn check(
+    dest: Option<&Target>,
+    config: &Config,
+    offset: u64,
+    len: u64,
+    stats: &Stats,
+) -> std::io::Result<crate::protocol::BlockInfo> {
+    let Compare::Digest(kind) = config.compare else {
+        return Err(std::io::Error::other("checking needs digests"));
+    };
+    if len == 0 || len > config.layout.block {
+        return Err(std::io::Error::other("spot-check of a bad length"));
+    }
+    let have = dest.map_or(0, |d| d.size.saturating_sub(offset).min(len)) as usize;
+    let mut data = vec![0u8; have];
+    if let Some(d) = dest.filter(|_| have > 0) {
+        let n = target::read_full_at(&d.file, &mut data, offset)?;
+        data.truncate(n);
+        Stats::add(&stats.dest_read, n as u64);
+    }
+    let infos = super::prehash::block_infos(kind, &data, len as usize, len as usize, &[]);
+    Ok(infos[0])
+}
+
 /// Makes a range of the destination zero the cheapest way that keeps it correct.
 fn zero_range(d: &Target, config: &Config, offset: u64, len: u64) -> std::io::Result<()> {
     match d.kind {
@@ -308,6 +347,14 @@ fn write_dest(
                     )
                 })?;
             }
+            Ok(ToDest::Check { offset, len }) => {
+                let info = check(dest, config, offset, len, stats)
+                    .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
+                let _ = answers.send(ToSource::Pieces {
+                    offset,
+                    pieces: vec![info],
+                });
+            }
             Ok(ToDest::Refine { offset, len }) => {
                 let pieces = refine(dest, config, offset, len, stats)
                     .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
@@ -338,6 +385,13 @@ fn write_dest(
         d.file
             .sync_all()
             .map_err(|e| io_error(format!("flushing destination {}", d.path.display()), e))?;
+        if let Some(id) = &config.track {
+            // Flushed: what the source recorded for this run is now true here (for the
+            // blocks it saw confirmed; a stopped run records the rest as unknown).
+            crate::syncid::store(d, id).map_err(|e| {
+                io_error(format!("recording the sync id of {}", d.path.display()), e)
+            })?;
+        }
         if config.drop_cache {
             target::advise(&d.file, 0, 0, Advice::DontNeed);
         }

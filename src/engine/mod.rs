@@ -6,6 +6,7 @@
 //! (several blocks) at a time, while the other threads compare and write, so reading,
 //! comparing and writing overlap and memory stays bounded by the pools.
 
+pub mod cache;
 pub mod dest;
 pub mod prehash;
 pub mod salvage;
@@ -253,6 +254,13 @@ pub struct Config {
     /// This is the verify pass: read (the destination from disk, not cache), hash at full
     /// strength, compare, write nothing.
     pub verify_pass: bool,
+    /// `--digest-file` (source half): digests to compare against and to record.
+    pub cache: Option<Arc<cache::Cache>>,
+    /// The destination half reads the destination (off when a digest file stands in).
+    pub dest_reads: bool,
+    /// The destination half forgets its sync id before writing and records this one once
+    /// the sync is flushed (see [`crate::syncid`]).
+    pub track: Option<crate::syncid::SyncId>,
 }
 
 impl Config {
@@ -273,6 +281,9 @@ impl Config {
             salvage: Salvage::default(),
             verify: None,
             verify_pass: false,
+            cache: None,
+            dest_reads: true,
+            track: None,
         }
     }
 
@@ -291,6 +302,9 @@ impl Config {
             precomputed: None,
             refine: 0,
             verify_pass: true,
+            cache: None,
+            dest_reads: true,
+            track: None,
             ..self.clone()
         }
     }

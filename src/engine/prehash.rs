@@ -119,6 +119,57 @@ pub fn infos_at(
         .collect()
 }
 
+/// Like [`infos_at`], hashing on several cores at once (a chunk holds several blocks),
+/// and only the blocks `want` selects (the others come back [`BlockInfo::Missing`]).
+pub fn infos_par(
+    kind: HashKind,
+    data: &[u8],
+    len: usize,
+    block: usize,
+    zeros: &[bool],
+    want: &(dyn Fn(usize) -> bool + Sync),
+) -> Vec<BlockInfo> {
+    let n = len.div_ceil(block);
+    let one = |j: usize| -> BlockInfo {
+        if !want(j) {
+            return BlockInfo::Missing;
+        }
+        let r = j * block..((j + 1) * block).min(len);
+        if zeros.get(j) == Some(&true) {
+            BlockInfo::Zero
+        } else if r.end > data.len() {
+            BlockInfo::Missing
+        } else if target::is_zero(&data[r.clone()]) {
+            BlockInfo::Zero
+        } else {
+            BlockInfo::Digest(kind.block_digest(&data[r]))
+        }
+    };
+    let threads = hash_threads().min(n);
+    if threads <= 1 || len < (256 << 10) {
+        return (0..n).map(one).collect();
+    }
+    let per = n.div_ceil(threads);
+    let mut out = vec![BlockInfo::Missing; n];
+    std::thread::scope(|s| {
+        for (t, part) in out.chunks_mut(per).enumerate() {
+            let one = &one;
+            s.spawn(move || {
+                for (k, slot) in part.iter_mut().enumerate() {
+                    *slot = one(t * per + k);
+                }
+            });
+        }
+    });
+    out
+}
+
+/// Threads worth hashing on: one per core.
+fn hash_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 impl Prehash {
     /// Starts hashing `file`, which holds `have` bytes, over `layout` (the whole range).
     /// `tkind` tells whether the file can report its holes, which are then not read.

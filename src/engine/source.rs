@@ -432,10 +432,15 @@ fn refine_bytes(changes: &mut Changes, config: &Config, mine: &[u8], theirs: &[u
 }
 
 /// Which blocks of a chunk differ and how to send them.
-fn changed_ranges(config: &Config, chunk: &Chunk, theirs: &ToSource) -> Changes {
+fn changed_ranges(
+    config: &Config,
+    chunk: &Chunk,
+    theirs: &ToSource,
+    mine: Option<&[BlockInfo]>,
+) -> Changes {
     let block = config.layout.block as usize;
     let (offset, len) = config.layout.chunk_at(chunk.index);
-    let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
+    let ahead = mine.or_else(|| config.precomputed.as_ref().and_then(|p| p.get(offset)));
     let mine = |r: &Range<usize>| -> &[u8] {
         &chunk
             .data
@@ -593,6 +598,16 @@ fn read_range(src: &Target, offset: u64, len: usize, stats: &Stats) -> Result<Sl
 /// questions in flight while keeping the link busy.
 const MAX_PENDING: usize = 1024;
 
+fn unexpected(msg: ToSource) -> Error {
+    match msg {
+        ToSource::Failed { kind, message } => Error::new(kind, message),
+        _ => Error::new(
+            Kind::Protocol,
+            "destination sent a report it was not asked for",
+        ),
+    }
+}
+
 /// Narrows changed blocks down to their changed sub-blocks without ever waiting for an
 /// answer before going on: questions go out with the other messages, answers are taken
 /// as they come back between the destination's chunk reports.
@@ -604,6 +619,8 @@ struct Refiner<'a> {
     from_dest: &'a Receiver<ToSource>,
     /// Blocks asked about: offset -> length.
     pending: std::collections::HashMap<u64, u64>,
+    /// Spot-checks of a digest file in flight: offset -> what the file says is there.
+    checks: std::collections::HashMap<u64, BlockInfo>,
 }
 
 impl<'a> Refiner<'a> {
@@ -650,9 +667,61 @@ impl<'a> Refiner<'a> {
         Ok(())
     }
 
+    /// Handles whatever answers have arrived, without waiting (the chunk reports come
+    /// from a digest file, so nothing else is expected).
+    fn take_ready(&mut self) -> Result<()> {
+        while let Ok(msg) = self.from_dest.try_recv() {
+            if let Some(other) = self.take(msg)? {
+                return Err(unexpected(other));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a few destination blocks against the digest file before anything is sent:
+    /// a destination changed behind the file's back must not be synced by it.
+    fn spot_check(&mut self, cache: &super::cache::Cache) -> Result<()> {
+        let Some(old) = &cache.old else {
+            return Ok(());
+        };
+        let layout = self.config.layout;
+        for &b in &cache.spot {
+            let offset = b * layout.block;
+            if offset < layout.start || offset >= layout.end {
+                continue;
+            }
+            let len = layout.block.min(layout.end - offset);
+            let expect = old.entries(b, 1).map_err(|e| {
+                Error::new(Kind::Io, format!("reading digest file {}: {e}", cache.name))
+            })?[0];
+            self.checks.insert(offset, expect);
+            self.send(ToDest::Check { offset, len })?;
+        }
+        while !self.checks.is_empty() {
+            let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
+            if let Some(other) = self.take(msg)? {
+                return Err(unexpected(other));
+            }
+        }
+        Ok(())
+    }
+
     /// Handles an answer; returns anything else.
     fn take(&mut self, msg: ToSource) -> Result<Option<ToSource>> {
         match msg {
+            ToSource::Pieces { offset, pieces } if self.checks.contains_key(&offset) => {
+                let expect = self.checks.remove(&offset).expect("checked above");
+                if pieces.first() != Some(&expect) {
+                    let name = self.config.cache.as_ref().map_or("", |c| c.name.as_str());
+                    return Err(Error::new(
+                        Kind::StaleCache,
+                        format!(
+                            "the destination's block at byte {offset} is not what digest file {name} says: the destination changed behind its back; run with --digest-rebuild (reads the destination once)"
+                        ),
+                    ));
+                }
+                Ok(None)
+            }
             ToSource::Pieces { offset, pieces } => {
                 self.answer(offset, &pieces)?;
                 Ok(None)
@@ -743,7 +812,17 @@ fn compare_and_send(
         to_dest,
         from_dest,
         pending: Default::default(),
+        checks: Default::default(),
     };
+    let cache = config.cache.as_deref();
+    let old = cache.and_then(|c| c.old.as_ref());
+    if let Some(c) = cache {
+        c.begin(
+            layout.start / layout.block,
+            layout.end.div_ceil(layout.block),
+        );
+        refiner.spot_check(c)?;
+    }
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::new(Kind::Interrupted, "interrupted"));
@@ -751,7 +830,19 @@ fn compare_and_send(
         let chunk = chunks
             .recv()
             .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
-        let theirs = refiner.next_report()?;
+        let (offset, len) = layout.chunk_at(index);
+        let nblocks = len.div_ceil(block);
+        let first = offset / layout.block;
+        let theirs = match old {
+            Some(old) => {
+                refiner.take_ready()?;
+                let blocks = old
+                    .entries(first, nblocks)
+                    .map_err(|e| Error::new(Kind::Io, format!("reading digest file: {e}")))?;
+                ToSource::Digests { index, blocks }
+            }
+            None => refiner.next_report()?,
+        };
         let their_index = match &theirs {
             ToSource::Bytes { index, .. }
             | ToSource::Digests { index, .. }
@@ -773,7 +864,6 @@ fn compare_and_send(
                 ),
             ));
         }
-        let (offset, len) = layout.chunk_at(index);
         match (config.verify_pass, config.compare, &theirs) {
             (true, _, ToSource::Verify { blocks, .. }) => {
                 verify_chunk(config, &chunk, blocks, &refiner, stats)?;
@@ -796,25 +886,54 @@ fn compare_and_send(
                 len: r.len() as u64,
             })?;
         }
-        if let Some(log) = &config.verify {
-            // What the sync read, so the verify pass can tell a source that changed since.
+        // The source's own digests, when something needs them all: a digest file to
+        // record, or a verify log. Computed once, also used to compare.
+        let kind = match (config.compare, cache, &config.verify) {
+            (Compare::Digest(k), _, _) => Some(k),
+            (_, Some(c), _) if c.records() => Some(c.kind),
+            (_, _, Some(v)) => Some(v.kind),
+            _ => None,
+        };
+        let all = cache.is_some_and(|c| c.records()) || config.verify.is_some();
+        // Blocks whose digest the comparison needs: those the destination has.
+        let compared = |j: usize| match &theirs {
+            ToSource::Digests { blocks, .. } => matches!(blocks.get(j), Some(BlockInfo::Digest(_))),
+            _ => false,
+        };
+        let needed = all || matches!(config.compare, Compare::Digest(_));
+        let mine = kind.filter(|_| needed).map(|k| {
             let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
-            let blocks = match (ahead, &chunk.data) {
+            match (ahead, &chunk.data) {
                 (Some(a), None) => a.to_vec(),
-                (_, data) => super::prehash::infos_at(
-                    log.kind,
+                (_, data) => super::prehash::infos_par(
+                    k,
                     data.as_deref().map_or(&[][..], |d| d),
                     len,
                     block,
                     &chunk.zeros,
-                    false,
+                    &|j| all || compared(j),
                 ),
-            };
-            log.record(offset, &blocks);
+            }
+        });
+        if let (Some(log), Some(m)) = (&config.verify, &mine) {
+            // What the sync read, so the verify pass can tell a source that changed since.
+            log.record(offset, m);
         }
-        let changes = changed_ranges(config, &chunk, &theirs);
+        let changes = changed_ranges(config, &chunk, &theirs, mine.as_deref());
+        if let (Some(c), Some(m)) = (cache, &mine) {
+            let mut sent = vec![false; nblocks];
+            for (r, _) in &changes.ranges {
+                for s in &mut sent[r.start / block..r.end.div_ceil(block)] {
+                    *s = true;
+                }
+            }
+            c.record(layout.start / layout.block, first, m, &sent)
+                .map_err(|e| {
+                    Error::new(Kind::Io, format!("writing digest file {}: {e}", c.name))
+                })?;
+        }
         drop(theirs); // hand the destination's buffer back before waiting on anything else
-        let nblocks = len.div_ceil(block) as u64;
+        let nblocks = nblocks as u64;
         let bytes: usize = changes
             .ranges
             .iter()

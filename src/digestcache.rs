@@ -1,0 +1,174 @@
+//! `--digest-file`: deciding, before anything is written, whether the digest file may
+//! stand in for reading the destination, and setting up the file for the next run.
+
+use crate::cli::Args;
+use crate::digests::{DigestFile, DigestWriter, Header};
+use crate::engine::cache::Cache;
+use crate::error::{Error, Kind, Result};
+use crate::hash::HashKind;
+use crate::protocol::BlockInfo;
+use crate::syncid::SyncId;
+use std::sync::Arc;
+
+/// Spot-checks per run: enough to catch a destination replaced or rewritten wholesale,
+/// cheap enough to be nothing next to the sync.
+const SPOT_CHECKS: u64 = 8;
+
+/// How this run uses the digest file.
+pub struct Use {
+    /// For the engine (source half).
+    pub cache: Arc<Cache>,
+    /// The destination is not read (the old file is trusted after spot-checks).
+    pub skip_reading: bool,
+    /// The id the destination records when the sync completes.
+    pub new_id: SyncId,
+}
+
+/// What is known of the destination before the sync.
+pub struct DestState {
+    /// How the digest file names it: a canonical local path, or `host:path`.
+    pub label: String,
+    /// Its size now (0: missing).
+    pub size: u64,
+    /// Its size once synced (a file ends up the source's size, a device keeps its own).
+    pub size_after: u64,
+    /// The id of the last sync completed onto it (zeros: none).
+    pub sync_id: SyncId,
+}
+
+fn stale(path: &str, why: &str) -> Error {
+    Error::new(
+        Kind::StaleCache,
+        format!(
+            "digest file {path} {why}; run with --digest-rebuild to read the destination once and write a new one"
+        ),
+    )
+}
+
+/// Opens, checks and sets up the digest file of a run; `None` without `--digest-file`.
+pub fn prepare(
+    args: &Args,
+    hash: HashKind,
+    block: u64,
+    source_size: u64,
+    dest: &DestState,
+) -> Result<Option<Use>> {
+    let Some(path) = &args.digest_file else {
+        return Ok(None);
+    };
+    let name = path.display().to_string();
+    let old = if args.digest_rebuild || !path.exists() {
+        None
+    } else {
+        let f = DigestFile::open(path).map_err(|m| {
+            Error::new(
+                Kind::StaleCache,
+                format!("{m}; run with --digest-rebuild to write a new one"),
+            )
+        })?;
+        let h = &f.header;
+        if h.hash != hash || h.block != block {
+            return Err(stale(
+                &name,
+                &format!(
+                    "was made with --hash {} -b {}, this run uses --hash {} -b {}",
+                    h.hash.name(),
+                    h.block,
+                    hash.name(),
+                    block
+                ),
+            ));
+        }
+        if h.label != dest.label {
+            return Err(stale(
+                &name,
+                &format!("describes {}, not {}", h.label, dest.label),
+            ));
+        }
+        if h.sync_id == [0; 16] || h.sync_id != dest.sync_id {
+            return Err(stale(
+                &name,
+                &format!(
+                    "does not match {}: it was synced by another run or changed since",
+                    dest.label
+                ),
+            ));
+        }
+        if h.target_size != dest.size {
+            return Err(stale(
+                &name,
+                &format!(
+                    "says {} is {} bytes, it is {}",
+                    dest.label, h.target_size, dest.size
+                ),
+            ));
+        }
+        Some(f)
+    };
+    let spot = match &old {
+        Some(f) => pick_spots(f, source_size.div_ceil(block)),
+        None => Vec::new(),
+    };
+    let new_id = crate::syncid::fresh();
+    let new =
+        if args.dry_run {
+            None
+        } else {
+            let header = Header {
+                hash,
+                block,
+                size: source_size,
+                target_size: dest.size_after,
+                sync_id: new_id,
+                label: dest.label.clone(),
+            };
+            Some(DigestWriter::create(path, header).map_err(|e| {
+                Error::io(Kind::Usage, "cannot write the digest file", path, &e, "")
+            })?)
+        };
+    let skip_reading = old.is_some();
+    Ok(Some(Use {
+        cache: Arc::new(Cache::new(hash, name, old, spot, new)),
+        skip_reading,
+        new_id,
+    }))
+}
+
+/// A few random blocks the file has digests for.
+fn pick_spots(f: &DigestFile, source_blocks: u64) -> Vec<u64> {
+    let n = f.header.blocks().min(source_blocks);
+    if n == 0 {
+        return Vec::new();
+    }
+    let seed = crate::syncid::fresh();
+    let mut x = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes")) | 1;
+    let mut out = Vec::new();
+    for _ in 0..SPOT_CHECKS * 4 {
+        if out.len() as u64 >= SPOT_CHECKS.min(n) {
+            break;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x % n;
+        let known = f.entries(b, 1).is_ok_and(|e| e[0] != BlockInfo::Missing);
+        if known && !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// Seals the new digest file after the run (complete only when the sync succeeded).
+pub fn finish(cache: Arc<Cache>, ok: bool) -> Result<()> {
+    let name = cache.name.clone();
+    match Arc::try_unwrap(cache) {
+        Ok(c) => c.finish(ok).map_err(|e| {
+            Error::new(
+                Kind::Io,
+                format!("writing digest file {name}: {}", crate::error::os_text(&e)),
+            )
+        }),
+        Err(_) => Err(Error::new(Kind::Internal, "digest file still in use")),
+    }
+}

@@ -1,0 +1,167 @@
+//! `--digest-file` on the source half: compare against the destination's digests kept
+//! from the last run instead of reading the destination (spot-checking a few of its
+//! blocks first), and record the digests of this run for the next one.
+//!
+//! The new file must never claim a block that was not written. Blocks sent during the run
+//! are recorded as missing at first and their digests kept aside; only when the
+//! destination confirms the whole sync are they filled in. A run that fails still leaves a
+//! usable file: unchanged blocks as compared, sent blocks missing (they are compared and
+//! sent again next time), blocks not reached as they were.
+
+use crate::digests::{DigestFile, DigestWriter};
+use crate::protocol::BlockInfo;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Mutex;
+
+/// The digest files of one run, shared by its streams.
+#[derive(Debug)]
+pub struct Cache {
+    /// The block digest.
+    pub kind: crate::hash::HashKind,
+    /// The digest file's path, for messages.
+    pub name: String,
+    /// The previous run's digests of the destination (`None`: read the destination).
+    pub old: Option<DigestFile>,
+    /// Blocks of the destination to check against `old` before anything is written.
+    pub spot: Vec<u64>,
+    new: Option<Mutex<Recorder>>,
+}
+
+#[derive(Debug)]
+struct Recorder {
+    writer: DigestWriter,
+    /// Digests of the blocks sent, applied once the sync is confirmed.
+    sent: io::BufWriter<std::fs::File>,
+    sent_path: std::path::PathBuf,
+    /// Per stream (by its first byte): the next block not yet recorded, and its end.
+    progress: HashMap<u64, (u64, u64)>,
+}
+
+impl Cache {
+    /// A cache comparing against `old` (if any) and recording into `new` (if any).
+    pub fn new(
+        kind: crate::hash::HashKind,
+        name: String,
+        old: Option<DigestFile>,
+        spot: Vec<u64>,
+        new: Option<DigestWriter>,
+    ) -> Self {
+        let new = new.map(|writer| {
+            let sent_path = std::env::temp_dir().join(format!(
+                "blocksync-sent-{}-{:x}",
+                std::process::id(),
+                crate::syncid::fresh()[0] as u32 * 65_537
+            ));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&sent_path)
+                .expect("temporary file for the digests of sent blocks");
+            Mutex::new(Recorder {
+                writer,
+                sent: io::BufWriter::new(file),
+                sent_path,
+                progress: HashMap::new(),
+            })
+        });
+        Cache {
+            kind,
+            name,
+            old,
+            spot,
+            new,
+        }
+    }
+
+    /// Whether this run records a new digest file.
+    pub fn records(&self) -> bool {
+        self.new.is_some()
+    }
+
+    /// A stream covering blocks `first..end` starts.
+    pub fn begin(&self, first: u64, end: u64) {
+        if let Some(r) = &self.new {
+            r.lock()
+                .expect("not poisoned")
+                .progress
+                .insert(first, (first, end));
+        }
+    }
+
+    /// Records the blocks `first..` of a chunk: `infos` as the source holds them, `sent`
+    /// marking those written to the destination in this run.
+    pub fn record(
+        &self,
+        stream: u64,
+        first: u64,
+        infos: &[BlockInfo],
+        sent: &[bool],
+    ) -> io::Result<()> {
+        let Some(r) = &self.new else { return Ok(()) };
+        let mut r = r.lock().expect("not poisoned");
+        let mut now: Vec<BlockInfo> = infos.to_vec();
+        for (j, s) in sent.iter().enumerate() {
+            if *s {
+                let mut e = [0u8; 8 + crate::digests::ENTRY];
+                e[..8].copy_from_slice(&(first + j as u64).to_le_bytes());
+                e[8..].copy_from_slice(&crate::digests::encode_entry(&infos[j]));
+                r.sent.write_all(&e)?;
+                now[j] = BlockInfo::Missing;
+            }
+        }
+        r.writer.put(first, &now)?;
+        if let Some(p) = r.progress.get_mut(&stream) {
+            p.0 = first + infos.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Seals the new digest file: complete when `confirmed` (the destination holds every
+    /// block), else the partial file described above.
+    pub fn finish(self, confirmed: bool) -> io::Result<()> {
+        let Some(r) = self.new else { return Ok(()) };
+        let Recorder {
+            writer,
+            sent,
+            sent_path,
+            progress,
+        } = r.into_inner().expect("not poisoned");
+        let result = (|| {
+            let mut sent = sent.into_inner().map_err(|e| e.into_error())?;
+            if confirmed {
+                std::io::Seek::rewind(&mut sent)?;
+                let mut r = io::BufReader::with_capacity(1 << 20, sent);
+                let mut e = [0u8; 8 + crate::digests::ENTRY];
+                loop {
+                    match r.read_exact(&mut e) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => break,
+                        Err(err) => return Err(err),
+                    }
+                    let index = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                    let info = crate::digests::decode_entry(&e[8..]).map_err(io::Error::other)?;
+                    writer.put(index, &[info])?;
+                }
+            } else {
+                // Blocks not reached are still as the old file says.
+                for (next, end) in progress.values() {
+                    let mut at = *next;
+                    while at < *end {
+                        let n = (*end - at).min(1 << 16) as usize;
+                        let old = match &self.old {
+                            Some(o) => o.entries(at, n)?,
+                            None => vec![BlockInfo::Missing; n],
+                        };
+                        writer.put(at, &old)?;
+                        at += n as u64;
+                    }
+                }
+            }
+            writer.finish()
+        })();
+        let _ = std::fs::remove_file(&sent_path);
+        result
+    }
+}

@@ -1,0 +1,92 @@
+//! The destination side's record of the last sync that completed onto a target, so a
+//! digest file (kept on the source's machine) can tell whether the destination is still
+//! in the state it describes.
+//!
+//! The record is a small file per target in `$XDG_STATE_HOME/blocksync/sync-ids`
+//! (default `~/.local/state/...`), keyed by the target's path and identity (device and
+//! inode for a file, device number for a block device), so a file replaced by another
+//! has no record. It is removed before a sync writes anything and written again only
+//! after the destination has been flushed, so it never vouches for blocks not written.
+
+use crate::target::{Identity, Target};
+use std::io;
+use std::path::PathBuf;
+
+/// An id: 16 random bytes; all zero means "none".
+pub type SyncId = [u8; 16];
+
+/// A fresh random id.
+pub fn fresh() -> SyncId {
+    let mut id = [0u8; 16];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+        .is_ok();
+    if !filled || id == [0; 16] {
+        // No /dev/urandom: the time and pid are unique enough to tell runs apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        id = blake3::hash(format!("{t}-{}", std::process::id()).as_bytes()).as_bytes()[..16]
+            .try_into()
+            .expect("16 bytes");
+    }
+    id
+}
+
+fn dir() -> PathBuf {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(h) => PathBuf::from(h).join(".local/state"),
+            None => PathBuf::from("/var/lib"),
+        },
+    };
+    base.join("blocksync/sync-ids")
+}
+
+fn record(t: &Target) -> PathBuf {
+    record_of(&t.path, &t.id)
+}
+
+fn record_of(path: &std::path::Path, id: &Identity) -> PathBuf {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let who = match id.rdev {
+        Some(r) => format!("dev {r}"),
+        None => format!("file {} {}", id.dev, id.ino),
+    };
+    let key = blake3::hash(format!("{}\0{who}", path.display()).as_bytes());
+    dir().join(&key.to_hex()[..32])
+}
+
+/// The id of the last completed sync onto `t`, or zeros.
+pub fn load(t: &Target) -> SyncId {
+    load_of(&t.path, &t.id)
+}
+
+/// [`load`] for a target known by its path and identity (not opened).
+pub fn load_of(path: &std::path::Path, id: &Identity) -> SyncId {
+    match std::fs::read(record_of(path, id)) {
+        Ok(b) if b.len() == 16 => b.try_into().expect("16 bytes"),
+        _ => [0; 16],
+    }
+}
+
+/// Forgets it: from now on `t` is being written.
+pub fn clear(t: &Target) -> io::Result<()> {
+    match std::fs::remove_file(record(t)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Records `id` for `t` (atomically), once `t` holds what it describes and is flushed.
+pub fn store(t: &Target, id: &SyncId) -> io::Result<()> {
+    let path = record(t);
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, id)?;
+    std::fs::rename(&tmp, &path)
+}
