@@ -39,18 +39,20 @@ pub fn run(
     if config.verify_pass && config.dest_progress {
         stats.done.store(0, std::sync::atomic::Ordering::Relaxed); // the progress starts over
     }
-    if let (Some(_), Some(d)) = (config.track, dest.filter(|_| !config.dry_run)) {
-        // From here on the destination no longer matches any digest file.
-        crate::syncid::clear(d).map_err(|e| {
-            Error::new(
+    if let Some(d) = dest.filter(|_| !config.dry_run && !config.verify_pass) {
+        // From here on the destination no longer matches any digest file: every writing
+        // run forgets the id, so a digest file is never trusted after a run without it.
+        let forgot = crate::syncid::clear(d);
+        if let (Err(e), Some(_)) = (forgot, config.track) {
+            return Err(Error::new(
                 Kind::Io,
                 format!(
                     "forgetting the sync id of {}: {}",
                     d.path.display(),
                     os_text(&e)
                 ),
-            )
-        })?;
+            ));
+        }
     }
     std::thread::scope(|s| {
         match config.compare {

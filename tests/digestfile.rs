@@ -1,0 +1,253 @@
+//! `--digest-file`: the destination's digests, kept on the source's machine, stand in for
+//! reading the destination, locally and over ssh; a stale, damaged or foreign file is
+//! refused before anything is written; a stopped run leaves a file that is still right.
+
+mod common;
+
+use common::sshd::Sshd;
+use common::*;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+const M: usize = 1024 * 1024;
+
+/// Rewrites `n` scattered 4 KiB pieces of `path` (and `content`).
+fn change(path: &Path, content: &mut [u8], n: usize, seed: u64) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    let spots = data(n * 8, seed);
+    for i in 0..n {
+        let at = (u64::from_le_bytes(spots[i * 8..i * 8 + 8].try_into().unwrap())
+            % (content.len() as u64 - 4096)) as usize;
+        let piece = data(4096, seed + i as u64 + 1);
+        content[at..at + 4096].copy_from_slice(&piece);
+        f.write_all_at(&piece, at as u64).unwrap();
+    }
+}
+
+/// Runs with a private state dir (where the destination keeps its sync id).
+fn run_state(state: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .env("XDG_STATE_HOME", state)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn local_digest_file_skips_reading_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let dig = dir.path().join("dst.digests");
+    let mut content = data(24 * M + 100, 1);
+    fs::write(&src, &content).unwrap();
+    let sync = |extra: &[&str]| {
+        let mut a = vec!["-f", "--json", "--digest-file", s(&dig)];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[s(&src), s(&dst)]);
+        run_state(&state, &a)
+    };
+
+    // First run: no file yet, a normal sync that writes one.
+    let out = sync(&[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(dig.exists());
+    assert_eq!(fs::read(&dst).unwrap(), content);
+
+    // Next runs read the source only (and a few spot-checked blocks of the destination).
+    for round in 0..3 {
+        change(&src, &mut content, 10, 10 + round);
+        let out = sync(&[]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let j = json(&out);
+        assert!(
+            j["bytes_read_destination"].as_u64().unwrap() <= 8 * M as u64,
+            "{j}"
+        );
+        assert!(j["blocks_changed"].as_u64().unwrap() >= 1, "{j}");
+        assert!(fs::read(&dst).unwrap() == content, "round {round}");
+    }
+
+    // The destination replaced behind the file's back: refused, nothing written.
+    let other = data(content.len(), 99);
+    fs::write(&dst, &other).unwrap();
+    let out = sync(&[]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--digest-rebuild"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(fs::read(&dst).unwrap() == other, "a refused run wrote");
+    let out = sync(&["--digest-rebuild"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == content);
+
+    // A sync without the file changes the destination: the file is no longer trusted.
+    change(&src, &mut content, 3, 50);
+    let plain = run_state(&state, &["-f", "-q", s(&src), s(&dst)]);
+    assert_eq!(code(&plain), 0, "{}", stderr(&plain));
+    let out = sync(&[]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("synced by another run"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn damaged_foreign_or_mismatched_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let dst2 = dir.path().join("dst2");
+    let dig = dir.path().join("d");
+    fs::write(&src, data(5 * M, 2)).unwrap();
+    let out = run_state(&state, &["-q", "--digest-file", s(&dig), s(&src), s(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    fs::copy(&dst, &dst2).unwrap();
+    let good = fs::read(&dig).unwrap();
+
+    // For another destination.
+    let out = run_state(&state, &["-f", "--digest-file", s(&dig), s(&src), s(&dst2)]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    assert!(stderr(&out).contains("describes"), "{}", stderr(&out));
+    // Another block size.
+    let out = run_state(
+        &state,
+        &[
+            "-f",
+            "-b",
+            "64K",
+            "--digest-file",
+            s(&dig),
+            s(&src),
+            s(&dst),
+        ],
+    );
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    // Damaged, then truncated.
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x10;
+    fs::write(&dig, &bad).unwrap();
+    let out = run_state(&state, &["-f", "--digest-file", s(&dig), s(&src), s(&dst)]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+    fs::write(&dig, &good[..good.len() - 7]).unwrap();
+    let out = run_state(&state, &["-f", "--digest-file", s(&dig), s(&src), s(&dst)]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    // A pull cannot keep it on the source's machine.
+    let out = run(&["--digest-file", s(&dig), "somehost:/x", s(&dst)]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+}
+
+#[test]
+fn an_interrupted_run_leaves_a_file_that_is_still_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let dig = dir.path().join("d");
+    let mut content = data(32 * M, 3);
+    fs::write(&src, &content).unwrap();
+    let out = run_state(&state, &["-q", "--digest-file", s(&dig), s(&src), s(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Change every block, then stop a slow run part-way with Ctrl-C.
+    for b in 0..32 {
+        change_block(&src, &mut content, b * M);
+    }
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "-f",
+            "-q",
+            "-p",
+            "40",
+            "--digest-file",
+            s(&dig),
+            s(&src),
+            s(&dst),
+        ])
+        .env("XDG_STATE_HOME", &state)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    // The next run trusts the file, re-sends what the stopped run may have written, and
+    // the copy is exact.
+    let out = run_state(
+        &state,
+        &["-f", "--json", "--digest-file", s(&dig), s(&src), s(&dst)],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(json(&out)["bytes_read_destination"].as_u64().unwrap() <= 8 * M as u64);
+    assert!(fs::read(&dst).unwrap() == content);
+    let out = run_state(&state, &["-f", "--verify", s(&src), s(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+fn change_block(path: &Path, content: &mut [u8], at: usize) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    content[at] ^= 0xff;
+    f.write_all_at(&content[at..at + 1], at as u64).unwrap();
+}
+
+#[test]
+fn digest_file_over_ssh_push() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let dig = dir.path().join("d");
+    let mut content = data(16 * M + 5, 4);
+    fs::write(&src, &content).unwrap();
+    let remote = format!("testhost:{}", s(&dst));
+    let base = [
+        "-e",
+        &sshd.rsh(),
+        "-S",
+        bin(),
+        "-f",
+        "--json",
+        "--digest-file",
+        s(&dig),
+    ];
+    let push = || {
+        let mut a = base.to_vec();
+        a.extend_from_slice(&[s(&src), &remote]);
+        run(&a)
+    };
+    let out = push();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    change(&src, &mut content, 10, 20);
+    let out = push();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let j = json(&out);
+    // The remote destination read only its spot-checks and the changed blocks (to narrow
+    // them down to their changed pieces), not the whole device.
+    let changed = j["blocks_changed"].as_u64().unwrap();
+    let read = j["bytes_read_destination"].as_u64().unwrap();
+    assert!(read <= (8 + changed) * M as u64, "{j}");
+    assert!(changed <= 10, "{j}");
+    assert!(fs::read(&dst).unwrap() == content);
+
+    // Replaced on the remote side: refused with the remote named, nothing written.
+    let other = data(content.len(), 77);
+    fs::write(&dst, &other).unwrap();
+    let out = push();
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == other);
+}
