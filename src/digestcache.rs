@@ -128,7 +128,7 @@ pub fn prepare(
         };
     let skip_reading = old.is_some();
     Ok(Some(Use {
-        cache: Arc::new(Cache::new(hash, name, old, spot, new)),
+        cache: Arc::new(Cache::new(hash, name, dest.label.clone(), old, spot, new)),
         skip_reading,
         new_id,
     }))

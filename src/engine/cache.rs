@@ -21,6 +21,8 @@ pub struct Cache {
     pub kind: crate::hash::HashKind,
     /// The digest file's path, for messages.
     pub name: String,
+    /// The destination it describes, for messages.
+    pub dest: String,
     /// The previous run's digests of the destination (`None`: read the destination).
     pub old: Option<DigestFile>,
     /// Blocks of the destination to check against `old` before anything is written.
@@ -43,6 +45,7 @@ impl Cache {
     pub fn new(
         kind: crate::hash::HashKind,
         name: String,
+        dest: String,
         old: Option<DigestFile>,
         spot: Vec<u64>,
         new: Option<DigestWriter>,
@@ -69,6 +72,7 @@ impl Cache {
         Cache {
             kind,
             name,
+            dest,
             old,
             spot,
             new,

@@ -712,11 +712,15 @@ impl<'a> Refiner<'a> {
             ToSource::Pieces { offset, pieces } if self.checks.contains_key(&offset) => {
                 let expect = self.checks.remove(&offset).expect("checked above");
                 if pieces.first() != Some(&expect) {
-                    let name = self.config.cache.as_ref().map_or("", |c| c.name.as_str());
+                    let (name, dest) = self
+                        .config
+                        .cache
+                        .as_ref()
+                        .map_or(("", ""), |c| (c.name.as_str(), c.dest.as_str()));
                     return Err(Error::new(
                         Kind::StaleCache,
                         format!(
-                            "the destination's block at byte {offset} is not what digest file {name} says: the destination changed behind its back; run with --digest-rebuild (reads the destination once)"
+                            "block at byte {offset} of {dest} is not what digest file {name} says: the destination changed behind its back; run with --digest-rebuild (reads the destination once)"
                         ),
                     ));
                 }
