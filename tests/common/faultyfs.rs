@@ -1,6 +1,8 @@
 //! A disk with bad sectors, for real: a tiny FUSE filesystem, served by threads of the
 //! test process, that holds one read-only file of deterministic content and answers EIO
 //! to every read touching chosen byte ranges, optionally after a delay (a slow disk).
+//! In its writable mode ([`FaultyFs::writable`]) it is a destination disk instead, which
+//! can drop chosen writes (a lying disk), hang, or vanish like a disk pulled out.
 //!
 //! It speaks the kernel's FUSE protocol itself over `/dev/fuse` and mounts with mount(2),
 //! so it needs root but neither libfuse nor fusermount.
@@ -27,8 +29,22 @@
 //!   once stay cached: [`FaultyLoop::drop_cache`] forgets them, e.g. after
 //!   [`FaultyFs::set_bad`].
 //!
+//! What a writer sees (tests/vanish.rs asserts each point):
+//! - Writes reach the server as made, also buffered ones (direct I/O), cut into requests
+//!   of at most 128 KiB; [`FaultyFs::content`] holds them. fsync succeeds; fallocate,
+//!   so hole punching, fails with EOPNOTSUPP.
+//! - A writable loop device over the file ([`FaultyFs::loop_dev_rw`]) has a page cache:
+//!   buffered writes reach the server when the kernel writes them back, `O_DIRECT` ones
+//!   before write(2) returns.
+//! - After [`FaultyFs::vanish`], a request the server was still answering fails with
+//!   ECONNABORTED ("Software caused connection abort") and every later one, open(2) of
+//!   the path included, with ENOTCONN ("Transport endpoint is not connected"), in any
+//!   process, at once. Through the loop device everything fails with EIO, except a
+//!   buffered write of whole pages: it lands in the page cache, and the flush fails.
+//!
 //! Caveats: it needs root (mount(2), losetup) and bash. The delay is per request and four
-//! threads answer, so up to four concurrent reads wait it out together. Drop unmounts,
+//! threads answer, so up to four concurrent requests wait it out together. A writable
+//! file lives in memory, twice over once [`FaultyFs::content`] copied it. Drop unmounts,
 //! panics included; for a test process killed outright a watchdog process unmounts and
 //! detaches its loop devices (see `watchdog`). Every EIO through a loop device also lands
 //! in the kernel log as an I/O error.
@@ -37,13 +53,14 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The one file's name in the mount point.
 pub const FILE_NAME: &str = "disk.img";
@@ -58,6 +75,10 @@ pub const LOOP_BUFFERED_GRANULARITY: u64 = 4096;
 /// How many threads answer the kernel, so concurrent readers (and the delay) overlap.
 const THREADS: usize = 4;
 
+/// The largest a writable file may grow (by writes or truncation): its content lives in
+/// the test's memory. Past it, writes fail with EFBIG.
+pub const MAX_WRITABLE_SIZE: u64 = 256 << 20;
+
 /// One READ request the server answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadReq {
@@ -69,18 +90,36 @@ pub struct ReadReq {
     pub failed: bool,
 }
 
-/// What reads meet; changeable while mounted.
+/// One WRITE request the server answered (writable mounts only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteReq {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Bytes written.
+    pub len: u32,
+    /// Whether any of it fell in a lost range (acknowledged, not stored).
+    pub lost: bool,
+}
+
+/// What reads and writes meet; changeable while mounted.
 struct Faults {
     bad: Vec<(u64, u64)>,
+    lost: Vec<(u64, u64)>,
     delay: Duration,
 }
 
 /// State the serving threads share with the handle.
 struct Shared {
-    content: Vec<u8>,
+    content: RwLock<Vec<u8>>,
+    /// Bumped on every change of `content`, so [`FaultyFs::content`] copies it only then.
+    version: AtomicU64,
+    writable: bool,
     faults: Mutex<Faults>,
     stop: AtomicBool,
+    /// Set by [`FaultyFs::vanish`]: a pending delay ends at once.
+    gone: AtomicBool,
     log: Mutex<Vec<ReadReq>>,
+    writes: Mutex<Vec<WriteReq>>,
     eio: AtomicU64,
 }
 
@@ -90,6 +129,11 @@ pub struct FaultyFs {
     threads: Vec<JoinHandle<()>>,
     fd: Option<OwnedFd>,
     watchdog: Option<Child>,
+    /// Copies of the content handed out by [`FaultyFs::content`], by version; never
+    /// removed before drop, which is what lets it return a plain `&[u8]`.
+    snapshots: Mutex<Vec<(u64, Box<[u8]>)>>,
+    /// The connection's number in fusectl (the mount's minor device number).
+    conn: u32,
     file: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -104,16 +148,36 @@ impl FaultyFs {
 
     /// Like [`FaultyFs::mount`], but serving `content` (e.g. read from a regular file).
     pub fn with_content(content: Vec<u8>, bad: &[(u64, u64)], delay: Duration) -> FaultyFs {
+        Self::start(content, false, bad, delay)
+    }
+
+    /// Mounts a *writable* file of `size` bytes of `data(size, seed)`: a disk to write to.
+    /// Writes land in memory ([`FaultyFs::content`] shows them); truncation resizes it (up
+    /// to [`MAX_WRITABLE_SIZE`]); fsync and flush succeed; fallocate (so hole punching)
+    /// is not supported (EOPNOTSUPP), as on many filesystems. Faults to inject:
+    /// [`FaultyFs::set_bad`] (reads), [`FaultyFs::lose_writes`], [`FaultyFs::set_delay`],
+    /// [`FaultyFs::vanish`].
+    pub fn writable(size: u64, seed: u64) -> FaultyFs {
+        assert!(size <= MAX_WRITABLE_SIZE, "{size} bytes is too big to hold");
+        Self::start(super::data(size as usize, seed), true, &[], Duration::ZERO)
+    }
+
+    fn start(content: Vec<u8>, writable: bool, bad: &[(u64, u64)], delay: Duration) -> FaultyFs {
         super::require_root();
         check_bad(bad);
         let shared = Arc::new(Shared {
-            content,
+            content: RwLock::new(content),
+            version: AtomicU64::new(0),
+            writable,
             faults: Mutex::new(Faults {
                 bad: bad.to_vec(),
+                lost: Vec::new(),
                 delay,
             }),
             stop: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
+            writes: Mutex::new(Vec::new()),
             eio: AtomicU64::new(0),
         });
         let dir = tempfile::tempdir().expect("mount point");
@@ -134,6 +198,8 @@ impl FaultyFs {
             threads: Vec::new(),
             fd: Some(fd),
             watchdog: Some(watchdog(dir.path())),
+            snapshots: Mutex::new(Vec::new()),
+            conn: 0,
             file: dir.path().join(FILE_NAME),
             dir,
         };
@@ -145,12 +211,13 @@ impl FaultyFs {
             "fd={raw},rootmode=40000,user_id={uid},group_id={gid},allow_other"
         ))
         .unwrap();
+        let ro = if writable { 0 } else { libc::MS_RDONLY };
         let rc = unsafe {
             libc::mount(
                 c"faultyfs".as_ptr(),
                 target.as_ptr(),
                 c"fuse.faultyfs".as_ptr(),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                ro | libc::MS_NOSUID | libc::MS_NODEV,
                 opts.as_ptr().cast(),
             )
         };
@@ -166,7 +233,9 @@ impl FaultyFs {
         }
         // Waits for INIT, so a broken server fails here rather than in the test.
         let meta = std::fs::metadata(&fs.file).expect("stat the faulty file");
-        assert_eq!(meta.len(), fs.shared.content.len() as u64);
+        assert_eq!(meta.len(), fs.size());
+        // Found now: once vanished, the mount can no longer be asked.
+        fs.conn = libc::minor(meta.dev() as libc::dev_t);
         fs
     }
 
@@ -180,9 +249,21 @@ impl FaultyFs {
         self.dir.path()
     }
 
-    /// The file's whole content, as the good parts read back.
+    /// The file's whole content, as the good parts read back; for a writable file, a copy
+    /// as of this call (kept until drop, so call it after the writes, not in a loop
+    /// between them).
     pub fn content(&self) -> &[u8] {
-        &self.shared.content
+        let mut snaps = self.snapshots.lock().unwrap();
+        let content = self.shared.content.read().unwrap();
+        // Read under the content lock, so it matches what is copied.
+        let version = self.shared.version.load(Ordering::Relaxed);
+        if snaps.last().map(|s| s.0) != Some(version) {
+            snaps.push((version, content.clone().into_boxed_slice()));
+        }
+        let last: &[u8] = &snaps.last().unwrap().1;
+        // SAFETY: the boxed copy is never mutated nor dropped before `self` is (`snapshots`
+        // only grows), and growing the Vec moves the boxes, not the bytes they point to.
+        unsafe { std::slice::from_raw_parts(last.as_ptr(), last.len()) }
     }
 
     /// Same as [`FaultyFs::content`]: what a perfect copy holds.
@@ -190,9 +271,9 @@ impl FaultyFs {
         self.content()
     }
 
-    /// The file's size.
+    /// The file's size now.
     pub fn size(&self) -> u64 {
-        self.shared.content.len() as u64
+        self.shared.content.read().unwrap().len() as u64
     }
 
     /// The bad ranges now in force.
@@ -206,9 +287,35 @@ impl FaultyFs {
         self.shared.faults.lock().unwrap().bad = bad.to_vec();
     }
 
-    /// Replaces the delay before each read's answer.
+    /// Replaces the delay before each read's (and write's) answer. A long one makes a
+    /// disk that stops answering; [`FaultyFs::vanish`] and drop cut it short.
     pub fn set_delay(&self, delay: Duration) {
         self.shared.faults.lock().unwrap().delay = delay;
+    }
+
+    /// A lying disk: from now on, writes touching any `(offset, len)` of `lost`
+    /// (512-aligned) are acknowledged in full but leave the bytes in those ranges as they
+    /// were; the rest of each write lands. Reads return what is stored, so only a re-read
+    /// finds out. Writable mounts only.
+    pub fn lose_writes(&self, lost: &[(u64, u64)]) {
+        assert!(self.shared.writable, "lose_writes needs FaultyFs::writable");
+        check_bad(lost);
+        self.shared.faults.lock().unwrap().lost = lost.to_vec();
+    }
+
+    /// Returns and forgets the writes answered so far, in answer order.
+    pub fn take_writes(&self) -> Vec<WriteReq> {
+        std::mem::take(&mut *self.shared.writes.lock().unwrap())
+    }
+
+    /// The device goes away, like a disk pulled out: aborts the FUSE connection (as
+    /// `echo 1 > /sys/fs/fuse/connections/N/abort` does), so requests in flight fail at
+    /// once and every later operation on the mount, by any process and through any loop
+    /// device over the file, fails too. Nothing waits for the serving threads. The mount
+    /// point stays (a dead mount, as a pulled disk leaves one) until drop.
+    pub fn vanish(&self) {
+        self.shared.gone.store(true, Ordering::Relaxed);
+        abort_connection(self.conn).expect("abort the FUSE connection");
     }
 
     /// Whether a read of `len` bytes at `offset` overlaps a bad range now.
@@ -236,9 +343,50 @@ impl FaultyFs {
             _fs: self,
         }
     }
+
+    /// A writable loop device over the file (of a [`FaultyFs::writable`] mount), detached
+    /// on drop: a block device to write to, whose writes reach this server when the
+    /// kernel writes back its page cache (or at once with `O_DIRECT`), and which fails
+    /// with EIO once the file [vanishes](FaultyFs::vanish).
+    pub fn loop_dev_rw(&self) -> FaultyLoop<'_> {
+        assert!(self.shared.writable, "loop_dev_rw needs FaultyFs::writable");
+        let dev = super::sh("losetup", &["-f", "--show", super::s(&self.file)]);
+        FaultyLoop {
+            dev: PathBuf::from(dev),
+            _fs: self,
+        }
+    }
 }
 
-/// A read-only loop block device over a [`FaultyFs`] file; detached on drop.
+/// Aborts FUSE connection `conn` through fusectl. Where fusectl is not mounted (no
+/// systemd), mounts it privately for the moment: it is one instance wherever it is
+/// mounted, so this changes nothing anyone else sees.
+fn abort_connection(conn: u32) -> io::Result<()> {
+    let abort = |root: &Path| std::fs::write(root.join(conn.to_string()).join("abort"), "1");
+    let sys = Path::new("/sys/fs/fuse/connections");
+    if sys.join(conn.to_string()).exists() {
+        return abort(sys);
+    }
+    let dir = tempfile::tempdir()?;
+    let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+    let rc = unsafe {
+        libc::mount(
+            c"fusectl".as_ptr(),
+            target.as_ptr(),
+            c"fusectl".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let r = abort(dir.path());
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    r
+}
+
+/// A loop block device over a [`FaultyFs`] file, read-only or writable; detached on drop.
 pub struct FaultyLoop<'a> {
     /// /dev/loopN
     pub dev: PathBuf,
@@ -335,7 +483,7 @@ fn check_bad(bad: &[(u64, u64)]) {
     for &(off, len) in bad {
         assert!(
             off.is_multiple_of(SECTOR) && len.is_multiple_of(SECTOR) && len > 0,
-            "bad range ({off}, {len}) is not whole 512-byte sectors"
+            "range ({off}, {len}) is not whole 512-byte sectors"
         );
     }
 }
@@ -343,6 +491,39 @@ fn check_bad(bad: &[(u64, u64)]) {
 fn overlaps(bad: &[(u64, u64)], offset: u64, len: u64) -> bool {
     bad.iter()
         .any(|&(b, blen)| offset < b + blen && b < offset + len)
+}
+
+/// The parts of `start..end` outside every range of `holes`, in order.
+fn outside(holes: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut holes: Vec<_> = holes.iter().map(|&(o, l)| (o, o + l)).collect();
+    holes.sort_unstable();
+    let mut out = Vec::new();
+    let mut pos = start;
+    for (hs, he) in holes {
+        if he <= pos || hs >= end {
+            continue;
+        }
+        if hs > pos {
+            out.push((pos, hs));
+        }
+        pos = pos.max(he);
+    }
+    if pos < end {
+        out.push((pos, end));
+    }
+    out
+}
+
+/// Sleeps `delay`, or less if the disk vanishes or is unmounted meanwhile.
+fn pause(shared: &Shared, delay: Duration) {
+    let until = Instant::now() + delay;
+    while !shared.gone.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
 }
 
 // Opcodes and flags from the kernel's include/uapi/linux/fuse.h.
@@ -368,16 +549,26 @@ const DESTROY: u32 = 38;
 const BATCH_FORGET: u32 = 42;
 
 const FUSE_ASYNC_READ: u32 = 1 << 0;
+const FUSE_BIG_WRITES: u32 = 1 << 5;
 const FOPEN_DIRECT_IO: u32 = 1 << 0;
+/// fuse_setattr_in.valid: the size is to change.
+const FATTR_SIZE: u32 = 1 << 3;
+/// Bytes of struct fuse_write_in before the data.
+const WRITE_IN: usize = 40;
+/// Largest write we take in one request: the default 32 pages, which is also what the
+/// kernel would cut a direct write into anyway.
+const MAX_WRITE: u32 = 128 * 1024;
 /// The protocol minor we speak; newer kernels talk down to it.
 const MINOR: u32 = 31;
 
 const ROOT: u64 = 1;
 const FILE: u64 = 2;
 const IN_HEADER: usize = 40;
-/// Cache names and attributes for an hour: they never change.
+/// Cache names and attributes for an hour: they never change, or (a writable file's
+/// size) only through the kernel, which keeps its copy up to date.
 const VALID_SECS: u64 = 3600;
-/// Largest read the kernel sends without FUSE_MAX_PAGES is 32 pages; room for headers.
+/// Largest read the kernel sends without FUSE_MAX_PAGES is 32 pages, and the largest
+/// write MAX_WRITE; room for headers.
 const BUF: usize = 256 * 1024;
 
 /// One serving thread: reads requests until told to stop or the kernel hangs up.
@@ -440,7 +631,8 @@ fn send(fd: RawFd, unique: u64, reply: Result<Vec<u8>, i32>) {
 
 /// The answer to one request: a payload, an errno, or None for requests with no reply.
 fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Result<Vec<u8>, i32>> {
-    let size = shared.content.len() as u64;
+    let size = shared.content.read().unwrap().len() as u64;
+    let writable = shared.writable;
     Some(match opcode {
         INIT => {
             let major = u32_at(body, 0);
@@ -454,10 +646,10 @@ fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Resu
                 o.u32(7);
                 o.u32(if major > 7 { MINOR } else { minor.min(MINOR) });
                 o.u32(max_readahead);
-                o.u32(flags & FUSE_ASYNC_READ);
+                o.u32(flags & (FUSE_ASYNC_READ | FUSE_BIG_WRITES));
                 o.u16(16); // max_background
                 o.u16(12); // congestion_threshold
-                o.u32(4096); // max_write: nothing is written
+                o.u32(MAX_WRITE);
                 o.u32(1); // time_gran
                 o.pad(64 - o.0.len()); // max_pages (default), flags2, unused
                 Ok(o.0)
@@ -473,26 +665,19 @@ fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Resu
                 o.u64(VALID_SECS);
                 o.u32(0);
                 o.u32(0);
-                attr(&mut o, FILE, size);
+                attr(&mut o, FILE, size, writable);
                 Ok(o.0)
             } else {
                 Err(libc::ENOENT)
             }
         }
         FORGET | BATCH_FORGET | INTERRUPT => return None,
-        GETATTR => {
-            let mut o = Out::default();
-            o.u64(VALID_SECS);
-            o.u32(0);
-            o.u32(0);
-            attr(&mut o, nodeid, size);
-            Ok(o.0)
-        }
+        GETATTR => attr_out(nodeid, size, writable),
         OPEN if nodeid == FILE => {
-            if u32_at(body, 0) as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            if !writable && u32_at(body, 0) as i32 & libc::O_ACCMODE != libc::O_RDONLY {
                 Err(libc::EROFS)
             } else {
-                // Direct I/O: the kernel caches nothing, so every read comes here.
+                // Direct I/O: the kernel caches nothing, so every read and write comes here.
                 let mut o = Out::default();
                 o.u64(0);
                 o.u32(FOPEN_DIRECT_IO);
@@ -510,9 +695,7 @@ fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Resu
                 let f = shared.faults.lock().unwrap();
                 (overlaps(&f.bad, offset, len as u64), f.delay)
             };
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
+            pause(shared, delay);
             shared.log.lock().unwrap().push(ReadReq {
                 offset,
                 len,
@@ -522,12 +705,31 @@ fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Resu
                 shared.eio.fetch_add(1, Ordering::Relaxed);
                 Err(libc::EIO)
             } else {
+                let content = shared.content.read().unwrap();
+                let size = content.len() as u64;
                 let start = offset.min(size) as usize;
                 let end = (offset + len as u64).min(size) as usize;
-                Ok(shared.content[start..end].to_vec())
+                Ok(content[start..end].to_vec())
             }
         }
         READ => Err(libc::EISDIR),
+        SETATTR | WRITE | CREATE if !writable => Err(libc::EROFS),
+        WRITE if nodeid == FILE => write(shared, body),
+        SETATTR if nodeid == FILE => {
+            if u32_at(body, 0) & FATTR_SIZE != 0 {
+                let new = u64_at(body, 16);
+                if new > MAX_WRITABLE_SIZE {
+                    return Some(Err(libc::EFBIG));
+                }
+                let mut content = shared.content.write().unwrap();
+                content.resize(new as usize, 0);
+                shared.version.fetch_add(1, Ordering::Relaxed);
+            }
+            // Mode, owner and times stay as they are: nothing here depends on them.
+            attr_out(FILE, shared.content.read().unwrap().len() as u64, writable)
+        }
+        // The disk holds its one file and nothing else.
+        SETATTR | WRITE | CREATE => Err(libc::EPERM),
         READDIR => {
             let offset = u64_at(body, 8);
             let len = u32_at(body, 16) as usize;
@@ -565,17 +767,65 @@ fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Resu
             Ok(o.0)
         }
         RELEASE | RELEASEDIR | FLUSH | FSYNC | FSYNCDIR | DESTROY => Ok(Vec::new()),
-        SETATTR | WRITE | CREATE => Err(libc::EROFS),
         // Everything else (xattrs, access, lseek, ...) is "not implemented": the kernel
         // remembers and falls back to its defaults.
         _ => Err(libc::ENOSYS),
     })
 }
 
-/// struct fuse_attr: the file is read-only, the root a read-only directory.
-fn attr(o: &mut Out, nodeid: u64, size: u64) {
+/// Answers one WRITE: stores the data (except in lost ranges), acknowledges all of it.
+fn write(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, i32> {
+    let offset = u64_at(body, 8);
+    let len = u32_at(body, 16);
+    let Some(data) = body.get(WRITE_IN..WRITE_IN + len as usize) else {
+        return Err(libc::EIO);
+    };
+    let end = offset.saturating_add(len as u64);
+    if end > MAX_WRITABLE_SIZE {
+        return Err(libc::EFBIG);
+    }
+    let (lost, delay) = {
+        let f = shared.faults.lock().unwrap();
+        (f.lost.clone(), f.delay)
+    };
+    pause(shared, delay);
+    {
+        let mut content = shared.content.write().unwrap();
+        if end as usize > content.len() {
+            content.resize(end as usize, 0);
+        }
+        for (s, e) in outside(&lost, offset, end) {
+            content[s as usize..e as usize]
+                .copy_from_slice(&data[(s - offset) as usize..(e - offset) as usize]);
+        }
+        shared.version.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.writes.lock().unwrap().push(WriteReq {
+        offset,
+        len,
+        lost: overlaps(&lost, offset, len as u64),
+    });
+    let mut o = Out::default();
+    o.u32(len); // struct fuse_write_out: all of it, whatever was kept
+    o.u32(0);
+    Ok(o.0)
+}
+
+/// struct fuse_attr_out, for GETATTR and SETATTR.
+fn attr_out(nodeid: u64, size: u64, writable: bool) -> Result<Vec<u8>, i32> {
+    let mut o = Out::default();
+    o.u64(VALID_SECS);
+    o.u32(0);
+    o.u32(0);
+    attr(&mut o, nodeid, size, writable);
+    Ok(o.0)
+}
+
+/// struct fuse_attr: a read-only (or writable) file in a read-only directory.
+fn attr(o: &mut Out, nodeid: u64, size: u64, writable: bool) {
     let (size, mode, nlink) = if nodeid == FILE {
-        (size, libc::S_IFREG | 0o444, 1)
+        let perm = if writable { 0o644 } else { 0o444 };
+        (size, libc::S_IFREG | perm, 1)
     } else {
         (0, libc::S_IFDIR | 0o555, 2)
     };
