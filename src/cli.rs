@@ -240,6 +240,97 @@ pub struct Args {
     pub no_progress: bool,
 }
 
+/// `blocksync digest`: write the digests of a target, for `diff` on another machine.
+#[derive(Debug, Parser)]
+#[command(
+    name = "blocksync digest",
+    version,
+    about = "Write the block digests of a file or device (for blocksync diff)",
+    after_help = "Example:\n  blocksync digest /dev/vg/backup -o backup.digests   on the backup host\n  blocksync diff /dev/vg/data --against backup.digests -o changes.patch\n  blocksync apply changes.patch /dev/vg/backup\n\nSmall blocks make small patches (4K: a 4 KiB write costs 4 KiB); larger blocks make\nsmaller digest files (17 bytes per block).",
+    max_term_width = 100
+)]
+pub struct DigestArgs {
+    /// The file or device.
+    pub target: PathBuf,
+    /// Where to write the digests (`-`: stdout).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Block size, with K/M suffix.
+    #[arg(
+        short = 'b',
+        long = "blocksize",
+        value_name = "SIZE",
+        default_value = "4K"
+    )]
+    pub block_size: String,
+    /// Block digest: blake3 (default), xxh3, sha256.
+    #[arg(
+        short = '1',
+        long = "hash",
+        value_name = "NAME",
+        default_value = "blake3"
+    )]
+    pub hash: String,
+    /// Print only errors.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `blocksync diff`: the blocks of a source that differ from a target's digests.
+#[derive(Debug, Parser)]
+#[command(
+    name = "blocksync diff",
+    version,
+    about = "Write a patch: the blocks of SRC that differ from a target's digests (blocksync digest)",
+    after_help = "Example:\n  blocksync diff /dev/vg/data --against backup.digests | ssh backup blocksync apply - /dev/vg/backup",
+    max_term_width = 100
+)]
+pub struct DiffArgs {
+    /// The source file or device.
+    pub source: PathBuf,
+    /// The target's digests, from blocksync digest.
+    #[arg(long, value_name = "FILE")]
+    pub against: PathBuf,
+    /// Where to write the patch (`-` or absent: stdout).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// zstd level for the blocks (0: none).
+    #[arg(
+        short = 'C',
+        long = "compress",
+        value_name = "LEVEL",
+        default_value_t = 3
+    )]
+    pub compress: i32,
+    /// Print only errors.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `blocksync apply`: apply a patch to the target it was made for.
+#[derive(Debug, Parser)]
+#[command(
+    name = "blocksync apply",
+    version,
+    about = "Apply a patch from blocksync diff: check the target is the state it expects, write, verify",
+    max_term_width = 100
+)]
+pub struct ApplyArgs {
+    /// The patch (`-`: stdin).
+    pub patch: PathBuf,
+    /// The file or device to change.
+    pub target: PathBuf,
+    /// Write to a mounted or in-use device (dangerous).
+    #[arg(long)]
+    pub force_mounted: bool,
+    /// Print only errors.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,8 @@ pub mod engine;
 pub mod error;
 pub mod hash;
 pub mod link;
+pub mod offline;
+pub mod patch;
 pub mod pool;
 pub mod protocol;
 pub mod remote;
@@ -45,8 +47,17 @@ pub const MAX_BLOCK: u64 = 64 << 20;
 /// Parses the command line, runs, reports, and returns the process exit code.
 pub fn main_entry() -> i32 {
     // The remote end of an ssh sync; not a user-facing mode, so not in --help.
-    if std::env::args_os().nth(1).is_some_and(|a| a == "--server") {
+    let first = std::env::args_os().nth(1);
+    if first.as_ref().is_some_and(|a| a == "--server") {
         return server::main();
+    }
+    // `blocksync digest|diff|apply ...`; a file with such a name is written ./digest.
+    if let Some(cmd) = first
+        .as_ref()
+        .and_then(|a| a.to_str())
+        .filter(|a| offline::COMMANDS.contains(a))
+    {
+        return offline::main(cmd);
     }
     let args = Args::parse();
     let reporter = match reporter_for(&args) {

@@ -316,6 +316,7 @@ fn write_dest(
         };
         Error::new(Kind::Io, format!("{what}: {}{hint}", os_text(&e)))
     };
+    let name = dest.map_or(String::new(), |d| format!(" {}", d.path.display()));
     let (finish, size) = loop {
         match from_source.recv() {
             Ok(ToDest::Write { offset, data }) => {
@@ -350,16 +351,18 @@ fn write_dest(
                 })?;
             }
             Ok(ToDest::Check { offset, len }) => {
-                let info = check(dest, config, offset, len, stats)
-                    .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
+                let info = check(dest, config, offset, len, stats).map_err(|e| {
+                    io_error(format!("reading destination{name} at byte {offset}"), e)
+                })?;
                 let _ = answers.send(ToSource::Pieces {
                     offset,
                     pieces: vec![info],
                 });
             }
             Ok(ToDest::Refine { offset, len }) => {
-                let pieces = refine(dest, config, offset, len, stats)
-                    .map_err(|e| io_error(format!("reading destination at byte {offset}"), e))?;
+                let pieces = refine(dest, config, offset, len, stats).map_err(|e| {
+                    io_error(format!("reading destination{name} at byte {offset}"), e)
+                })?;
                 // A closed channel means the source is gone; the loop ends on its own.
                 let _ = answers.send(ToSource::Pieces { offset, pieces });
             }
