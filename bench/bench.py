@@ -116,6 +116,8 @@ TARGET_SPARSE_VS_CP = 1.5    # new local copy of a sparse file: blocksync / cp -
 TARGET_SPARSE_ALLOC = 0.05   # allocated size of the copy vs the source, within
 TARGET_SPARSE_LO = 1.05      # new sparse copy over ssh: loopback bytes / data bytes, <=
 TARGET_SPARSE_RESYNC = 1.3   # re-sync of the sparse file: blocksync / reading both files' data, <=
+TARGET_CACHE_VS_READ = 1.15  # issue 7: sync with a valid digest file / reading the source alone, <=
+TARGET_PATCH_KB = 100        # issue 7: patch for the 10 changes, <= (KB)
 
 
 # --------------------------------------------------------------------------
@@ -267,7 +269,10 @@ class Workdir:
 
     def cleanup(self) -> None:
         for p in self.files:
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         if self.created:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -1325,6 +1330,73 @@ def sparse_resync_group(args: argparse.Namespace, sp: SparseData) -> Group:
 
 
 # --------------------------------------------------------------------------
+# digest file and patches (issue 7)
+# --------------------------------------------------------------------------
+
+def cache_group(args: argparse.Namespace, hash_name: str) -> Group:
+    """A sync of the changes with a valid --digest-file (the destination is not read)
+    vs reading the source alone. Before each run, dst is put back to dst.orig and a
+    digest file describing it is made (untimed: a sync of dst.orig onto dst)."""
+    state = None
+
+    def setup(wd: Workdir) -> None:
+        nonlocal state
+        state = wd.path("state")
+        os.environ["XDG_STATE_HOME"] = str(state)   # where dst's sync id is kept
+        restore_dst(wd)
+        dig = wd.path(f"dst.{hash_name}.digests")
+        dig.unlink(missing_ok=True)
+        run([str(args.bin), "-f", "-q", "--no-progress", "--hash", hash_name,
+             "--digest-file", str(dig), str(wd.dst_orig), str(wd.dst)])
+        sync_disks()
+        warm(wd.src)
+
+    read = Case("read-src", "(a) cat src >/dev/null",
+                lambda wd: ["cat", str(wd.src)], writes=False,
+                setup=lambda wd: warm(wd.src))
+    bs = Case(f"cached-{hash_name}",
+              f"(b) blocksync --hash {hash_name} --digest-file F src dst",
+              lambda wd: [str(args.bin), "-f", "-q", "--no-progress", "--hash", hash_name,
+                          "--digest-file", str(wd.path(f"dst.{hash_name}.digests")),
+                          str(wd.src), str(wd.dst)],
+              setup=setup)
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        if "read-src" not in by or bs.key not in by:
+            return []
+        x = by[bs.key].median / by["read-src"].median
+        return [f"blocksync --digest-file ({hash_name}) / read src = {x:.2f} "
+                f"(target <= {TARGET_CACHE_VS_READ:.2f}) {verdict(x <= TARGET_CACHE_VS_READ)}"]
+
+    return Group(f"cache ({hash_name}): sync of the changes with a valid digest file, "
+                 "the destination not read", [read, bs], targets,
+                 notes=["before each run of (b): dst put back to dst.orig and a digest file "
+                        "describing it made (untimed); the timed run reads src, spot-checks "
+                        "8 blocks of dst, writes the changes and the new digest file"])
+
+
+def patch_lines(args: argparse.Namespace, wd: Workdir) -> list[str]:
+    """Digest dst.orig, diff src against it, apply the patch to a copy: the patch's size."""
+    dig, patch, copy = wd.path("orig.4k.digests"), wd.path("changes.patch"), wd.path("copy")
+    run([str(args.bin), "digest", "-q", "-b", "4K", str(wd.dst_orig), "-o", str(dig)])
+    t0 = time.perf_counter()
+    run([str(args.bin), "diff", "-q", str(wd.src), "--against", str(dig), "-o", str(patch)])
+    t_diff = time.perf_counter() - t0
+    copy_file(wd.dst_orig, copy)
+    t0 = time.perf_counter()
+    run([str(args.bin), "apply", "-q", str(patch), str(copy)])
+    t_apply = time.perf_counter() - t0
+    verify_same(wd.src, copy, "patched copy")
+    size = patch.stat().st_size
+    copy.unlink()
+    return [f"patch for the {args.changes} changes (digest -b 4K of dst.orig, diff src): "
+            f"{size / 1000:.1f} KB (target <= {TARGET_PATCH_KB} KB) "
+            f"{verdict(size <= TARGET_PATCH_KB * 1000)}; diff {t_diff:.2f} s, "
+            f"apply (checks, writes, verifies) {t_apply:.2f} s; digest file "
+            f"{dig.stat().st_size / MB:.1f} MB"]
+
+
+# --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
 
@@ -1476,6 +1548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the proxy's delay each way for --latency (default 25, i.e. 50 ms RTT)")
     ap.add_argument("--cipher", default=DEFAULT_CIPHER,
                     help=f"ssh cipher of the bench's ssh config (default {DEFAULT_CIPHER})")
+    ap.add_argument("--cache", action=on, default=True,
+                    help="time a sync with a digest file and make a patch (default: on)")
     ap.add_argument("--rss", action=on, default=True,
                     help="measure peak RSS on a sparse file (default: on)")
     ap.add_argument("--rss-size", type=parse_size, default=16 * GiB,
@@ -1521,7 +1595,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.bin = snapshot_binary(args.bin, wd)
-        if args.local or args.ssh:
+        if args.local or args.ssh or args.cache:
             generate_data(wd, args.size, args.changes, args.seed)
             print(f"blocksync bench: {human(args.size)}, {args.changes} x 4 KiB changes, "
                   f"{args.runs} runs per case, warm cache, {wd.root}")
@@ -1549,6 +1623,12 @@ def main(argv: list[str] | None = None) -> int:
                     "ssh login (ssh host true, best of 3): "
                     f"direct {logins[HOST]:.2f} s, proxy 0 ms {logins[HOST_PROXY]:.2f} s, "
                     f"proxy {args.delay_ms:g} ms {logins[HOST_SLOW]:.2f} s")
+                run_group(group, wd, args)
+        if args.cache:
+            for h in ("blake3", "xxh3"):
+                group = cache_group(args, h)
+                if h == "blake3":
+                    group.after = lambda wd, by: patch_lines(args, wd)
                 run_group(group, wd, args)
         if args.sparse:
             sp = generate_sparse(wd, args.sparse_size, args.sparse_data, args.seed)

@@ -152,13 +152,21 @@ pub fn infos_par(
     let per = n.div_ceil(threads);
     let mut out = vec![BlockInfo::Missing; n];
     std::thread::scope(|s| {
-        for (t, part) in out.chunks_mut(per).enumerate() {
+        let mut parts = out.chunks_mut(per).enumerate();
+        // This thread takes the first part: one thread fewer to start per chunk.
+        let first = parts.next();
+        for (t, part) in parts {
             let one = &one;
             s.spawn(move || {
                 for (k, slot) in part.iter_mut().enumerate() {
                     *slot = one(t * per + k);
                 }
             });
+        }
+        if let Some((_, part)) = first {
+            for (k, slot) in part.iter_mut().enumerate() {
+                *slot = one(k);
+            }
         }
     });
     out
