@@ -14,6 +14,9 @@ use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// How far (in bytes of reports) the source side's receiving thread reads ahead.
+const LOOKAHEAD_BYTES: usize = 32 << 20;
+
 /// Write buffer per stream: big enough to batch small frames into few syscalls.
 const WRITE_BUFFER: usize = 256 << 10;
 
@@ -281,6 +284,10 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
             msg,
             ToSource::Digests { .. } | ToSource::Pieces { .. } | ToSource::Verify { .. }
         );
+        if let ToSource::Failed { kind, message } = &msg {
+            // Told at once, ahead of the reports still queued for the source half.
+            *stats.peer_failed.lock().expect("not poisoned") = Some((*kind, message.clone()));
+        }
         if tx.send(msg).is_err() || end {
             return;
         }
@@ -465,8 +472,19 @@ fn source_pass(
 ) -> Result<()> {
     let (to_dest, from_source) = bounded(config.buffers); // blocks in flight: bounds memory
     let (to_source, from_dest) = bounded(REPORTS_IN_FLIGHT);
+    // The receiving thread reads well ahead of the source half (a few MiB of reports), so
+    // a failure the peer sends behind queued reports is seen at once.
+    let per_report = (config.layout.chunk / config.layout.block) as usize * 17 + 32;
+    let (ahead_tx, ahead_rx) = bounded((LOOKAHEAD_BYTES / per_report).clamp(64, 16 << 10));
     std::thread::scope(|s| {
-        s.spawn(move || recv_from_dest(r, to_source, stats, peer));
+        s.spawn(move || recv_from_dest(r, ahead_tx, stats, peer));
+        s.spawn(move || {
+            for m in ahead_rx {
+                if to_source.send(m).is_err() {
+                    return;
+                }
+            }
+        });
         let sender = s.spawn(move || send_to_dest(from_source, w, level, bwlimit, stats, peer));
         let result = engine::source::run(src, config, to_dest, from_dest, stats, cancel);
         let sent = sender

@@ -464,12 +464,9 @@ fn verify_catches_a_disk_that_drops_writes() {
 
 /// Stricter than the tests above: a run that would go on for ~10 s more must stop
 /// within a few seconds of its remote destination vanishing, not read and send the rest
-/// of the source first. Fails at da23d20 and b1b4158: the remote fails at once, but its
-/// Failed report seems to reach the source behind the chunk reports the remote sent
-/// ahead, so the source reads and sends all the rest before it stops (~8 s here; up to
-/// 256 chunks per queue on a large disk).
+/// of the source first (the remote's failure arrives behind the chunk reports it sent
+/// ahead; the link reads ahead of the source half and tells it at once).
 #[test]
-#[ignore = "fails today: a remote destination's failure is seen only after the source ran on"]
 fn a_remote_destination_that_vanishes_stops_the_run_promptly() {
     let sshd = Sshd::start();
     let size = 24 * M;

@@ -349,6 +349,10 @@ pub struct Stats {
     pub verified: AtomicU64,
     /// Unreadable, mismatched and changed ranges.
     pub findings: Mutex<Findings>,
+    /// The other machine's half failed (its reason), seen by the link before the source
+    /// half reaches it in the stream: the source half stops at once instead of working
+    /// through the reports queued ahead of it.
+    pub peer_failed: Mutex<Option<(crate::error::Kind, String)>>,
 }
 
 impl Stats {
@@ -365,6 +369,13 @@ impl Stats {
     pub fn found(&self, kind: FindingKind, offset: u64, len: u64) {
         let mut f = self.findings.lock().expect("not poisoned");
         f.add(kind, offset, len);
+    }
+
+    /// The peer's failure, if the link has seen one.
+    pub fn peer_failure(&self) -> Option<crate::error::Error> {
+        let f = self.peer_failed.lock().expect("not poisoned");
+        f.as_ref()
+            .map(|(k, m)| crate::error::Error::new(*k, m.clone()))
     }
 
     /// The findings so far, sorted and merged.

@@ -831,6 +831,9 @@ fn compare_and_send(
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::new(Kind::Interrupted, "interrupted"));
         }
+        if let Some(e) = stats.peer_failure() {
+            return Err(e);
+        }
         let chunk = chunks
             .recv()
             .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
