@@ -12,6 +12,7 @@ const DEFAULT_ITERS: u64 = 30_000;
 
 #[test]
 fn every_fuzz_target_survives_mutated_frames() {
+    harness::private_state_home();
     let iters = std::env::var("BLOCKSYNC_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -32,6 +33,7 @@ fn every_fuzz_target_survives_mutated_frames() {
 /// must be distinct).
 #[test]
 fn every_frame_type_has_a_target() {
+    harness::private_state_home();
     let mut bytes: Vec<u8> = harness::ALL_TYPES
         .iter()
         .map(|t| harness::type_byte(*t))

@@ -3,7 +3,9 @@
 //! magic or version, and a valid handshake followed by garbage. Every time the server
 //! must exit non-zero within seconds, without a panic, and leave the destination named
 //! in the Hello as it was (or, for a conversation cut after whole blocks arrived, with
-//! at most those blocks written).
+//! at most those blocks written). The server runs with `XDG_STATE_HOME` in the test's
+//! temp dir, where a destination keeps its sync-id record (`--digest-file` pushes), so
+//! these tests never write into the real home.
 
 mod common;
 
@@ -11,8 +13,8 @@ use blocksync::error::Kind;
 use blocksync::hash::HashKind;
 use blocksync::pool::Slice;
 use blocksync::protocol::{
-    BlockInfo, Counts, Data, Frame, GREETING, Go, Hello, MAX_FRAME, Reply, Role, VERSION,
-    read_frame, write_frame, write_raw_frame,
+    BlockInfo, Counts, Data, FLAG_NO_READ, FLAG_TRACK_ID, Frame, GREETING, Go, Hello, MAX_FRAME,
+    Reply, Role, VERSION, read_frame, write_frame, write_raw_frame,
 };
 use common::{bin, data};
 use std::io::{Read, Write};
@@ -36,14 +38,15 @@ struct Ended {
     stderr: String,
 }
 
-/// Runs `blocksync --server` in `dir`, writes `input` to its stdin and closes it, reads
-/// everything it writes (a peer that stops reading would block it on a full pipe, which
-/// is not what is tested here), and returns how it ended. Fails the test on a hang or a
-/// death by signal.
+/// Runs `blocksync --server` in `dir` (its sync-id records in `dir/state`), writes
+/// `input` to its stdin and closes it, reads everything it writes (a peer that stops
+/// reading would block it on a full pipe, which is not what is tested here), and returns
+/// how it ended. Fails the test on a hang or a death by signal.
 fn serve(input: &[u8], dir: &Path) -> Ended {
     let mut child = Command::new(bin())
         .arg("--server")
         .current_dir(dir)
+        .env("XDG_STATE_HOME", dir.join("state"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -190,7 +193,20 @@ fn go(size: u64) -> Frame {
         size,
         start: 0,
         end: size,
+        sync_id: [0; 16],
+        no_read: false,
     })
+}
+
+/// The frames after the greeting in what the server wrote.
+fn answers(ended: &Ended) -> Vec<Frame> {
+    let mut r = &ended.stdout[GREETING.len()..];
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    while let Ok((frame, _)) = read_frame(&mut r, &mut buf) {
+        frames.push(frame);
+    }
+    frames
 }
 
 /// Bytes that are no frame: a deterministic mix of lengths.
@@ -424,8 +440,40 @@ fn garbage_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
             counts: Counts::default(),
         },
     );
+    frame(
+        "a spot-check past the end",
+        Frame::Check {
+            offset: SOURCE_SIZE,
+            len: BLOCK,
+        },
+    );
+    frame(
+        "a spot-check across the end",
+        Frame::Check {
+            offset: SOURCE_SIZE - 100,
+            len: BLOCK,
+        },
+    );
+    frame(
+        "a spot-check of nothing",
+        Frame::Check { offset: 0, len: 0 },
+    );
+    frame(
+        "a spot-check longer than a block",
+        Frame::Check {
+            offset: 0,
+            len: 2 * BLOCK,
+        },
+    );
     frame("a second hello", Frame::Hello(hello.clone()));
-    frame("a reply", Frame::Reply(Reply { size: 1, kind: 1 }));
+    frame(
+        "a reply",
+        Frame::Reply(Reply {
+            size: 1,
+            kind: 1,
+            sync_id: [0; 16],
+        }),
+    );
     frame("a second go", go(SOURCE_SIZE));
     frame(
         "a Digests frame",
@@ -561,6 +609,8 @@ fn a_go_the_server_cannot_honor_is_refused() {
                 size: 10,
                 start: 0,
                 end: 11,
+                sync_id: [0; 16],
+                no_read: false,
             },
         ),
         (
@@ -570,6 +620,8 @@ fn a_go_the_server_cannot_honor_is_refused() {
                 size: SOURCE_SIZE,
                 start: 2 * BLOCK,
                 end: BLOCK,
+                sync_id: [0; 16],
+                no_read: false,
             },
         ),
         (
@@ -579,6 +631,8 @@ fn a_go_the_server_cannot_honor_is_refused() {
                 size: u64::MAX,
                 start: 0,
                 end: u64::MAX,
+                sync_id: [7; 16],
+                no_read: true,
             },
         ),
     ] {
@@ -617,6 +671,8 @@ fn an_odd_but_decodable_go_then_a_lost_client_ends_quickly() {
                 size,
                 start,
                 end,
+                sync_id: [0; 16],
+                no_read: false,
             });
             let what = format!("{role:?} server, {what}");
             for tail in [vec![], noise(3, 64)] {
@@ -627,5 +683,223 @@ fn an_odd_but_decodable_go_then_a_lost_client_ends_quickly() {
                 scene.assert_unchanged(&what);
             }
         }
+    }
+}
+
+/// The sync-id records the server left in the scene's state directory: (name, bytes).
+fn records(scene: &Scene) -> Vec<(String, Vec<u8>)> {
+    let dir = scene.dir.path().join("state/blocksync/sync-ids");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+const OLD_ID: [u8; 16] = [0x11; 16];
+const NEW_ID: [u8; 16] = *b"another sync id!";
+
+impl Scene {
+    /// A push with `--digest-file`: the id tracked, the destination not reading itself.
+    fn tracked_hello(&self) -> Hello {
+        Hello {
+            flags: FLAG_TRACK_ID | FLAG_NO_READ,
+            ..self.hello(Role::Dest)
+        }
+    }
+
+    /// What the server replies to a tracked Hello (the client then says no): the id the
+    /// destination has on record.
+    fn recorded_id(&self) -> [u8; 16] {
+        let mut input = wire(&[Frame::Hello(self.tracked_hello())]);
+        let stop = Go {
+            proceed: false,
+            size: 0,
+            start: 0,
+            end: 0,
+            sync_id: [0; 16],
+            no_read: false,
+        };
+        write_frame(&mut input, &Frame::Go(stop)).unwrap();
+        let ended = self.serve(&input);
+        assert_eq!(ended.code, 0, "{}", ended.stderr);
+        match answers(&ended).first() {
+            Some(Frame::Reply(r)) => r.sync_id,
+            other => panic!("answered a hello with {other:?}"),
+        }
+    }
+}
+
+fn tracked_go(id: [u8; 16]) -> Frame {
+    Frame::Go(Go {
+        proceed: true,
+        size: SOURCE_SIZE,
+        start: 0,
+        end: SOURCE_SIZE,
+        sync_id: id,
+        no_read: true,
+    })
+}
+
+/// A valid `--digest-file` push: two spot-checks, one block, a Finish.
+fn tracked_push(scene: &Scene, id: [u8; 16]) -> (Vec<u8>, usize) {
+    let mut input = wire(&[
+        Frame::Hello(scene.tracked_hello()),
+        tracked_go(id),
+        Frame::Check {
+            offset: 0,
+            len: BLOCK,
+        },
+        Frame::Check {
+            offset: SOURCE_SIZE - BLOCK,
+            len: BLOCK,
+        },
+        Frame::Write {
+            offset: 2 * BLOCK,
+            data: Data::Raw(Slice::owned(vec![0x42; BLOCK as usize])),
+        },
+    ]);
+    let after_block = input.len();
+    write_frame(
+        &mut input,
+        &Frame::Finish {
+            size: SOURCE_SIZE,
+            counts: Counts::default(),
+        },
+    )
+    .unwrap();
+    (input, after_block)
+}
+
+#[test]
+fn a_tracked_push_without_reading_answers_spot_checks_and_records_its_id() {
+    let scene = Scene::new();
+    assert_eq!(
+        scene.recorded_id(),
+        [0; 16],
+        "a fresh destination has no id"
+    );
+    let (input, _) = tracked_push(&scene, OLD_ID);
+    let ended = scene.serve(&input);
+    assert_eq!(ended.code, 0, "{}", ended.stderr);
+    let frames = answers(&ended);
+    let Some(Frame::Reply(reply)) = frames.first() else {
+        panic!("no reply first: {frames:?}")
+    };
+    assert_eq!(
+        (reply.size, reply.kind, reply.sync_id),
+        (DEST_SIZE as u64, 1, [0; 16])
+    );
+    // Each spot-check is answered with one entry, the destination's block; the
+    // destination sends no digests of its own (it does not read itself).
+    let digest = |at: u64| {
+        let at = at as usize;
+        BlockInfo::Digest(HashKind::Blake3.block_digest(&scene.before[at..at + BLOCK as usize]))
+    };
+    let pieces: Vec<_> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Pieces { offset, pieces } => Some((*offset, pieces.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pieces,
+        [
+            (0, vec![digest(0)]),
+            (SOURCE_SIZE - BLOCK, vec![digest(SOURCE_SIZE - BLOCK)])
+        ]
+    );
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::Digests { .. })),
+        "a no-read destination sent digests: {frames:?}"
+    );
+    assert!(
+        matches!(frames.last(), Some(Frame::Done { .. })),
+        "{frames:?}"
+    );
+    let mut expect = scene.before.clone();
+    expect[2 * BLOCK as usize..3 * BLOCK as usize].fill(0x42);
+    expect.truncate(SOURCE_SIZE as usize);
+    assert!(std::fs::read(&scene.dest).unwrap() == expect);
+    // The id is on record, in the state directory the server was given, and reported
+    // only to a client that asks for tracking.
+    let recs = records(&scene);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].1, OLD_ID);
+    assert_eq!(scene.recorded_id(), OLD_ID);
+    let mut input = wire(&[Frame::Hello(scene.hello(Role::Dest))]);
+    write_frame(
+        &mut input,
+        &Frame::Go(Go {
+            proceed: false,
+            size: 0,
+            start: 0,
+            end: 0,
+            sync_id: [0; 16],
+            no_read: false,
+        }),
+    )
+    .unwrap();
+    let untracked = scene.serve(&input);
+    assert!(
+        matches!(answers(&untracked).first(), Some(Frame::Reply(r)) if r.sync_id == [0; 16]),
+        "an untracked hello was told the id"
+    );
+}
+
+/// A destination that a tracked sync may have written to has no id on record, or the id
+/// of that sync (recorded once what arrived is flushed, even when the sync stopped: the
+/// client's new digest file lists every block it sent as missing until the whole sync is
+/// confirmed, see `engine::cache`); never an older id.
+fn assert_no_stale_id(scene: &Scene, what: &str) {
+    let id = scene.recorded_id();
+    assert!(
+        id == [0; 16] || id == NEW_ID,
+        "{what}: the destination vouches for {id:?}"
+    );
+    for (name, bytes) in records(scene) {
+        assert_eq!(bytes, NEW_ID, "{what}: record {name}");
+    }
+}
+
+#[test]
+fn a_tracked_push_cut_short_never_leaves_the_old_id() {
+    let scene = Scene::new();
+    let (input, _) = tracked_push(&scene, OLD_ID);
+    assert_eq!(scene.serve(&input).code, 0);
+    assert_eq!(scene.recorded_id(), OLD_ID);
+    let (input, after_block) = tracked_push(&scene, NEW_ID);
+    let handshake = wire(&[Frame::Hello(scene.tracked_hello()), tracked_go(NEW_ID)]).len();
+    for cut in [handshake, after_block, input.len() - 1] {
+        let what = format!("the tracked push cut at byte {cut} of {}", input.len());
+        let ended = scene.serve(&input[..cut]);
+        assert_refused(&ended, &what);
+        // The destination may hold some of the new blocks: the old id must not vouch
+        // for it.
+        assert_no_stale_id(&scene, &what);
+    }
+}
+
+#[test]
+fn garbage_after_a_tracked_no_read_push_handshake_is_refused() {
+    let scene = Scene::new();
+    let hello = scene.tracked_hello();
+    let handshake = wire(&[Frame::Hello(hello.clone()), tracked_go(NEW_ID)]);
+    for (what, garbage) in garbage_frames(&hello) {
+        let mut input = handshake.clone();
+        input.extend(&garbage);
+        let what = format!("tracked push, then {what}");
+        let ended = scene.serve(&input);
+        assert_refused(&ended, &what);
+        scene.assert_unchanged(&what);
+        assert_no_stale_id(&scene, &what);
     }
 }

@@ -20,9 +20,9 @@ use blocksync::hash::HashKind;
 use blocksync::link::{self, Peer};
 use blocksync::pool::Slice;
 use blocksync::protocol::{
-    BlockInfo, Counts, Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_VERIFY, FindingKind, Frame,
-    GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_SIZE, MAX_TEXT, Reply, Role, ToDest, ToSource,
-    read_frame, write_frame,
+    BlockInfo, Counts, Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_NO_READ, FLAG_TRACK_ID,
+    FLAG_VERIFY, FindingKind, Frame, GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_SIZE,
+    MAX_TEXT, Reply, Role, ToDest, ToSource, read_frame, write_frame,
 };
 use blocksync::{MAX_BLOCK, MIN_BLOCK, server};
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
@@ -160,6 +160,8 @@ pub enum Ty {
     Pieces,
     /// [`Frame::Refine`]
     Refine,
+    /// [`Frame::Check`]
+    Check,
     /// [`Frame::Write`]
     Write,
     /// [`Frame::Zero`]
@@ -175,7 +177,7 @@ pub enum Ty {
 }
 
 /// Every frame type.
-pub const ALL_TYPES: [Ty; 14] = [
+pub const ALL_TYPES: [Ty; 15] = [
     Ty::Hello,
     Ty::Reply,
     Ty::Go,
@@ -184,6 +186,7 @@ pub const ALL_TYPES: [Ty; 14] = [
     Ty::Finding,
     Ty::Pieces,
     Ty::Refine,
+    Ty::Check,
     Ty::Write,
     Ty::Zero,
     Ty::Finish,
@@ -247,6 +250,14 @@ fn full_infos(n: usize) -> Vec<BlockInfo> {
         .collect()
 }
 
+/// No sync id (a destination with no record, a Go without `--digest-file`).
+const NO_ID: [u8; 16] = [0; 16];
+
+/// A sync id as a client with `--digest-file` sends it.
+const SYNC_ID: [u8; 16] = [
+    0x01, 0x5e, 0xed, 0x1d, 0xfe, 0x00, 0x80, 0x7f, 0xaa, 0x55, 0x10, 0x20, 0x30, 0x40, 0x50, 0xff,
+];
+
 /// Valid frames of type `ty`, covering each variant the decoder distinguishes.
 pub fn examples(ty: Ty) -> Vec<Frame> {
     let last_kind = *Kind::ALL.last().expect("kinds");
@@ -269,11 +280,20 @@ pub fn examples(ty: Ty) -> Vec<Frame> {
             )),
         ],
         Ty::Reply => vec![
-            Frame::Reply(Reply { size: 0, kind: 0 }),
-            Frame::Reply(Reply { size: 99, kind: 1 }),
+            Frame::Reply(Reply {
+                size: 0,
+                kind: 0,
+                sync_id: NO_ID,
+            }),
+            Frame::Reply(Reply {
+                size: 99,
+                kind: 1,
+                sync_id: SYNC_ID,
+            }),
             Frame::Reply(Reply {
                 size: 1 << 40,
                 kind: 2,
+                sync_id: [0xff; 16],
             }),
         ],
         Ty::Go => vec![
@@ -282,18 +302,32 @@ pub fn examples(ty: Ty) -> Vec<Frame> {
                 size: 100,
                 start: 0,
                 end: 100,
+                sync_id: NO_ID,
+                no_read: false,
             }),
             Frame::Go(Go {
                 proceed: false,
                 size: 0,
                 start: 0,
                 end: 0,
+                sync_id: NO_ID,
+                no_read: false,
             }),
             Frame::Go(Go {
                 proceed: true,
                 size: 10 << 20,
                 start: 4 << 20,
                 end: 8 << 20,
+                sync_id: SYNC_ID,
+                no_read: true,
+            }),
+            Frame::Go(Go {
+                proceed: false,
+                size: 1 << 20,
+                start: 0,
+                end: 1 << 20,
+                sync_id: [0xff; 16],
+                no_read: true,
             }),
         ],
         Ty::Digests => vec![
@@ -345,6 +379,17 @@ pub fn examples(ty: Ty) -> Vec<Frame> {
             },
             Frame::Refine {
                 offset: 0,
+                len: MAX_BLOCK,
+            },
+        ],
+        Ty::Check => vec![
+            Frame::Check {
+                offset: 1 << 20,
+                len: 4096,
+            },
+            Frame::Check { offset: 0, len: 0 },
+            Frame::Check {
+                offset: u64::MAX - MAX_BLOCK,
                 len: MAX_BLOCK,
             },
         ],
@@ -450,7 +495,7 @@ pub fn check_frame(f: &Frame) {
         }
         Frame::Finding { offset, len, .. } => assert!(offset.checked_add(*len).is_some()),
         Frame::Pieces { pieces, .. } => assert!(pieces.len() <= MAX_DIGESTS),
-        Frame::Refine { offset, len } => {
+        Frame::Refine { offset, len } | Frame::Check { offset, len } => {
             assert!(*len <= MAX_BLOCK && offset.checked_add(*len).is_some())
         }
         Frame::Zero { offset, len } => assert!(offset.checked_add(*len).is_some()),
@@ -467,11 +512,12 @@ pub fn check_frame(f: &Frame) {
 }
 
 /// The payload the encoder produces for a frame decoded from `payload`: the same bytes,
-/// except Go's proceed flag, which any non-zero byte sets and the encoder writes as 1.
+/// except Go's flag byte, of which the decoder reads two bits (bit 0 proceed, bit 1
+/// no_read) and ignores the rest, and which the encoder writes with only those two bits.
 fn canonical(t: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = payload.to_vec();
     if t == type_byte(Ty::Go) && !p.is_empty() {
-        p[0] = (p[0] != 0) as u8;
+        p[0] &= 0b11;
     }
     p
 }
@@ -554,6 +600,25 @@ pub fn unpack(data: &[u8]) {
     }
 }
 
+/// Points `$XDG_STATE_HOME` (where a destination records its sync id, see
+/// `blocksync::syncid`) at a directory of this process's own under the temp dir, once,
+/// so no fuzz input can make a run write into the real home. The targets open no file
+/// today (a destination half without a target records nothing); this keeps it so if one
+/// ever does. Called before any input runs: by `init` in the libFuzzer targets, first
+/// thing in each test of `tests/fuzz_smoke.rs`.
+pub fn private_state_home() {
+    static DONE: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let name = format!("blocksync-fuzz-state-{}", std::process::id());
+        let dir = std::env::temp_dir().join(name);
+        // SAFETY: set once, before any input runs. In a libFuzzer target `init` runs
+        // before libFuzzer starts its threads; in the smoke test the other test threads
+        // touch the environment only through `std::env`, whose calls are serialized.
+        unsafe { std::env::set_var("XDG_STATE_HOME", &dir) };
+        dir
+    });
+}
+
 fn peer() -> Peer {
     Peer("the fuzzer".into())
 }
@@ -583,6 +648,13 @@ fn check_to_dest(msg: &ToDest, layout: Layout) {
             assert!(
                 inside(*offset, *len),
                 "refine {offset}+{len} outside {layout:?}"
+            );
+        }
+        ToDest::Check { offset, len } => {
+            assert!(*len <= MAX_BLOCK);
+            assert!(
+                inside(*offset, *len),
+                "check {offset}+{len} outside {layout:?}"
             );
         }
         ToDest::Finding { offset, len, .. } => {
@@ -672,7 +744,17 @@ pub fn handshake_server(data: &[u8]) {
     if !go.proceed {
         return;
     }
-    let l = server::config_for(&hello, &go).layout;
+    let config = server::config_for(&hello, &go);
+    // The Go's id is recorded only when the Hello asks for tracking, and the destination
+    // half skips reading exactly when the Go says so.
+    let track = hello.flags & FLAG_TRACK_ID != 0;
+    assert_eq!(
+        config.track,
+        track.then_some(go.sync_id),
+        "{hello:?} {go:?}"
+    );
+    assert_eq!(config.dest_reads, !go.no_read, "{go:?}");
+    let l = config.layout;
     assert_eq!(
         (l.size, l.start, l.end, l.block),
         (go.size, go.start, go.end, hello.block)
@@ -764,8 +846,22 @@ fn server_seeds() -> Vec<Vec<u8>> {
         size,
         start: 0,
         end: size,
+        sync_id: NO_ID,
+        no_read: false,
     });
     let push = Frame::Hello(hello(Role::Dest, "/tmp/x", 4096, HashKind::Blake3, 512));
+    // A push with --digest-file: the destination tracks the sync id and, the source
+    // having its digests, does not read itself; the source spot-checks a few blocks.
+    let mut tracked = hello(Role::Dest, "/tmp/x", 4096, HashKind::Blake3, 0);
+    tracked.flags |= FLAG_TRACK_ID | FLAG_NO_READ | FLAG_VERIFY;
+    let no_read_go = Frame::Go(Go {
+        proceed: true,
+        size,
+        start: 0,
+        end: size,
+        sync_id: SYNC_ID,
+        no_read: true,
+    });
     let pull = Frame::Hello(hello(Role::Source, "/tmp/x", 4096, HashKind::Xxh3, 512));
     let finish = Frame::Finish {
         size,
@@ -808,7 +904,57 @@ fn server_seeds() -> Vec<Vec<u8>> {
                 size: 0,
                 start: 0,
                 end: 0,
+                sync_id: NO_ID,
+                no_read: false,
             }),
+        ]),
+        conversation(&[
+            Frame::Hello(tracked.clone()),
+            no_read_go,
+            Frame::Check {
+                offset: 0,
+                len: 4096,
+            },
+            Frame::Check {
+                offset: size - 4096,
+                len: 4096,
+            },
+            Frame::Write {
+                offset: 4096,
+                data: Data::Raw(Slice::owned(vec![7; 4096])),
+            },
+            Frame::Zero {
+                offset: 8192,
+                len: 4096,
+            },
+            Frame::Finish {
+                size,
+                counts: Counts::default(),
+            },
+            // The verify pass the Hello asks for.
+            Frame::Finish {
+                size,
+                counts: Counts::default(),
+            },
+        ]),
+        conversation(&[
+            Frame::Hello(tracked),
+            Frame::Go(Go {
+                proceed: true,
+                size,
+                start: size / 2,
+                end: size,
+                sync_id: SYNC_ID,
+                no_read: true,
+            }),
+            Frame::Check {
+                offset: size / 2,
+                len: 4096,
+            },
+            Frame::Abort {
+                kind: Kind::Io,
+                message: "EIO".into(),
+            },
         ]),
         conversation(&[
             pull.clone(),
@@ -846,6 +992,13 @@ fn client_seeds() -> Vec<Vec<u8>> {
     let reply = Frame::Reply(Reply {
         size: 1 << 20,
         kind: 1,
+        sync_id: NO_ID,
+    });
+    // A destination that recorded a sync (asked with FLAG_TRACK_ID), answering spot-checks.
+    let tracked = Frame::Reply(Reply {
+        size: 1 << 20,
+        kind: 2,
+        sync_id: SYNC_ID,
     });
     vec![
         greeted(&[
@@ -882,7 +1035,26 @@ fn client_seeds() -> Vec<Vec<u8>> {
             kind: Kind::Destination,
             message: "refused".into(),
         }]),
-        greeted(&[Frame::Reply(Reply { size: 0, kind: 0 })]),
+        greeted(&[
+            tracked,
+            Frame::Pieces {
+                offset: 0,
+                pieces: infos(1),
+            },
+            Frame::Pieces {
+                offset: (1 << 20) - 4096,
+                pieces: infos(3)[2..].to_vec(),
+            },
+            Frame::Done {
+                written: 4096,
+                read: 8192,
+            },
+        ]),
+        greeted(&[Frame::Reply(Reply {
+            size: 0,
+            kind: 0,
+            sync_id: NO_ID,
+        })]),
     ]
 }
 
@@ -903,6 +1075,7 @@ decoder!(decode_verify, Verify);
 decoder!(decode_finding, Finding);
 decoder!(decode_pieces, Pieces);
 decoder!(decode_refine, Refine);
+decoder!(decode_check, Check);
 decoder!(decode_write, Write);
 decoder!(decode_zero, Zero);
 decoder!(decode_finish, Finish);
@@ -935,6 +1108,7 @@ pub const TARGETS: &[Target] = &[
     decoder_target!(decode_finding, Finding),
     decoder_target!(decode_pieces, Pieces),
     decoder_target!(decode_refine, Refine),
+    decoder_target!(decode_check, Check),
     decoder_target!(decode_write, Write),
     decoder_target!(decode_zero, Zero),
     decoder_target!(decode_finish, Finish),

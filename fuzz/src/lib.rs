@@ -9,6 +9,7 @@ pub use harness::*;
 /// seed inputs (valid frames and conversations) into DIR and exits instead, so `run.sh`
 /// gets seeds that always match the current encoder.
 pub fn init(name: &str) {
+    private_state_home();
     let Some(dir) = std::env::var_os("BLOCKSYNC_FUZZ_SEEDS") else {
         return;
     };
