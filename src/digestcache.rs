@@ -52,6 +52,7 @@ pub fn prepare(
     block: u64,
     source_size: u64,
     dest: &DestState,
+    streams: usize,
 ) -> Result<Option<Use>> {
     let Some(path) = &args.digest_file else {
         return Ok(None);
@@ -94,7 +95,8 @@ pub fn prepare(
                 ),
             ));
         }
-        if h.target_size != dest.size {
+        // u64::MAX: left by a run that did not complete, the size is not known.
+        if h.target_size != u64::MAX && h.target_size != dest.size {
             return Err(stale(
                 &name,
                 &format!(
@@ -105,8 +107,16 @@ pub fn prepare(
         }
         Some(f)
     };
+    // Only blocks whole in the file, in the source and in the destination: the last,
+    // partial block of another size would never compare equal.
+    let whole = |n: u64| n / block;
     let spot = match &old {
-        Some(f) => pick_spots(f, source_size.div_ceil(block)),
+        Some(f) => pick_spots(
+            f,
+            whole(f.header.size)
+                .min(whole(source_size))
+                .min(whole(dest.size)),
+        ),
         None => Vec::new(),
     };
     let new_id = crate::syncid::fresh();
@@ -127,16 +137,25 @@ pub fn prepare(
             })?)
         };
     let skip_reading = old.is_some();
+    let cache =
+        Cache::new(hash, name, dest.label.clone(), old, spot, new, streams).map_err(|e| {
+            Error::io(
+                Kind::Io,
+                "a temporary file beside the digest file",
+                path,
+                &e,
+                "",
+            )
+        })?;
     Ok(Some(Use {
-        cache: Arc::new(Cache::new(hash, name, dest.label.clone(), old, spot, new)),
+        cache: Arc::new(cache),
         skip_reading,
         new_id,
     }))
 }
 
-/// A few random blocks the file has digests for.
-fn pick_spots(f: &DigestFile, source_blocks: u64) -> Vec<u64> {
-    let n = f.header.blocks().min(source_blocks);
+/// A few random blocks among the first `n` that the file has digests for.
+fn pick_spots(f: &DigestFile, n: u64) -> Vec<u64> {
     if n == 0 {
         return Vec::new();
     }
@@ -159,11 +178,22 @@ fn pick_spots(f: &DigestFile, source_blocks: u64) -> Vec<u64> {
     out
 }
 
-/// Seals the new digest file after the run (complete only when the sync succeeded).
-pub fn finish(cache: Arc<Cache>, ok: bool) -> Result<()> {
+/// Seals the new digest file after the run: complete when the sync succeeded, partial
+/// when it failed, not at all when the old file was found stale (it must not be trusted
+/// again). Blocks `--verify` found different are recorded as unknown.
+pub fn finish(
+    cache: Arc<Cache>,
+    outcome: &Result<()>,
+    findings: &crate::engine::Findings,
+) -> Result<()> {
+    if matches!(outcome, Err(e) if e.kind == Kind::StaleCache) {
+        return Ok(()); // dropped: the temporary file goes, the old one stays (stale)
+    }
     let name = cache.name.clone();
+    let mut forget = findings.mismatch.clone();
+    forget.extend(findings.source_changed.iter().cloned());
     match Arc::try_unwrap(cache) {
-        Ok(c) => c.finish(ok).map_err(|e| {
+        Ok(c) => c.finish(outcome.is_ok(), &forget).map_err(|e| {
             Error::new(
                 Kind::Io,
                 format!("writing digest file {name}: {}", crate::error::os_text(&e)),

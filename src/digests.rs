@@ -231,6 +231,19 @@ impl DigestWriter {
         &self.header
     }
 
+    /// Where it goes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Changes the recorded target size (`u64::MAX`: unknown).
+    pub fn set_target_size(&mut self, size: u64) -> io::Result<()> {
+        self.header.target_size = size;
+        // Its place in the header: magic, version, hash, block, size.
+        self.file
+            .write_all_at(&size.to_le_bytes(), 16 + 2 + 1 + 8 + 8)
+    }
+
     /// Sets the entries of blocks `first..`.
     pub fn put(&self, first: u64, infos: &[BlockInfo]) -> io::Result<()> {
         let n = (self.header.blocks().saturating_sub(first) as usize).min(infos.len());

@@ -520,7 +520,7 @@ fn run_local(
                 },
                 sync_id: syncid::load(d),
             };
-            digestcache::prepare(args, plan.hash, block, src.size, &state)?
+            digestcache::prepare(args, plan.hash, block, src.size, &state, 1)?
         }
         None => None,
     };
@@ -544,7 +544,7 @@ fn run_local(
     drop(config);
     let result = match cached {
         Some(u) => {
-            let sealed = digestcache::finish(u.cache, result.is_ok());
+            let sealed = digestcache::finish(u.cache, &result, &stats.findings());
             result.and(sealed)
         }
         None => result,

@@ -160,15 +160,9 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
             "bytes_read": s.read,
             "size": patch.header.source_size,
             "verified": true,
-            "already_applied": s.already,
             "elapsed_seconds": secs,
         });
         println!("{v}");
-    } else if s.already && !a.quiet {
-        eprintln!(
-            "blocksync apply: {} already holds what the patch makes; nothing written",
-            a.target.display()
-        );
     } else if !a.quiet {
         eprintln!(
             "blocksync apply: {} records, {} bytes written to {}; verified against the source's digest ({secs:.2} s)",

@@ -115,6 +115,12 @@ impl Fingerprint {
             };
         }
     }
+    /// Adds block `index`'s state (for fingerprints over a subset of the blocks).
+    fn add_at(&mut self, index: u64, info: &BlockInfo) {
+        self.0.update(&index.to_le_bytes());
+        self.add(std::slice::from_ref(info), false);
+    }
+
     fn done(&self) -> [u8; 32] {
         *self.0.finalize().as_bytes()
     }
@@ -250,6 +256,9 @@ pub fn diff(src: &Target, against: &DigestFile, level: i32, out: impl Write) -> 
     w.write_all(&head).map_err(io_err)?;
     let mut stats = DiffStats::default();
     let mut whole = Fingerprint::default();
+    // The blocks the patch leaves alone, as the target must hold them: what apply checks,
+    // so an apply cut short can be run again (the blocks it wrote are rewritten anyway).
+    let mut untouched = Fingerprint::default();
     let mut records = 0u64;
     stats.read = scan(src, src.size, block, kind, true, |offset, data, infos| {
         whole.add(infos, true);
@@ -264,6 +273,7 @@ pub fn diff(src: &Target, against: &DigestFile, level: i32, out: impl Write) -> 
                 _ => false,
             };
             if same {
+                untouched.add_at(first + j as u64, &theirs[j]);
                 continue;
             }
             let at = offset + j as u64 * block;
@@ -302,6 +312,7 @@ pub fn diff(src: &Target, against: &DigestFile, level: i32, out: impl Write) -> 
     let mut end = vec![R_END];
     end.extend_from_slice(&records.to_le_bytes());
     end.extend_from_slice(&whole.done());
+    end.extend_from_slice(&untouched.done());
     w.write_all(&end).map_err(io_err)?;
     let sum = *w.hash.finalize().as_bytes();
     w.inner.write_all(&sum).map_err(io_err)?;
@@ -328,6 +339,10 @@ pub struct Patch {
     pub records: u64,
     /// The source's whole digest.
     pub source_digest: [u8; 32],
+    /// Fingerprint of the blocks the patch leaves alone, as the target must hold them.
+    untouched: [u8; 32],
+    /// Blocks the patch writes, ascending.
+    touched: Vec<u64>,
 }
 
 impl Patch {
@@ -375,13 +390,22 @@ impl Patch {
             io::Seek::stream_position(&mut r).map_err(|e| bad_patch(&e.to_string()))?;
         // Walk the records to find the end record: the structure must hold too.
         let mut count = 0u64;
-        let (records, source_digest) = loop {
+        let mut touched = Vec::new();
+        let (records, source_digest, untouched) = loop {
             let rec = read_record(&mut r, &header)?;
             match rec {
-                Record::End { records, digest } => break (records, digest),
-                _ => count += 1,
+                Record::End {
+                    records,
+                    digest,
+                    untouched,
+                } => break (records, digest, untouched),
+                Record::Data { offset, .. } | Record::Zero { offset, .. } => {
+                    touched.push(offset / header.block);
+                    count += 1;
+                }
             }
         };
+        touched.sort_unstable();
         let records_end =
             io::Seek::stream_position(&mut r).map_err(|e| bad_patch(&e.to_string()))?;
         if records != count || records_end != len - 32 {
@@ -396,6 +420,8 @@ impl Patch {
             records_end,
             records,
             source_digest,
+            untouched,
+            touched,
         })
     }
 }
@@ -464,9 +490,19 @@ fn read_header(r: &mut impl Read) -> Result<PatchHeader> {
 }
 
 enum Record {
-    Data { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, len: u64 },
-    End { records: u64, digest: [u8; 32] },
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    End {
+        records: u64,
+        digest: [u8; 32],
+        untouched: [u8; 32],
+    },
 }
 
 fn read_record(r: &mut impl Read, h: &PatchHeader) -> Result<Record> {
@@ -480,9 +516,12 @@ fn read_record(r: &mut impl Read, h: &PatchHeader) -> Result<Record> {
             r.read_exact(&mut u64b).map_err(trunc)?;
             let mut digest = [0u8; 32];
             r.read_exact(&mut digest).map_err(trunc)?;
+            let mut untouched = [0u8; 32];
+            r.read_exact(&mut untouched).map_err(trunc)?;
             Ok(Record::End {
                 records: u64::from_le_bytes(u64b),
                 digest,
+                untouched,
             })
         }
         R_ZERO => {
@@ -535,21 +574,22 @@ pub struct ApplyStats {
     pub written: u64,
     /// Target bytes read (the state check and the verification).
     pub read: u64,
-    /// The target already held the result: nothing was written.
-    pub already: bool,
 }
 
 /// `blocksync apply`: checks `t` is the state `p` expects, applies, flushes, verifies.
 pub fn apply(p: &Patch, t: &Target) -> Result<ApplyStats> {
     let h = &p.header;
     let name = t.path.display().to_string();
-    if t.size != h.target_size {
-        if already_applied(p, t)? {
-            return Ok(ApplyStats {
-                already: true,
-                ..ApplyStats::default()
-            });
+    // The blocks both sizes hold: the target must have them (an apply cut short may have
+    // grown a file already; it is resized only at the end).
+    let common = h.target_size.min(h.source_size);
+    let size_ok = match t.kind {
+        TargetKind::File => {
+            t.size == h.target_size || (t.size >= common && t.size <= h.source_size)
         }
+        TargetKind::BlockDevice => t.size == h.target_size,
+    };
+    if !size_ok {
         return Err(Error::new(
             Kind::StaleCache,
             format!(
@@ -569,15 +609,20 @@ pub fn apply(p: &Patch, t: &Target) -> Result<ApplyStats> {
     }
     let mut stats = ApplyStats::default();
     let mut state = Fingerprint::default();
-    stats.read += scan(t, h.target_size, h.block, h.hash, false, |_, _, infos| {
-        state.add(infos, false);
+    let mut next = p.touched.iter().peekable();
+    stats.read += scan(t, common, h.block, h.hash, false, |offset, _, infos| {
+        let first = offset / h.block;
+        for (j, info) in infos.iter().enumerate() {
+            let b = first + j as u64;
+            while next.next_if(|&&t| t < b).is_some() {}
+            if next.peek() == Some(&&b) {
+                continue; // rewritten whole by the patch: its old content does not matter
+            }
+            state.add_at(b, info);
+        }
         Ok(())
     })?;
-    if state.done() != h.expected {
-        if already_applied(p, t)? {
-            stats.already = true;
-            return Ok(stats);
-        }
+    if state.done() != p.untouched {
         return Err(Error::new(
             Kind::StaleCache,
             format!(
@@ -651,21 +696,6 @@ pub fn apply(p: &Patch, t: &Target) -> Result<ApplyStats> {
         ));
     }
     Ok(stats)
-}
-
-/// Whether `t` already holds what `p` produces (applied before): then there is nothing
-/// to do, and saying "wrong target" would be wrong.
-fn already_applied(p: &Patch, t: &Target) -> Result<bool> {
-    let h = &p.header;
-    if t.kind == TargetKind::File && t.size != h.source_size {
-        return Ok(false);
-    }
-    let mut whole = Fingerprint::default();
-    scan(t, h.source_size, h.block, h.hash, true, |_, _, infos| {
-        whole.add(infos, true);
-        Ok(())
-    })?;
-    Ok(whole.done() == p.source_digest)
 }
 
 /// Opens the target digest file for `diff`, with one-line errors.

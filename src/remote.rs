@@ -348,7 +348,7 @@ pub(crate) fn run(
                 },
                 sync_id: reply.sync_id,
             };
-            match crate::digestcache::prepare(args, hash, block, s.size, &state) {
+            match crate::digestcache::prepare(args, hash, block, s.size, &state, streams.len()) {
                 Ok(c) => c,
                 Err(e) => {
                     refuse_all(&mut streams);
@@ -445,7 +445,7 @@ pub(crate) fn run(
     progress.finish();
     let result = match cached {
         Some(u) => {
-            let sealed = crate::digestcache::finish(u.cache, result.is_ok());
+            let sealed = crate::digestcache::finish(u.cache, &result, &stats.findings());
             result.and(sealed)
         }
         None => result,

@@ -59,6 +59,50 @@ fn record_of(path: &std::path::Path, id: &Identity) -> PathBuf {
     dir().join(&key.to_hex()[..32])
 }
 
+/// What says the target is still the one, unchanged, that the id was stored for: a
+/// file's size and change times (any write changes its ctime, whoever makes it), a
+/// device's size and the identifiers the kernel knows it by (a disk's WWN or serial, a
+/// mapped volume's uuid, a loop device's backing file), so a disk swapped in under the
+/// same name has no record.
+fn state_of(path: &std::path::Path, id: &Identity) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return String::new();
+    };
+    match id.rdev {
+        None => format!(
+            "{} {}.{} {}.{}",
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ),
+        Some(r) => {
+            let (maj, min) = (libc::major(r), libc::minor(r));
+            let sys = format!("/sys/dev/block/{maj}:{min}");
+            let mut out = String::new();
+            for f in [
+                "size",
+                "device/wwid",
+                "device/serial",
+                "wwid",
+                "dm/uuid",
+                "loop/backing_file",
+                "loop/offset",
+            ] {
+                if let Ok(v) = std::fs::read_to_string(format!("{sys}/{f}")) {
+                    out.push_str(f);
+                    out.push('=');
+                    out.push_str(v.trim());
+                    out.push(';');
+                }
+            }
+            out
+        }
+    }
+}
+
 /// The id of the last completed sync onto `t`, or zeros.
 pub fn load(t: &Target) -> SyncId {
     load_of(&t.path, &t.id)
@@ -67,16 +111,26 @@ pub fn load(t: &Target) -> SyncId {
 /// [`load`] for a target known by its path and identity (not opened).
 pub fn load_of(path: &std::path::Path, id: &Identity) -> SyncId {
     match std::fs::read(record_of(path, id)) {
-        Ok(b) if b.len() == 16 => b.try_into().expect("16 bytes"),
+        Ok(b) if b.len() > 16 && b[16..] == *state_of(path, id).as_bytes() => {
+            b[..16].try_into().expect("16 bytes")
+        }
         _ => [0; 16],
     }
 }
 
 /// Forgets it: from now on `t` is being written.
 pub fn clear(t: &Target) -> io::Result<()> {
-    match std::fs::remove_file(record(t)) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    let path = record(t);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => {
+            // Durable before the first write: a crash must not bring the old id back.
+            if let Some(d) = path.parent() {
+                std::fs::File::open(d)?.sync_all()?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -87,6 +141,8 @@ pub fn store(t: &Target, id: &SyncId) -> io::Result<()> {
         std::fs::create_dir_all(d)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, id)?;
+    let mut record = id.to_vec();
+    record.extend_from_slice(state_of(&t.path, &t.id).as_bytes());
+    std::fs::write(&tmp, record)?;
     std::fs::rename(&tmp, &path)
 }

@@ -83,9 +83,29 @@ fn local_digest_file_skips_reading_the_destination() {
         stderr(&out)
     );
     assert!(fs::read(&dst).unwrap() == other, "a refused run wrote");
+    // Once found stale, never trusted again until rebuilt.
+    let out = sync(&[]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
     let out = sync(&["--digest-rebuild"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(fs::read(&dst).unwrap() == content);
+
+    // The source grows by a partial block, then shrinks: still trusted, still exact.
+    for len in [content.len() + 777, content.len() - 5000] {
+        content.resize(len, 0x5a);
+        fs::write(&src, &content).unwrap();
+        let out = sync(&[]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(fs::read(&dst).unwrap() == content);
+    }
+
+    // Rewritten in place with the same bytes by another tool: its change time moved, so
+    // the file is not trusted (it cannot know what was written).
+    fs::write(&dst, &content).unwrap();
+    let out = sync(&[]);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    let out = sync(&["--digest-rebuild"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
 
     // A sync without the file changes the destination: the file is no longer trusted.
     change(&src, &mut content, 3, 50);
@@ -146,6 +166,73 @@ fn damaged_foreign_or_mismatched_files_are_refused() {
     // A pull cannot keep it on the source's machine.
     let out = run(&["--digest-file", s(&dig), "somehost:/x", s(&dst)]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+}
+
+#[test]
+fn an_interrupted_first_copy_and_a_verify_failure_leave_files_the_next_run_fixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let dig = dir.path().join("d");
+    let content = data(40 * M, 9);
+    fs::write(&src, &content).unwrap();
+    let slow = |extra: &[&str]| {
+        let mut a = vec!["-f", "-q", "-p", "50", "--digest-file", s(&dig)];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[s(&src), s(&dst)]);
+        std::process::Command::new(bin())
+            .args(&a)
+            .env("XDG_STATE_HOME", &state)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A first copy stopped part-way: the destination is shorter than the source.
+    let child = slow(&[]);
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    assert!(fs::metadata(&dst).unwrap().len() < content.len() as u64);
+    let out = run_state(
+        &state,
+        &["-f", "-q", "--digest-file", s(&dig), s(&src), s(&dst)],
+    );
+    assert_eq!(code(&out), 0, "resuming: {}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == content);
+
+    // --verify finds a block spoiled behind the sync: the file must not vouch for it.
+    let mut next = content.clone();
+    next[0] ^= 1;
+    fs::write(&src, &next).unwrap();
+    let mut child = slow(&["--verify"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut b = [0u8; 1];
+        fs::File::open(&dst)
+            .unwrap()
+            .read_exact_at(&mut b, 0)
+            .unwrap();
+        if b[0] == next[0] {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let f = fs::OpenOptions::new().write(true).open(&dst).unwrap();
+    f.write_all_at(b"spoiled", 4096).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(9));
+    // The next run (no --verify) rewrites the spoiled block.
+    let out = run_state(
+        &state,
+        &["-f", "-q", "--digest-file", s(&dig), s(&src), s(&dst)],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == next);
 }
 
 #[test]

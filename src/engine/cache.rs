@@ -28,6 +28,9 @@ pub struct Cache {
     /// Blocks of the destination to check against `old` before anything is written.
     pub spot: Vec<u64>,
     new: Option<Mutex<Recorder>>,
+    /// Streams that spot-check before any of them writes: (arrived, any failed).
+    gate: (Mutex<(usize, bool)>, std::sync::Condvar),
+    streams: usize,
 }
 
 #[derive(Debug)]
@@ -42,6 +45,7 @@ struct Recorder {
 
 impl Cache {
     /// A cache comparing against `old` (if any) and recording into `new` (if any).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: crate::hash::HashKind,
         name: String,
@@ -49,34 +53,62 @@ impl Cache {
         old: Option<DigestFile>,
         spot: Vec<u64>,
         new: Option<DigestWriter>,
-    ) -> Self {
-        let new = new.map(|writer| {
-            let sent_path = std::env::temp_dir().join(format!(
-                "blocksync-sent-{}-{:x}",
-                std::process::id(),
-                crate::syncid::fresh()[0] as u32 * 65_537
-            ));
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&sent_path)
-                .expect("temporary file for the digests of sent blocks");
-            Mutex::new(Recorder {
-                writer,
-                sent: io::BufWriter::new(file),
-                sent_path,
-                progress: HashMap::new(),
-            })
-        });
-        Cache {
+        streams: usize,
+    ) -> io::Result<Self> {
+        let new = match new {
+            Some(writer) => {
+                // Next to the digest file: its directory is known to be writable.
+                let dir = writer.path().parent().map(|d| d.to_path_buf());
+                let dir = dir.filter(|d| !d.as_os_str().is_empty());
+                let id = crate::syncid::fresh();
+                let sent_path = dir.unwrap_or_else(|| ".".into()).join(format!(
+                    ".blocksync-sent-{}-{:x}",
+                    std::process::id(),
+                    u64::from_le_bytes(id[..8].try_into().expect("8 bytes"))
+                ));
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&sent_path)?;
+                Some(Mutex::new(Recorder {
+                    writer,
+                    sent: io::BufWriter::new(file),
+                    sent_path,
+                    progress: HashMap::new(),
+                }))
+            }
+            None => None,
+        };
+        Ok(Cache {
             kind,
             name,
             dest,
             old,
             spot,
             new,
+            gate: (Mutex::new((0, false)), std::sync::Condvar::new()),
+            streams: streams.max(1),
+        })
+    }
+
+    /// Every stream calls this once after its spot-checks: nobody writes before all have
+    /// checked, and if any found the file stale, all stop. Returns whether all passed.
+    pub fn all_checked(&self, passed: bool) -> bool {
+        let (lock, cv) = &self.gate;
+        let mut g = lock.lock().expect("not poisoned");
+        g.0 += 1;
+        g.1 |= !passed;
+        cv.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while g.0 < self.streams {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false; // a stream never came: do not write on a partial check
+            }
+            g = cv.wait_timeout(g, left).expect("not poisoned").0;
         }
+        !g.1
     }
 
     /// Whether this run records a new digest file.
@@ -86,6 +118,9 @@ impl Cache {
 
     /// A stream covering blocks `first..end` starts.
     pub fn begin(&self, first: u64, end: u64) {
+        if first >= end {
+            return; // an empty stream covers nothing (and must not claim a block)
+        }
         if let Some(r) = &self.new {
             r.lock()
                 .expect("not poisoned")
@@ -123,11 +158,12 @@ impl Cache {
     }
 
     /// Seals the new digest file: complete when `confirmed` (the destination holds every
-    /// block), else the partial file described above.
-    pub fn finish(self, confirmed: bool) -> io::Result<()> {
+    /// block), else the partial file described above; either way the blocks in `forget`
+    /// (byte ranges found different by --verify) are unknown.
+    pub fn finish(self, confirmed: bool, forget: &[std::ops::Range<u64>]) -> io::Result<()> {
         let Some(r) = self.new else { return Ok(()) };
         let Recorder {
-            writer,
+            mut writer,
             sent,
             sent_path,
             progress,
@@ -149,6 +185,9 @@ impl Cache {
                     writer.put(index, &[info])?;
                 }
             } else {
+                // The destination's size is unknown until a run completes (writes past its
+                // end grew it, the final resize never came).
+                writer.set_target_size(u64::MAX)?;
                 // Blocks not reached are still as the old file says.
                 for (next, end) in progress.values() {
                     let mut at = *next;
@@ -162,6 +201,11 @@ impl Cache {
                         at += n as u64;
                     }
                 }
+            }
+            let block = writer.header().block;
+            for r in forget {
+                let (a, b) = (r.start / block, r.end.div_ceil(block));
+                writer.put(a, &vec![BlockInfo::Missing; (b - a) as usize])?;
             }
             writer.finish()
         })();

@@ -44,14 +44,16 @@ pub fn run(
         // run forgets the id, so a digest file is never trusted after a run without it.
         let forgot = crate::syncid::clear(d);
         if let (Err(e), Some(_)) = (forgot, config.track) {
-            return Err(Error::new(
+            let e = Error::new(
                 Kind::Io,
                 format!(
                     "forgetting the sync id of {}: {}",
                     d.path.display(),
                     os_text(&e)
                 ),
-            ));
+            );
+            let _ = answers.send(failed(e.kind, e.message.clone()));
+            return Err(e);
         }
     }
     std::thread::scope(|s| {
@@ -317,6 +319,7 @@ fn write_dest(
         Error::new(Kind::Io, format!("{what}: {}{hint}", os_text(&e)))
     };
     let name = dest.map_or(String::new(), |d| format!(" {}", d.path.display()));
+    let mut stale = false;
     let (finish, size) = loop {
         match from_source.recv() {
             Ok(ToDest::Write { offset, data }) => {
@@ -374,6 +377,14 @@ fn write_dest(
                 }
             }
             Ok(ToDest::Finish { size, .. }) => break (true, size),
+            // The source found the digest file stale: record no id, it must not be trusted.
+            Ok(ToDest::Abort {
+                kind: Kind::StaleCache,
+                ..
+            }) => {
+                stale = true;
+                break (false, 0);
+            }
             // Stopped early: flush what was written so a rerun resumes from it.
             Ok(ToDest::Abort { .. }) | Err(_) => break (false, 0),
         }
@@ -390,7 +401,7 @@ fn write_dest(
         d.file
             .sync_all()
             .map_err(|e| io_error(format!("flushing destination {}", d.path.display()), e))?;
-        if let Some(id) = &config.track {
+        if let Some(id) = config.track.as_ref().filter(|_| !stale) {
             // Flushed: what the source recorded for this run is now true here (for the
             // blocks it saw confirmed; a stopped run records the rest as unknown).
             crate::syncid::store(d, id).map_err(|e| {

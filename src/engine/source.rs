@@ -825,7 +825,19 @@ fn compare_and_send(
             layout.start / layout.block,
             layout.end.div_ceil(layout.block),
         );
-        refiner.spot_check(c)?;
+        // Every stream checks before any writes: a stale file must change nothing.
+        let checked = refiner.spot_check(c);
+        let all = c.all_checked(checked.is_ok());
+        checked?;
+        if !all {
+            return Err(Error::new(
+                Kind::StaleCache,
+                format!(
+                    "digest file {} does not match {} (a spot-check of another stream failed); run with --digest-rebuild",
+                    c.name, c.dest
+                ),
+            ));
+        }
     }
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
@@ -934,7 +946,16 @@ fn compare_and_send(
                     *s = true;
                 }
             }
-            c.record(layout.start / layout.block, first, m, &sent)
+            // Blocks with unreadable sectors: what the destination holds there is not
+            // what was read (old bytes, or zeros that a later read may contradict).
+            let mut m = m.clone();
+            for r in &chunk.bad {
+                for k in r.start / block..r.end.div_ceil(block) {
+                    m[k] = BlockInfo::Missing;
+                    sent[k] = false;
+                }
+            }
+            c.record(layout.start / layout.block, first, &m, &sent)
                 .map_err(|e| {
                     Error::new(Kind::Io, format!("writing digest file {}: {e}", c.name))
                 })?;

@@ -63,7 +63,7 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPermitRootLogin yes\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             LogLevel ERROR\nMatch User root\n  SetEnv XDG_CACHE_HOME={d}/cache\n",
+             LogLevel ERROR\nMatch User root\n  SetEnv XDG_CACHE_HOME={d}/cache XDG_STATE_HOME={d}/state\n",
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
