@@ -551,16 +551,28 @@ fn verify_chunk(
     let (offset, len) = config.layout.chunk_at(chunk.index);
     let data = chunk.data.as_deref().unwrap_or(&[]);
     let mine = super::prehash::infos_at(log.kind, data, len, block, &chunk.zeros, true);
+    // Sectors the sync could not read (now or then) are zeros or old bytes by design: not
+    // a mismatch, and a sector that reads now is not a source that changed.
+    let end = offset + len as u64;
+    let mut bad = chunk.bad.clone();
+    let then = stats
+        .findings
+        .lock()
+        .expect("not poisoned")
+        .unreadable
+        .clone();
+    for r in then.iter().filter(|r| r.start < end && r.end > offset) {
+        bad.push((r.start.max(offset) - offset) as usize..(r.end.min(end) - offset) as usize);
+    }
     let mut found = Vec::new();
-    if log.changed(offset, &mine) == Some(true) {
+    if bad.is_empty() && log.changed(offset, &mine) == Some(true) {
         // The destination holds what the sync read; the source moved on since.
         found.push((FindingKind::SourceChanged, offset, len as u64));
     } else {
         for (j, m) in mine.iter().enumerate() {
             let r = j * block..((j + 1) * block).min(len);
             let t = theirs.get(j).copied().unwrap_or(BlockInfo::Missing);
-            // Unreadable sectors are zeros (or old bytes) by design, not a mismatch.
-            if *m != t && overlapping(&chunk.bad, &r).is_empty() {
+            if *m != t && overlapping(&bad, &r).is_empty() {
                 found.push((
                     FindingKind::Mismatch,
                     offset + r.start as u64,
