@@ -44,26 +44,13 @@ pub fn scan(
     target::advise(&t.file, 0, 0, target::Advice::Sequential);
     for index in 0..layout.chunks() {
         let (offset, len) = layout.chunk_at(index);
-        let have = t.size.saturating_sub(offset).min(len as u64) as usize;
-        let ranges = extents
-            .as_mut()
-            .map(|e| e.data_in(offset..offset + have as u64));
-        let mut holes = match &ranges {
-            Some(r) => target::hole_blocks(r, offset, len, block),
-            None => vec![false; len.div_ceil(block as usize)],
-        };
-        for (j, h) in holes.iter_mut().enumerate() {
-            // Blocks the target does not hold completely are not holes: missing.
-            *h &= ((j + 1) * block as usize).min(len) <= have;
-        }
-        let data = &mut buf[..have];
-        read += target::read_blocks_at(
+        let (have, holes, n) = crate::engine::prehash::read_chunk(
             &t.file,
-            data,
-            offset,
-            block as usize,
-            &holes,
-            ranges.as_deref(),
+            extents.as_mut(),
+            &layout,
+            index,
+            t.size,
+            &mut buf,
         )
         .map_err(|(at, e)| {
             Error::io(
@@ -74,6 +61,8 @@ pub fn scan(
                 &format!("at byte {at}"),
             )
         })?;
+        read += n;
+        let data = &buf[..have];
         let infos = if full {
             crate::engine::prehash::infos_at(kind, data, len, block as usize, &holes, true)
         } else {

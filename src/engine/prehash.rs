@@ -183,6 +183,40 @@ fn hash_threads() -> usize {
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// Reads chunk `index` of `layout` from `file`, which holds `have` bytes, into the start
+/// of `buf`: holes are not read (zero-filled), blocks past `have` are not held. Returns
+/// how many bytes of the chunk the file holds, which blocks are holes, and the bytes read.
+pub fn read_chunk(
+    file: &File,
+    extents: Option<&mut target::Extents>,
+    layout: &Layout,
+    index: u64,
+    have: u64,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<bool>, u64), (u64, std::io::Error)> {
+    let (offset, len) = layout.chunk_at(index);
+    let block = layout.block as usize;
+    let want = have.saturating_sub(offset).min(len as u64) as usize;
+    let ranges = extents.map(|e| e.data_in(offset..offset + want as u64));
+    let mut holes = match &ranges {
+        Some(r) => target::hole_blocks(r, offset, len, layout.block),
+        None => vec![false; len.div_ceil(block)],
+    };
+    for (j, h) in holes.iter_mut().enumerate() {
+        // A block the file does not hold completely is missing, not a hole.
+        *h &= ((j + 1) * block).min(len) <= want;
+    }
+    let n = target::read_blocks_at(
+        file,
+        &mut buf[..want],
+        offset,
+        block,
+        &holes,
+        ranges.as_deref(),
+    )?;
+    Ok((want, holes, n))
+}
+
 impl Prehash {
     /// Starts hashing `file`, which holds `have` bytes, over `layout` (the whole range).
     /// `tkind` tells whether the file can report its holes, which are then not read.
@@ -203,32 +237,13 @@ impl Prehash {
             let mut buf = vec![0u8; layout.chunk as usize];
             let mut entries = 0;
             let mut extents = target::Extents::new(&file, tkind);
-            let block = layout.block as usize;
             for index in 0..layout.chunks().min(MAX_CHUNKS as u64) {
                 if flag.load(Ordering::Relaxed) || entries >= MAX_ENTRIES {
                     break;
                 }
-                let (offset, len) = layout.chunk_at(index);
-                let want = have.saturating_sub(offset).min(len as u64) as usize;
-                // Holes are zero without reading; blocks past `have` are not held.
-                let ranges = extents
-                    .as_mut()
-                    .map(|e| e.data_in(offset..offset + want as u64));
-                let mut holes = match &ranges {
-                    Some(r) => target::hole_blocks(r, offset, len, layout.block),
-                    None => vec![false; len.div_ceil(block)],
-                };
-                for (j, h) in holes.iter_mut().enumerate() {
-                    *h &= ((j + 1) * block).min(len) <= want;
-                }
-                let Ok(n) = target::read_blocks_at(
-                    &file,
-                    &mut buf[..want],
-                    offset,
-                    block,
-                    &holes,
-                    ranges.as_deref(),
-                ) else {
+                let Ok((want, holes, n)) =
+                    read_chunk(&file, extents.as_mut(), &layout, index, have, &mut buf)
+                else {
                     break; // the real pass will meet and report the error
                 };
                 out.read += n;
