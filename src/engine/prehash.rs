@@ -92,6 +92,32 @@ pub fn block_infos(
     infos_at(kind, data, len, block, zeros, false)
 }
 
+/// What block `j` of `data` (the held part of `len` bytes) holds: zero (also where
+/// `zeros` says so), missing where `data` ends inside it, else its digest (at full
+/// strength when `full`).
+fn block_info(
+    kind: HashKind,
+    data: &[u8],
+    len: usize,
+    block: usize,
+    zeros: &[bool],
+    full: bool,
+    j: usize,
+) -> BlockInfo {
+    let r = j * block..((j + 1) * block).min(len);
+    if zeros.get(j) == Some(&true) {
+        BlockInfo::Zero
+    } else if r.end > data.len() {
+        BlockInfo::Missing
+    } else if target::is_zero(&data[r.clone()]) {
+        BlockInfo::Zero
+    } else if full {
+        BlockInfo::Digest(kind.digest(&data[r]))
+    } else {
+        BlockInfo::Digest(kind.block_digest(&data[r]))
+    }
+}
+
 /// Like [`block_infos`], with digests at full strength when `full` (for `--verify`).
 pub fn infos_at(
     kind: HashKind,
@@ -102,25 +128,13 @@ pub fn infos_at(
     full: bool,
 ) -> Vec<BlockInfo> {
     (0..len.div_ceil(block))
-        .map(|j| {
-            let r = j * block..((j + 1) * block).min(len);
-            if zeros.get(j) == Some(&true) {
-                BlockInfo::Zero
-            } else if r.end > data.len() {
-                BlockInfo::Missing
-            } else if target::is_zero(&data[r.clone()]) {
-                BlockInfo::Zero
-            } else if full {
-                BlockInfo::Digest(kind.digest(&data[r]))
-            } else {
-                BlockInfo::Digest(kind.block_digest(&data[r]))
-            }
-        })
+        .map(|j| block_info(kind, data, len, block, zeros, full, j))
         .collect()
 }
 
-/// Like [`infos_at`], hashing on several cores at once (a chunk holds several blocks),
-/// and only the blocks `want` selects (the others come back [`BlockInfo::Missing`]).
+/// Like [`infos_at`] (128-bit digests), hashing on several cores at once (a chunk holds
+/// several blocks), and only the blocks `want` selects (the others come back
+/// [`BlockInfo::Missing`]).
 pub fn infos_par(
     kind: HashKind,
     data: &[u8],
@@ -131,18 +145,9 @@ pub fn infos_par(
 ) -> Vec<BlockInfo> {
     let n = len.div_ceil(block);
     let one = |j: usize| -> BlockInfo {
-        if !want(j) {
-            return BlockInfo::Missing;
-        }
-        let r = j * block..((j + 1) * block).min(len);
-        if zeros.get(j) == Some(&true) {
-            BlockInfo::Zero
-        } else if r.end > data.len() {
-            BlockInfo::Missing
-        } else if target::is_zero(&data[r.clone()]) {
-            BlockInfo::Zero
-        } else {
-            BlockInfo::Digest(kind.block_digest(&data[r]))
+        match want(j) {
+            true => block_info(kind, data, len, block, zeros, false, j),
+            false => BlockInfo::Missing,
         }
     };
     // XXH3 outruns reading: another thread would only take the reader's core.
