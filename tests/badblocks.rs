@@ -207,3 +207,32 @@ fn failing_disks_over_ssh_push_and_pull() {
     assert_eq!(map_of(&map), ranges(&bad));
     assert!(fs::read(&pulled).unwrap() == want);
 }
+
+#[test]
+fn a_slow_failing_disk_is_read_around_too() {
+    // Every read waits 3 ms, like a disk retrying internally: the run still reads around
+    // the bad sectors, and --verify (which reads the source again) agrees.
+    let size = 3 * M;
+    let bad = vec![(M + 4096, 512), (2 * M + 512, 1024)];
+    let disk = FaultyFs::mount(size, 66, &bad, Duration::from_millis(3));
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("copy");
+    let map = dir.path().join("map");
+    let out = run_within(
+        &[
+            "--json",
+            "--verify",
+            "--bad-blocks",
+            s(&map),
+            s(disk.path()),
+            s(&dst),
+        ],
+        120,
+    );
+    assert_eq!(code(&out), 14, "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["mismatch_bytes"], 0, "{j}");
+    assert_eq!(j["verified_bytes"], size, "{j}");
+    assert_eq!(map_of(&map), ranges(&bad));
+    assert!(fs::read(&dst).unwrap() == with_zeros(disk.content(), &bad));
+}
