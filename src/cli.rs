@@ -11,6 +11,11 @@ Operands:
   A word with a colon before any slash is host:path. In a two-operand call, a second word
   with neither '/' nor ':' could be a host or a file: blocksync refuses and names both.
 
+Offline (no live link; see blocksync digest --help, ...):
+  blocksync digest TARGET -o FILE        the block digests of a target
+  blocksync diff SRC --against FILE      a patch: the blocks of SRC that differ
+  blocksync apply PATCH|- TARGET         check, apply and verify a patch
+
 Examples:
   blocksync /dev/sda /dev/sdb                  copy a failing disk onto a new one
   blocksync vm.img ./backup/vm.img             sync an image file locally, only changed blocks

@@ -11,7 +11,7 @@
 //! corrupted patch, or one for another target, changes nothing.
 
 use crate::digests::{DigestFile, Header};
-use crate::engine::{CHUNK_TARGET, Layout};
+use crate::engine::Layout;
 use crate::error::{Error, Kind, Result, os_text};
 use crate::hash::HashKind;
 use crate::protocol::BlockInfo;
@@ -323,7 +323,6 @@ pub struct Patch {
     pub header: PatchHeader,
     file: File,
     records_at: u64,
-    records_end: u64,
     /// Number of records.
     pub records: u64,
     /// The source's whole digest.
@@ -406,7 +405,6 @@ impl Patch {
             header,
             file,
             records_at,
-            records_end,
             records,
             source_digest,
             untouched,
@@ -652,7 +650,6 @@ pub fn apply(p: &Patch, t: &Target) -> Result<ApplyStats> {
         }
         stats.records += 1;
     }
-    let _ = p.records_end;
     if t.kind == TargetKind::File && t.size != h.source_size {
         t.file
             .set_len(h.source_size)
@@ -691,6 +688,3 @@ pub fn apply(p: &Patch, t: &Target) -> Result<ApplyStats> {
 pub fn open_against(path: &Path) -> Result<DigestFile> {
     DigestFile::open(path).map_err(|m| Error::new(Kind::Usage, m))
 }
-
-/// Chunk size used when scanning (for docs and tests).
-pub const SCAN_CHUNK: u64 = CHUNK_TARGET;
