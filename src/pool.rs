@@ -85,6 +85,11 @@ pub struct Buf {
 }
 
 impl Buf {
+    /// Shortens it to `len` bytes (a chunk shorter than the buffer).
+    pub fn truncate(&mut self, len: usize) {
+        self.data.truncate(len);
+    }
+
     /// A buffer that belongs to no pool.
     pub fn detached(data: Vec<u8>) -> Self {
         Buf { data, home: None }

@@ -236,3 +236,39 @@ fn a_slow_failing_disk_is_read_around_too() {
     assert_eq!(map_of(&map), ranges(&bad));
     assert!(fs::read(&dst).unwrap() == with_zeros(disk.content(), &bad));
 }
+
+#[test]
+fn bad_sectors_with_a_digest_file_and_two_readers() {
+    // With a digest file standing in for the destination, two threads read and hash the
+    // source: unreadable sectors must be handled and mapped exactly the same.
+    let size = 6 * M + 4 * K;
+    let bad = injected(size);
+    let disk = FaultyFs::mount(size, 67, &bad, Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let (dst, dig, map) = (
+        dir.path().join("copy"),
+        dir.path().join("dig"),
+        dir.path().join("map"),
+    );
+    let state = dir.path().join("state");
+    let run_cached = || {
+        std::process::Command::new(bin())
+            .args(["-f", "--json", "-b", "64K", "--digest-file", s(&dig)])
+            .args(["--bad-blocks", s(&map), s(disk.path()), s(&dst)])
+            .env("XDG_STATE_HOME", &state)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run_cached();
+    assert_eq!(code(&out), 14, "{}", stderr(&out));
+    let out = run_cached(); // the digest file is used now
+    assert_eq!(code(&out), 14, "{}", stderr(&out));
+    let j = json(&out);
+    assert!(
+        j["bytes_read_destination"].as_u64().unwrap() <= 8 * 64 * K,
+        "{j}"
+    );
+    assert_eq!(map_of(&map), ranges(&bad));
+    assert!(fs::read(&dst).unwrap() == with_zeros(disk.content(), &bad));
+}

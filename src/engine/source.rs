@@ -23,6 +23,21 @@ struct Chunk {
     zeros: Vec<bool>,
     /// Unreadable byte ranges of the chunk (zero-filled in `data`), ascending.
     bad: Vec<Range<usize>>,
+    /// Its blocks' digests, when the reader hashed them (see [`Readers`]).
+    infos: Option<Vec<BlockInfo>>,
+}
+
+/// What the source's reader threads share. Usually one thread reads; when a digest file
+/// stands in for the destination, the run is all reading and hashing, so two threads each
+/// read a chunk and hash it while it is still in the CPU's caches.
+struct Readers {
+    /// The next chunk to claim.
+    next: std::sync::atomic::AtomicU64,
+    /// Threads reading.
+    threads: usize,
+    /// Hash chunks on the reading thread with this digest.
+    hash: Option<crate::hash::HashKind>,
+    errors: std::sync::Mutex<ErrorCount>,
 }
 
 /// The source half's counters now.
@@ -86,11 +101,30 @@ pub fn run(
     if config.verify_pass {
         stats.done.store(0, Ordering::Relaxed); // the progress starts over
     }
+    // A digest file stands in for the destination: the run is reading and hashing.
+    let cached = config.cache.as_ref().is_some_and(|c| c.old.is_some());
+    let readers = Readers {
+        next: std::sync::atomic::AtomicU64::new(0),
+        threads: if cached { 2 } else { 1 },
+        hash: match config.compare {
+            Compare::Digest(k) if cached => Some(k),
+            _ => None,
+        },
+        errors: std::sync::Mutex::new(ErrorCount {
+            ranges: 0,
+            last_end: u64::MAX,
+        }),
+    };
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(super::REPORTS_IN_FLIGHT);
         let stop = &stop;
-        s.spawn(move || read_source(src, config, &pool, chunk_tx, stats, cancel, stop));
+        let readers = &readers;
+        for _ in 0..readers.threads {
+            let (pool, chunk_tx) = (&pool, chunk_tx.clone());
+            s.spawn(move || read_source(src, config, pool, chunk_tx, stats, cancel, stop, readers));
+        }
+        drop(chunk_tx);
         let outcome = compare_and_send(src, config, &chunk_rx, &to_dest, &from_dest, stats, cancel);
         // Stop the reader, which may be waiting for buffers that queued chunks hold.
         stop.store(true, Ordering::Relaxed);
@@ -231,6 +265,7 @@ impl ErrorCount {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn read_source(
     src: &Target,
     config: &Config,
@@ -239,17 +274,28 @@ fn read_source(
     stats: &Stats,
     cancel: &AtomicBool,
     stop: &AtomicBool,
+    readers: &Readers,
 ) {
     let layout = config.layout;
     let block = layout.block as usize;
     let mut extents = Extents::new(&src.file, src.kind);
     let mut salvager = None;
-    let mut errors = ErrorCount {
-        ranges: 0,
-        last_end: u64::MAX,
-    };
-    for index in 0..layout.chunks() {
+    loop {
         if cancel.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        // With several readers a buffer is taken before a chunk is claimed: the lowest
+        // chunk not yet delivered then always has its buffer, so the compare, which takes
+        // chunks in order, never waits for one that waits for a buffer.
+        let mut held = match readers.threads {
+            1 => None,
+            _ => match pool.get_unless(layout.chunk as usize, stop) {
+                Some(b) => Some(b),
+                None => return,
+            },
+        };
+        let index = readers.next.fetch_add(1, Ordering::Relaxed);
+        if index >= layout.chunks() {
             return;
         }
         let (offset, len) = layout.chunk_at(index);
@@ -264,6 +310,7 @@ fn read_source(
                     data: None,
                     zeros,
                     bad: Vec::new(),
+                    infos: None,
                 }))
                 .is_err()
             {
@@ -289,10 +336,18 @@ fn read_source(
                 data: None,
                 zeros,
                 bad: Vec::new(),
+                infos: None,
             })
         } else {
-            let Some(mut data) = pool.get_unless(len, stop) else {
-                return;
+            let mut data = match held.take() {
+                Some(mut b) => {
+                    b.truncate(len);
+                    b
+                }
+                None => match pool.get_unless(len, stop) {
+                    Some(b) => b,
+                    None => return,
+                },
             };
             let ranges = data_ranges.as_deref();
             let mut bad = Vec::new();
@@ -314,6 +369,7 @@ fn read_source(
                 }
             }
             res.and_then(|n| {
+                let mut errors = readers.errors.lock().expect("not poisoned");
                 errors.add(src, config, offset, &bad)?;
                 Ok(n)
             })
@@ -322,11 +378,15 @@ fn read_source(
                 if config.drop_cache {
                     target::advise(&src.file, offset, len as u64, Advice::DontNeed);
                 }
+                let infos = readers
+                    .hash
+                    .map(|k| super::prehash::infos_at(k, &data, len, block, &zeros, false));
                 Chunk {
                     index,
                     data: Some(data),
                     zeros,
                     bad,
+                    infos,
                 }
             })
         };
@@ -851,6 +911,7 @@ fn compare_and_send(
             ));
         }
     }
+    let mut early = std::collections::BTreeMap::new();
     for index in 0..layout.chunks() {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::new(Kind::Interrupted, "interrupted"));
@@ -858,9 +919,19 @@ fn compare_and_send(
         if let Some(e) = stats.peer_failure() {
             return Err(e);
         }
-        let chunk = chunks
-            .recv()
-            .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
+        // Readers may deliver out of order: keep early chunks until their turn.
+        let chunk = loop {
+            if let Some(c) = early.remove(&index) {
+                break c;
+            }
+            let c = chunks
+                .recv()
+                .map_err(|_| Error::new(Kind::Interrupted, "interrupted"))??;
+            if c.index == index {
+                break c;
+            }
+            early.insert(c.index, c);
+        };
         let (offset, len) = layout.chunk_at(index);
         let nblocks = len.div_ceil(block);
         let first = offset / layout.block;
@@ -934,7 +1005,9 @@ fn compare_and_send(
         let needed = all || matches!(config.compare, Compare::Digest(_));
         let mine = kind.filter(|_| needed).map(|k| {
             let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
+            let ahead = chunk.infos.as_deref().or(ahead);
             match (ahead, &chunk.data) {
+                (Some(a), _) if chunk.infos.is_some() => a.to_vec(),
                 (Some(a), None) => a.to_vec(),
                 (_, data) => super::prehash::infos_par(
                     k,
