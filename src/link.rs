@@ -436,17 +436,32 @@ pub fn source_over(
     peer: &Peer,
     after: impl FnOnce(),
 ) -> Result<()> {
+    with_verify(config, after, |cfg, after, last| {
+        // The verify pass sends no blocks: nothing to compress or to pace.
+        let (level, bwlimit) = if cfg.verify_pass {
+            (0, 0)
+        } else {
+            (level, bwlimit)
+        };
+        source_pass(
+            src, cfg, &mut r, &mut w, level, bwlimit, stats, cancel, peer, after, last,
+        )
+    })
+}
+
+/// Runs `pass` for the sync and, with `--verify`, once more for the verify pass over the
+/// same stream. `after` runs once: inside the last pass (or the first that fails), where
+/// the pass calls it, or here if no pass did.
+fn with_verify<A: FnOnce()>(
+    config: &Config,
+    after: A,
+    mut pass: impl FnMut(&Config, &mut Option<A>, bool) -> Result<()>,
+) -> Result<()> {
     let mut after = Some(after);
     let verify = config.verify_follows().then(|| config.for_verify());
-    let last = verify.is_none();
-    let (r, w) = (&mut r, &mut w);
-    let synced = source_pass(
-        src, config, &mut *r, &mut *w, level, bwlimit, stats, cancel, peer, &mut after, last,
-    );
+    let synced = pass(config, &mut after, verify.is_none());
     let result = match (synced, verify) {
-        (Ok(()), Some(v)) => {
-            source_pass(src, &v, r, w, 0, 0, stats, cancel, peer, &mut after, true)
-        }
+        (Ok(()), Some(v)) => pass(&v, &mut after, true),
         (result, _) => result,
     };
     if let Some(f) = after.take() {
@@ -514,21 +529,9 @@ pub fn dest_over(
     peer: &Peer,
     after: impl FnOnce(),
 ) -> Result<()> {
-    let mut after = Some(after);
-    let verify = config.verify_follows().then(|| config.for_verify());
-    let last = verify.is_none();
-    let (r, w) = (&mut r, &mut w);
-    let synced = dest_pass(
-        dest, config, &mut *r, &mut *w, stats, cancel, peer, &mut after, last,
-    );
-    let result = match (synced, verify) {
-        (Ok(()), Some(v)) => dest_pass(dest, &v, r, w, stats, cancel, peer, &mut after, true),
-        (result, _) => result,
-    };
-    if let Some(f) = after.take() {
-        f();
-    }
-    result
+    with_verify(config, after, |cfg, after, last| {
+        dest_pass(dest, cfg, &mut r, &mut w, stats, cancel, peer, after, last)
+    })
 }
 
 /// One pass of [`dest_over`]; calls `after` when it is the last pass or fails.
