@@ -333,6 +333,8 @@ pub(crate) struct Sides {
     pub block: u64,
     /// The destination before the run: kind and size, or `None` when it was missing.
     pub existing: Option<(TargetKind, u64)>,
+    /// The source half ran on this machine (its progress is how far the source was read).
+    pub source_here: bool,
 }
 
 /// Prints the summary of a finished (or interrupted) run and returns its result.
@@ -373,9 +375,13 @@ pub(crate) fn conclude(
     }
     if let Some(path) = &args.bad_blocks {
         // Written even when the run failed: it tells what was found so far.
+        // After a failure, how far the source was read is known only for one stream read
+        // here (a remote source's progress counts reports, some hashed ahead).
         let reached = match &result {
             Ok(()) => Some(sides.size),
-            Err(_) if args.workers == 1 => Some(Stats::get(&stats.done).min(sides.size)),
+            Err(_) if args.workers == 1 && sides.source_here => {
+                Some(Stats::get(&stats.done).min(sides.size))
+            }
             Err(_) => None,
         };
         let map = badmap::render(sides.size, &findings.unreadable, reached);
@@ -555,6 +561,7 @@ fn run_local(
         size: src.size,
         block,
         existing: probe.existing.map(|e| (e.kind, e.size)),
+        source_here: true,
     };
     conclude(args, reporter, &stats, started, sides, result)
 }

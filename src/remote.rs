@@ -461,6 +461,7 @@ pub(crate) fn run(
         size,
         block,
         existing,
+        source_here: push,
     };
     conclude(args, reporter, &stats, started, sides, result)
 }
