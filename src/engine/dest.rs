@@ -221,24 +221,27 @@ fn read_dest(
     }
 }
 
-/// What the destination holds in each sub-block of the block at `offset`. Runs on the
-/// writing thread, so it sees every write sent before the question.
-fn refine(
+/// What the destination holds in each `piece`-sized part of the `len` bytes at `offset`:
+/// the sub-blocks of a block to refine, or one piece for a spot-check of a digest file.
+/// Runs on the writing thread, so it sees every write sent before the question.
+fn pieces(
     dest: Option<&Target>,
     config: &Config,
     offset: u64,
     len: u64,
+    piece: u64,
     stats: &Stats,
 ) -> std::io::Result<Vec<crate::protocol::BlockInfo>> {
     let Compare::Digest(kind) = config.compare else {
-        return Err(std::io::Error::other("refining needs digests"));
+        return Err(std::io::Error::other(
+            "answering about blocks needs digests",
+        ));
     };
-    if config.refine == 0 || len > config.layout.block {
+    if piece == 0 || len == 0 || len > config.layout.block {
         return Err(std::io::Error::other(format!(
-            "the source asked about {len} bytes at once; refinement is off or the block is larger"
+            "the source asked about {len} bytes in pieces of {piece}; refinement is off or the block is larger"
         )));
     }
-    let piece = config.refine.max(1) as usize;
     let have = dest.map_or(0, |d| d.size.saturating_sub(offset).min(len)) as usize;
     let mut data = vec![0u8; have];
     if let Some(d) = dest.filter(|_| have > 0) {
@@ -250,34 +253,9 @@ fn refine(
         kind,
         &data,
         len as usize,
-        piece,
+        piece as usize,
         &[],
     ))
-}
-
-/// What the destination holds in the block at `offset` (a spot-check of a digest file).
-fn check(
-    dest: Option<&Target>,
-    config: &Config,
-    offset: u64,
-    len: u64,
-    stats: &Stats,
-) -> std::io::Result<crate::protocol::BlockInfo> {
-    let Compare::Digest(kind) = config.compare else {
-        return Err(std::io::Error::other("checking needs digests"));
-    };
-    if len == 0 || len > config.layout.block {
-        return Err(std::io::Error::other("spot-check of a bad length"));
-    }
-    let have = dest.map_or(0, |d| d.size.saturating_sub(offset).min(len)) as usize;
-    let mut data = vec![0u8; have];
-    if let Some(d) = dest.filter(|_| have > 0) {
-        let n = target::read_full_at(&d.file, &mut data, offset)?;
-        data.truncate(n);
-        Stats::add(&stats.dest_read, n as u64);
-    }
-    let infos = super::prehash::block_infos(kind, &data, len as usize, len as usize, &[]);
-    Ok(infos[0])
 }
 
 /// Makes a range of the destination zero the cheapest way that keeps it correct.
@@ -354,18 +332,16 @@ fn write_dest(
                 })?;
             }
             Ok(ToDest::Check { offset, len }) => {
-                let info = check(dest, config, offset, len, stats).map_err(|e| {
+                let pieces = pieces(dest, config, offset, len, len, stats).map_err(|e| {
                     io_error(format!("reading destination{name} at byte {offset}"), e)
                 })?;
-                let _ = answers.send(ToSource::Pieces {
-                    offset,
-                    pieces: vec![info],
-                });
+                let _ = answers.send(ToSource::Pieces { offset, pieces });
             }
             Ok(ToDest::Refine { offset, len }) => {
-                let pieces = refine(dest, config, offset, len, stats).map_err(|e| {
-                    io_error(format!("reading destination{name} at byte {offset}"), e)
-                })?;
+                let pieces =
+                    pieces(dest, config, offset, len, config.refine, stats).map_err(|e| {
+                        io_error(format!("reading destination{name} at byte {offset}"), e)
+                    })?;
                 // A closed channel means the source is gone; the loop ends on its own.
                 let _ = answers.send(ToSource::Pieces { offset, pieces });
             }

@@ -670,14 +670,13 @@ fn read_range(src: &Target, offset: u64, len: usize, stats: &Stats) -> Result<Sl
 /// questions in flight while keeping the link busy.
 const MAX_PENDING: usize = 1024;
 
-fn unexpected(msg: ToSource) -> Error {
-    match msg {
-        ToSource::Failed { kind, message } => Error::new(kind, message),
-        _ => Error::new(
-            Kind::Protocol,
-            "destination sent a report it was not asked for",
-        ),
-    }
+/// A message where only answers were expected ([`Refiner::take`] already turned a
+/// failure into an error).
+fn unexpected(_: ToSource) -> Error {
+    Error::new(
+        Kind::Protocol,
+        "destination sent a report it was not asked for",
+    )
 }
 
 /// Narrows changed blocks down to their changed sub-blocks without ever waiting for an
@@ -724,16 +723,15 @@ impl<'a> Refiner<'a> {
 
     /// Waits for every open question.
     fn drain(&mut self) -> Result<()> {
-        while !self.pending.is_empty() {
+        self.answers_until(|r| r.pending.is_empty())
+    }
+
+    /// Takes answers until `done`; anything but an answer is an error here.
+    fn answers_until(&mut self, done: impl Fn(&Self) -> bool) -> Result<()> {
+        while !done(self) {
             let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
             if let Some(other) = self.take(msg)? {
-                return Err(match other {
-                    ToSource::Failed { kind, message } => Error::new(kind, message),
-                    _ => Error::new(
-                        Kind::Protocol,
-                        "destination sent a report after the last chunk",
-                    ),
-                });
+                return Err(unexpected(other));
             }
         }
         Ok(())
@@ -769,13 +767,7 @@ impl<'a> Refiner<'a> {
             self.checks.insert(offset, expect);
             self.send(ToDest::Check { offset, len })?;
         }
-        while !self.checks.is_empty() {
-            let msg = self.from_dest.recv().map_err(|_| lost_destination())?;
-            if let Some(other) = self.take(msg)? {
-                return Err(unexpected(other));
-            }
-        }
-        Ok(())
+        self.answers_until(|r| r.checks.is_empty())
     }
 
     /// Handles an answer; returns anything else.
