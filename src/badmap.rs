@@ -6,29 +6,6 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::path::Path;
 
-/// Refuses a map path whose directory does not exist or that is a directory, before the
-/// sync starts (a map that cannot be written at the end would lose what was found).
-pub fn check_writable(path: &Path) -> Result<(), String> {
-    if path.is_dir() {
-        return Err(format!(
-            "--bad-blocks {} is a directory; give a file name",
-            path.display()
-        ));
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(format!(
-            "--bad-blocks {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        ));
-    }
-    Ok(())
-}
-
 /// The mapfile text for a source of `size` bytes with `bad` ranges (ascending, merged).
 /// Bytes before `reached` and not bad are finished (`+`); bytes after it were not tried
 /// (`?`); `None`: unknown how far the run got, so only the bad ranges are certain.
@@ -71,18 +48,7 @@ pub fn render(size: u64, bad: &[Range<u64>], reached: Option<u64>) -> String {
 
 /// Writes `text` to `path` atomically: a reader sees the old map or the new one, whole.
 pub fn write(path: &Path, text: &str) -> io::Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::target::write_atomically(path, |f| f.write_all(text.as_bytes()), |_, e| e)
 }
 
 /// The unreadable (`-`) ranges listed in a mapfile's text.

@@ -136,11 +136,10 @@ fn plan(args: &Args) -> Result<Plan> {
         return Err(Error::new(Kind::Usage, "-w/--workers must be at least 1"));
     }
     if let Some(map) = &args.bad_blocks {
-        badmap::check_writable(map).map_err(|m| Error::new(Kind::Usage, m))?;
+        target::check_writable(map, "--bad-blocks").map_err(|m| Error::new(Kind::Usage, m))?;
     }
     if let Some(df) = &args.digest_file {
-        badmap::check_writable(df)
-            .map_err(|m| Error::new(Kind::Usage, m.replace("--bad-blocks", "--digest-file")))?;
+        target::check_writable(df, "--digest-file").map_err(|m| Error::new(Kind::Usage, m))?;
         if matches!(pair.source, Endpoint::Remote { .. }) {
             return Err(Error::new(
                 Kind::Usage,

@@ -61,23 +61,12 @@ fn write_output(
             body(&mut stdout.lock())
         }
         Some(p) => {
-            crate::badmap::check_writable(p)
-                .map_err(|m| Error::new(Kind::Usage, m.replace("--bad-blocks", "-o")))?;
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            let tmp = p.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-            let result = (|| {
-                let mut f = std::fs::File::create(&tmp)
-                    .map_err(|e| Error::io(Kind::Io, "creating", &tmp, &e, ""))?;
-                body(&mut f)?;
-                f.sync_all()
-                    .map_err(|e| Error::io(Kind::Io, "flushing", &tmp, &e, ""))?;
-                std::fs::rename(&tmp, p)
-                    .map_err(|e| Error::io(Kind::Io, "renaming into", p, &e, ""))
-            })();
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            result
+            crate::target::check_writable(p, "-o").map_err(|m| Error::new(Kind::Usage, m))?;
+            crate::target::write_atomically(
+                p,
+                |f| body(f),
+                |at, e| Error::io(Kind::Io, "writing", at, &e, ""),
+            )
         }
     }
 }
