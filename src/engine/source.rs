@@ -912,7 +912,7 @@ fn compare_and_send(
             return Err(e);
         }
         // Readers may deliver out of order: keep early chunks until their turn.
-        let chunk = loop {
+        let mut chunk = loop {
             if let Some(c) = early.remove(&index) {
                 break c;
             }
@@ -994,14 +994,12 @@ fn compare_and_send(
             ToSource::Digests { blocks, .. } => matches!(blocks.get(j), Some(BlockInfo::Digest(_))),
             _ => false,
         };
-        let needed = all || matches!(config.compare, Compare::Digest(_));
-        let mine = kind.filter(|_| needed).map(|k| {
+        let mine = kind.map(|k| {
             let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
-            let ahead = chunk.infos.as_deref().or(ahead);
-            match (ahead, &chunk.data) {
-                (Some(a), _) if chunk.infos.is_some() => a.to_vec(),
-                (Some(a), None) => a.to_vec(),
-                (_, data) => super::prehash::infos_par(
+            match (chunk.infos.take(), ahead, &chunk.data) {
+                (Some(hashed), _, _) => hashed, // by the reader
+                (None, Some(a), None) => a.to_vec(),
+                (None, _, data) => super::prehash::infos_par(
                     k,
                     data.as_deref().map_or(&[][..], |d| d),
                     len,
