@@ -4,7 +4,7 @@
 
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result, os_text};
-use crate::pool::Pool;
+use crate::pool::{Buf, Pool};
 use crate::protocol::{ToDest, ToSource};
 use crate::target::{self, Advice, Extents, Target, TargetKind};
 use crossbeam_channel::{Receiver, Sender};
@@ -187,10 +187,18 @@ fn read_dest(
         }
         let have = have_size.saturating_sub(offset).min(len as u64) as usize;
         let (zeros, ranges) = known_zero(dest, extents.as_mut(), config, offset, len, have);
-        let Some(mut data) = pool.get_unless(have, stop) else {
-            return;
+        let holes = zeros.iter().all(|&z| z);
+        let mut data = if holes {
+            // Nothing to read, so no buffer: a run of holes never waits for the pool
+            // (with a few buffers, that wait cost a thread wake-up per hole chunk).
+            Buf::detached(Vec::new())
+        } else {
+            match pool.get_unless(have, stop) {
+                Some(b) => b,
+                None => return,
+            }
         };
-        if let Some(d) = dest.filter(|_| have > 0) {
+        if let Some(d) = dest.filter(|_| have > 0 && !holes) {
             // Read the runs of blocks not known zero.
             let ranges = ranges.as_deref();
             match target::read_blocks_at(&d.file, &mut data, offset, block, &zeros, ranges) {
