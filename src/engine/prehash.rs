@@ -182,19 +182,6 @@ pub fn infos_par(
     out
 }
 
-/// Puts the calling thread in the SCHED_IDLE class: hashing ahead is worth doing only on a
-/// core nothing else wants. During the login that core is otherwise ssh's (key exchange,
-/// the remote shell), and after it the sync's own threads': a head start that slowed them
-/// would cost more than it saves (a push to a new destination throws it away).
-fn idle_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is this thread; the parameter is a plain struct read by the call.
-    // A failure only leaves the thread at normal priority.
-    unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-    }
-}
-
 /// Threads worth hashing on: one per core.
 fn hash_threads() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -248,7 +235,6 @@ impl Prehash {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            idle_priority();
             let mut out = Precomputed {
                 chunk: layout.chunk,
                 ..Precomputed::default()
