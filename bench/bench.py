@@ -630,6 +630,16 @@ def case_cat_ssh(sshd: Sshd) -> Case:
                 fresh=True, stdin=lambda wd: wd.src, net=True)
 
 
+def case_cat_ssh_sync(sshd: Sshd) -> Case:
+    """(g2) The same stream with the fsync blocksync does before it reports success
+    (informational: `cat` leaves the data in the page cache)."""
+    def cmd(wd: Workdir) -> list[str]:
+        dst = shlex.quote(str(wd.dst))
+        return ["ssh", "-F", str(sshd.config), HOST, f"cat > {dst} && sync {dst}"]
+    return Case("cat-ssh-sync", "(g2) ssh benchhost 'cat > dst && sync dst' < src", cmd,
+                fresh=True, stdin=lambda wd: wd.src, net=True)
+
+
 def case_first_copy(bin_path: Path, sshd: Sshd, workers: int) -> Case:
     """(h), (i) blocksync push onto a missing destination, with `workers` streams."""
     if workers == 1:
@@ -919,6 +929,10 @@ def first_copy_group(args: argparse.Namespace, sshd: Sshd) -> Group:
         base = by["cat-ssh"].median
         lines = ["throughput: " + ", ".join(
             f"{k} {size / MB / r.median:.0f} MB/s" for k, r in by.items())]
+        if "cat-ssh-sync" in by and "first" in by:
+            x = by["cat-ssh-sync"].median / by["first"].median
+            lines.append(f"first / (cat-ssh && sync) throughput = {x:.2f} (informational: "
+                         "blocksync flushes the copy to disk before it exits, cat does not)")
         for key, target, strict in (("first", TARGET_FIRST_COPY, False),
                                     ("first-w2", TARGET_FIRST_COPY_W2, True)):
             if key not in by:
@@ -931,7 +945,8 @@ def first_copy_group(args: argparse.Namespace, sshd: Sshd) -> Group:
         return lines
 
     return Group(f"first copy: {human(size)} src to a missing destination over ssh",
-                 [case_cat_ssh(sshd), case_first_copy(args.bin, sshd, 1),
+                 [case_cat_ssh(sshd), case_cat_ssh_sync(sshd),
+                  case_first_copy(args.bin, sshd, 1),
                   case_first_copy(args.bin, sshd, 2)], targets)
 
 
