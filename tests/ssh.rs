@@ -337,3 +337,67 @@ fn parallel_streams_cover_the_whole_file() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(fs::read(&back).unwrap(), content);
 }
+
+/// How many of `path`'s pages are in the page cache (mincore over a mapping).
+fn resident_pages(path: &std::path::Path) -> usize {
+    let f = fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    use std::os::fd::AsRawFd;
+    // SAFETY: a read-only shared mapping of an open file, unmapped before returning;
+    // mincore writes one byte per page into `vec`, which holds that many.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[test]
+fn large_blocks_are_written_around_the_page_cache() {
+    let sshd = Sshd::start();
+    // On a disk filesystem (a tmpfs file lives in the page cache whatever we do).
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = dir.path().join("src");
+    let content = data(16 * M + 4097, 31);
+    fs::write(&src, &content).unwrap();
+
+    // Pushed to a new file: the remote side writes whole blocks with O_DIRECT.
+    let dst = dir.path().join("dst");
+    let out = run_with(&via(&sshd), &[s(&src), &format!("testhost:{}", s(&dst))]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (cached, pages) = (resident_pages(&dst), content.len().div_ceil(4096));
+    assert!(
+        cached * 10 < pages,
+        "{cached} of {pages} pages of the copy are cached: it went through the page cache"
+    );
+    assert_eq!(fs::read(&dst).unwrap(), content);
+
+    // Pulled over an older copy: changed blocks go around the cache on this side too.
+    let back = dir.path().join("back");
+    let mut old = content.clone();
+    for i in (0..old.len()).step_by(M) {
+        old[i] ^= 1;
+    }
+    fs::write(&back, &old).unwrap();
+    let out = run_with(&via(&sshd), &[&format!("testhost:{}", s(&src)), s(&back)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&back).unwrap(), content);
+
+    // Onto a bigger loop device, checked by --verify, which re-reads it from the disk.
+    let dev = LoopDev::new(20 * M as u64, &data(20 * M, 32));
+    let target = format!("testhost:{}", s(&dev.dev));
+    let out = run_with(&via(&sshd), &["--verify", s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(&dev.read()[..content.len()], &content[..]);
+}

@@ -18,11 +18,11 @@ use blocksync::engine::Stats;
 use blocksync::error::Kind;
 use blocksync::hash::HashKind;
 use blocksync::link::{self, Peer};
-use blocksync::pool::Slice;
+use blocksync::pool::{Recycler, Slice};
 use blocksync::protocol::{
     BlockInfo, Counts, Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_NO_READ, FLAG_TRACK_ID,
     FLAG_VERIFY, FindingKind, Frame, GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_SIZE,
-    MAX_TEXT, Reply, Role, ToDest, ToSource, read_frame, write_frame,
+    MAX_TEXT, Reply, Role, ToDest, ToSource, read_frame, read_frame_with, write_frame,
 };
 use blocksync::{MAX_BLOCK, MIN_BLOCK, server};
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
@@ -547,13 +547,19 @@ pub fn decode_as(ty: Ty, payload: &[u8]) {
 }
 
 /// Target `frame_stream`: `read_frame` over a byte stream, frame after frame, as each
-/// side reads its peer.
+/// side reads its peer; then again the way a destination reads, raw blocks going into
+/// recycled, page-aligned buffers.
 pub fn frame_stream(data: &[u8]) {
+    stream_frames(data, None);
+    stream_frames(data, Some(&Recycler::new(2)));
+}
+
+fn stream_frames(data: &[u8], recycler: Option<&Recycler>) {
     let mut r = data;
     let mut buf = Vec::new();
     loop {
         let before = r.len();
-        let (read, usage) = measure(|| read_frame(&mut r, &mut buf));
+        let (read, usage) = measure(|| read_frame_with(&mut r, &mut buf, recycler));
         assert!(
             usage.peak <= read_bound(before),
             "reading a frame from {before} bytes held {}",

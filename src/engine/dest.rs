@@ -295,6 +295,8 @@ fn write_dest(
     stats: &Stats,
 ) -> Result<()> {
     let mut written = 0u64;
+    // Opened at the first write (a run that writes nothing needs none).
+    let mut direct: Option<Option<std::fs::File>> = None;
     let writable = dest.filter(|_| !config.dry_run);
     let io_error = |what: String, e: std::io::Error| {
         let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -315,13 +317,30 @@ fn write_dest(
                         "source sent a block in a dry run",
                     ));
                 };
-                target::write_full_at(&d.file, &data, offset).map_err(|e| {
+                let failed = |e| {
                     io_error(
                         format!("writing destination {} at byte {offset}", d.path.display()),
                         e,
                     )
-                })?;
-                target::start_writeback(&d.file, offset, data.len() as u64);
+                };
+                let direct_ok = match direct.get_or_insert_with(|| target::reopen_direct(&d.file)) {
+                    Some(f) if target::direct_fits(&data, offset) => {
+                        match target::write_full_at(f, &data, offset) {
+                            Ok(()) => true,
+                            // Refused for this file after all: the page cache from now on.
+                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                                direct = Some(None);
+                                false
+                            }
+                            Err(e) => return Err(failed(e)),
+                        }
+                    }
+                    _ => false,
+                };
+                if !direct_ok {
+                    target::write_full_at(&d.file, &data, offset).map_err(failed)?;
+                    target::start_writeback(&d.file, offset, data.len() as u64);
+                }
                 written += data.len() as u64;
                 Stats::add(&stats.written, data.len() as u64);
             }
