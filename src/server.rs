@@ -26,6 +26,8 @@ pub fn main() -> i32 {
         eprintln!("blocksync --server: cannot use stdin/stdout");
         return Kind::Internal.exit_code();
     };
+    crate::transport::widen_pipe(&input);
+    crate::transport::widen_pipe(&output);
     let mut input = File::from(input);
     let mut output = File::from(output);
     if output.write_all(GREETING).is_err() {
