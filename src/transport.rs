@@ -397,6 +397,16 @@ fn start_failure(
     Error::new(Kind::Remote, msg)
 }
 
+/// Bytes a pipe to or from ssh may hold (Linux's default limit for unprivileged users).
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Widens a pipe from its default 64 KiB to [`PIPE_SIZE`], so a whole block passes
+/// between blocksync and ssh in one go rather than in 16 handovers, each waking the other
+/// side. A hint: `fd` may be no pipe (a socket from sshd), or the limit lower.
+pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
+    let _ = rustix::pipe::fcntl_setpipe_size(fd, PIPE_SIZE);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,14 +434,4 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&out.stdout), s);
         }
     }
-}
-
-/// Bytes a pipe to or from ssh may hold (Linux's default limit for unprivileged users).
-const PIPE_SIZE: usize = 1 << 20;
-
-/// Widens a pipe from its default 64 KiB to [`PIPE_SIZE`], so a whole block passes
-/// between blocksync and ssh in one go rather than in 16 handovers, each waking the other
-/// side. A hint: `fd` may be no pipe (a socket from sshd), or the limit lower.
-pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
-    let _ = rustix::pipe::fcntl_setpipe_size(fd, PIPE_SIZE);
 }
