@@ -982,6 +982,8 @@ pub fn read_frame_with(
             let n = len - RAW_DATA;
             let mut v = rc.spare();
             if v.len() < n + ALIGN {
+                // Exactly: a recycled buffer never grows past a frame plus the slack.
+                v.reserve_exact(n + ALIGN - v.len());
                 v.resize(n + ALIGN, 0);
             }
             let at = v.as_ptr().align_offset(ALIGN);

@@ -323,17 +323,16 @@ fn write_dest(
                         e,
                     )
                 };
-                let direct_ok = match direct.get_or_insert_with(|| target::reopen_direct(&d.file)) {
+                let direct_ok = match direct.get_or_insert_with(|| target::reopen_direct(d)) {
                     Some(f) if target::direct_fits(&data, offset) => {
-                        match target::write_full_at(f, &data, offset) {
-                            Ok(()) => true,
-                            // Refused for this file after all: the page cache from now on.
-                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                                direct = Some(None);
-                                false
-                            }
-                            Err(e) => return Err(failed(e)),
+                        // Any failure (refused after all, a short write that left the
+                        // next piece unaligned, a media error) is written again through
+                        // the page cache, whose error, if any, is the one reported.
+                        let ok = target::write_full_at(f, &data, offset).is_ok();
+                        if !ok {
+                            direct = Some(None);
                         }
+                        ok
                     }
                     _ => false,
                 };
