@@ -313,7 +313,7 @@ pub fn recv_from_source(
         count(stats, &frame, n, false);
         let msg = match frame {
             Frame::Write { offset, data } => {
-                let bytes = data.unpack().map_err(|d| {
+                let bytes = data.unpack_with(Some(&recycler)).map_err(|d| {
                     Error::new(Kind::Protocol, format!("{} sent a bad block: {d}", peer.0))
                 })?;
                 let end = offset.checked_add(bytes.len() as u64);

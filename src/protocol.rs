@@ -866,8 +866,34 @@ impl Data {
 
     /// The bytes, decompressed, with a bounded output size.
     pub fn unpack(self) -> Result<Slice, DecodeError> {
+        self.unpack_with(None)
+    }
+
+    /// [`Data::unpack`], decompressing into a page-aligned buffer from `recycler` (as raw
+    /// blocks arrive), so compressed blocks too can be written with O_DIRECT.
+    pub fn unpack_with(self, recycler: Option<&Recycler>) -> Result<Slice, DecodeError> {
+        const ALIGN: usize = crate::target::DIRECT_ALIGN;
         match self {
             Data::Raw(b) => Ok(b),
+            // Within the usual frame reservation: a spare never grows past it.
+            Data::Zstd { len, bytes }
+                if let Some(rc) = recycler
+                    && len as usize + ALIGN <= PRESIZE =>
+            {
+                let n = len as usize;
+                let mut v = rc.spare();
+                if v.len() < n + ALIGN {
+                    v.reserve_exact(n + ALIGN - v.len());
+                    v.resize(n + ALIGN, 0);
+                }
+                let at = v.as_ptr().align_offset(ALIGN);
+                match zstd::bulk::decompress_to_buffer(&bytes, &mut v[at..at + n]) {
+                    Ok(got) if got == n => {
+                        Ok(Slice::new(Arc::new(Buf::recycled(v, rc)), at..at + n))
+                    }
+                    _ => Err(DecodeError::BadCompression),
+                }
+            }
             Data::Zstd { len, bytes } => {
                 let out = zstd::bulk::decompress(&bytes, len as usize)
                     .map_err(|_| DecodeError::BadCompression)?;
@@ -1197,6 +1223,33 @@ mod tests {
         let one = bytes(&frames[0]);
         for cut in [5, 10, 4 + 10 + 1000, one.len() - 1] {
             assert!(read_frame_with(&mut &one[..cut], &mut buf, Some(&recycler)).is_err());
+        }
+    }
+
+    #[test]
+    fn compressed_blocks_unpack_page_aligned_too() {
+        let recycler = Recycler::new(2);
+        let text: Vec<u8> = (0..(512 << 10)).map(|i| b"blocksync "[i % 10]).collect();
+        let packed = Data::pack(&Slice::owned(text.clone()), 1);
+        assert!(matches!(packed, Data::Zstd { .. }));
+        let out = packed.clone().unpack_with(Some(&recycler)).unwrap();
+        assert_eq!(&*out, &text[..]);
+        assert!(
+            out.as_ptr()
+                .addr()
+                .is_multiple_of(crate::target::DIRECT_ALIGN)
+        );
+        // A stated length the bytes do not fill, or exceed: refused either way.
+        for len in [text.len() as u32 - 1, text.len() as u32 + 1] {
+            let Data::Zstd { bytes, .. } = packed.clone() else {
+                unreachable!()
+            };
+            let lying = Data::Zstd { len, bytes };
+            assert_eq!(
+                lying.unpack_with(Some(&recycler)),
+                Err(DecodeError::BadCompression),
+                "stated {len}"
+            );
         }
     }
 

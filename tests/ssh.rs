@@ -367,7 +367,7 @@ fn resident_pages(path: &std::path::Path) -> usize {
 fn large_blocks_are_written_around_the_page_cache() {
     let sshd = Sshd::start();
     // On ext4 of its own (a tmpfs file lives in the page cache whatever we do).
-    let fs4 = Mounted::new(LoopDev::new(64 * M as u64, &[]));
+    let fs4 = Mounted::new(LoopDev::new(160 * M as u64, &[]));
     let dir = fs4.dir.path();
     let src = dir.join("src");
     let content = data(16 * M + 4097, 31);
@@ -383,6 +383,21 @@ fn large_blocks_are_written_around_the_page_cache() {
         "{cached} of {pages} pages of the copy are cached: it went through the page cache"
     );
     assert_eq!(fs::read(&dst).unwrap(), content);
+
+    // Compressible blocks too: they are unpacked into aligned buffers.
+    let text: Vec<u8> = (0..16 * M).map(|i| b"a disk image "[i % 13]).collect();
+    let (tsrc, tdst) = (dir.join("text"), dir.join("text.copy"));
+    fs::write(&tsrc, &text).unwrap();
+    let out = run_with(&via(&sshd), &[s(&tsrc), &format!("testhost:{}", s(&tdst))]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let j = json(&out);
+    assert!(j["bytes_sent"].as_u64().unwrap() < M as u64, "{j}");
+    let cached = resident_pages(&tdst);
+    assert!(
+        cached * 10 < text.len() / 4096,
+        "{cached} pages of the text copy are cached"
+    );
+    assert_eq!(fs::read(&tdst).unwrap(), text);
 
     // Pulled over an older copy: changed blocks go around the cache on this side too.
     let back = dir.join("back");

@@ -591,14 +591,28 @@ pub fn unpack(data: &[u8]) {
         panic!("codec 1 decoded as raw")
     };
     let len = len as usize;
+    // As the sync's receiver unpacks (into recycled, aligned buffers), then plainly.
+    let recycler = Recycler::new(2);
+    let (aligned, usage) = measure(|| packed.clone().unpack_with(Some(&recycler)));
+    assert!(
+        usage.peak <= len + data.len() + 2 * 4096,
+        "unpacking to {len} bytes into a recycled buffer held {}",
+        usage.peak
+    );
     let (out, usage) = measure(|| packed.unpack());
     assert!(
         usage.peak <= len + data.len() + 4096,
         "unpacking to {len} bytes held {}",
         usage.peak
     );
+    assert_eq!(aligned.is_ok(), out.is_ok(), "the two ways disagree");
     let Ok(out) = out else { return };
     assert_eq!(out.len(), len, "unpacked to another length than stated");
+    assert_eq!(
+        aligned.expect("checked"),
+        out,
+        "the two ways unpack differently"
+    );
     // Small enough to be cheap: what unpacks packs and unpacks to the same bytes.
     if len <= 256 << 10 {
         let again = Data::pack(&out, 1).unpack().expect("own packing unpacks");
