@@ -76,6 +76,19 @@ impl Recycler {
     pub fn spare(&self) -> Vec<u8> {
         self.take.try_recv().unwrap_or_default()
     }
+
+    /// A spare buffer with room for `n` bytes starting at an `align`-aligned address,
+    /// and where that start is. It is sized exactly, so it never grows past the largest
+    /// `n + align` asked for.
+    pub fn aligned(&self, n: usize, align: usize) -> (Vec<u8>, usize) {
+        let mut v = self.spare();
+        if v.len() < n + align {
+            v.reserve_exact(n + align - v.len());
+            v.resize(n + align, 0);
+        }
+        let at = v.as_ptr().align_offset(align);
+        (v, at)
+    }
 }
 
 /// A buffer that goes back to its pool when dropped.

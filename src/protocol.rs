@@ -881,12 +881,7 @@ impl Data {
                     && len as usize + ALIGN <= PRESIZE =>
             {
                 let n = len as usize;
-                let mut v = rc.spare();
-                if v.len() < n + ALIGN {
-                    v.reserve_exact(n + ALIGN - v.len());
-                    v.resize(n + ALIGN, 0);
-                }
-                let at = v.as_ptr().align_offset(ALIGN);
+                let (mut v, at) = rc.aligned(n, ALIGN);
                 match zstd::bulk::decompress_to_buffer(&bytes, &mut v[at..at + n]) {
                     Ok(got) if got == n => {
                         Ok(Slice::new(Arc::new(Buf::recycled(v, rc)), at..at + n))
@@ -1006,13 +1001,7 @@ pub fn read_frame_with(
         if head[0] == T_WRITE && head[RAW_DATA - 1] == 0 {
             let offset = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
             let n = len - RAW_DATA;
-            let mut v = rc.spare();
-            if v.len() < n + ALIGN {
-                // Exactly: a recycled buffer never grows past a frame plus the slack.
-                v.reserve_exact(n + ALIGN - v.len());
-                v.resize(n + ALIGN, 0);
-            }
-            let at = v.as_ptr().align_offset(ALIGN);
+            let (mut v, at) = rc.aligned(n, ALIGN);
             r.read_exact(&mut v[at..at + n])?;
             let whole = Arc::new(Buf::recycled(v, rc));
             let data = Data::Raw(Slice::new(whole, at..at + n));
