@@ -270,6 +270,9 @@ impl SshOptions {
                     host: host.to_string(),
                 });
             }
+            // Not a server: nothing more goes to it. Closing its input first lets a
+            // wrapper in -e that copies stdin (a rate limiter, say) end too.
+            drop(writer);
             let mut rest = Vec::new();
             let _ = reader.take(4096).read_to_end(&mut rest);
             let status = child.wait().ok();
