@@ -857,7 +857,7 @@ impl Data {
     }
 
     /// The bytes as they travel (compressed or not).
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         match self {
             Data::Raw(b) => b,
             Data::Zstd { bytes, .. } => bytes,
