@@ -295,9 +295,8 @@ fn write_dest(
     stats: &Stats,
 ) -> Result<()> {
     let mut written = 0u64;
-    // Opened at the first write (a run that writes nothing needs none).
-    let mut direct: Option<Option<std::fs::File>> = None;
     let writable = dest.filter(|_| !config.dry_run);
+    let mut direct = writable.and_then(target::reopen_direct);
     let io_error = |what: String, e: std::io::Error| {
         let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
             "; free space on it and run again to resume"
@@ -323,14 +322,14 @@ fn write_dest(
                         e,
                     )
                 };
-                let direct_ok = match direct.get_or_insert_with(|| target::reopen_direct(d)) {
+                let direct_ok = match &direct {
                     Some(f) if target::direct_fits(&data, offset) => {
                         // Any failure (refused after all, a short write that left the
                         // next piece unaligned, a media error) is written again through
                         // the page cache, whose error, if any, is the one reported.
                         let ok = target::write_full_at(f, &data, offset).is_ok();
                         if !ok {
-                            direct = Some(None);
+                            direct = None;
                         }
                         ok
                     }
