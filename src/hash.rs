@@ -114,6 +114,17 @@ impl FromStr for HashKind {
     }
 }
 
+/// What one side knows of one block without sending its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockInfo {
+    /// Not (wholly) there: the destination ends inside or before it.
+    Missing,
+    /// All zero: a hole, an all-zero block, or past the end of a sparse file destination.
+    Zero,
+    /// Data with this digest.
+    Digest(Digest),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,10 @@
 //! Byte sizes on the command line (`1M`, `64K`, `4096`) and in messages (`1.5 GiB`).
 
+/// Smallest block size accepted.
+pub const MIN_BLOCK: u64 = 512;
+/// Largest block size accepted: beyond it, buffers would blow the memory bound.
+pub const MAX_BLOCK: u64 = 64 << 20;
+
 /// Parses a size like `4096`, `64K`, `1M`, `1MiB`, `2G`, `1T` (binary multiples, like dd's
 /// `K`/`M`/`G`). Returns a message for the user on bad input.
 pub fn parse_size(text: &str) -> Result<u64, String> {

@@ -42,7 +42,7 @@ fn with_zeros(content: &[u8], bad: &[(u64, u64)]) -> Vec<u8> {
 
 fn map_of(path: &Path) -> Vec<Range<u64>> {
     let text = fs::read_to_string(path).expect("the map was written");
-    blocksync::badmap::parse_bad(&text).expect("the map parses")
+    blocksync::testing::parse_bad(&text).expect("the map parses")
 }
 
 #[test]

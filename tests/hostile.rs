@@ -10,11 +10,9 @@
 mod common;
 
 use blocksync::error::Kind;
-use blocksync::hash::HashKind;
-use blocksync::pool::Slice;
-use blocksync::protocol::{
-    BlockInfo, Counts, Data, FLAG_NO_READ, FLAG_TRACK_ID, Frame, GREETING, Go, Hello, MAX_FRAME,
-    Reply, Role, VERSION, read_frame, write_frame, write_raw_frame,
+use blocksync::testing::{
+    BlockInfo, Counts, Data, FLAG_NO_READ, FLAG_TRACK_ID, Frame, GREETING, Go, HashKind, Hello,
+    MAX_FRAME, Reply, Role, Slice, VERSION, read_frame, write_frame, write_raw_frame,
 };
 use common::{bin, data};
 use std::io::{Read, Write};

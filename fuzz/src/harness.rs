@@ -13,18 +13,14 @@
 //! Seeds are valid encoded frames and conversations; [`mutate`] turns them into what a
 //! broken or hostile peer might send, for runs without libFuzzer.
 
-use blocksync::engine::Layout;
-use blocksync::engine::Stats;
 use blocksync::error::Kind;
-use blocksync::hash::HashKind;
-use blocksync::link::{self, Peer};
-use blocksync::pool::{Recycler, Slice};
-use blocksync::protocol::{
-    BlockInfo, Counts, Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_NO_READ, FLAG_TRACK_ID,
-    FLAG_VERIFY, FindingKind, Frame, GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_SIZE,
-    MAX_TEXT, Reply, Role, ToDest, ToSource, read_frame, read_frame_with, write_frame,
+use blocksync::testing as server;
+use blocksync::testing::{
+    self as link, BlockInfo, Counts, Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_NO_READ,
+    FLAG_TRACK_ID, FLAG_VERIFY, FindingKind, Frame, GREETING, Go, HashKind, Hello, Layout,
+    MAX_BLOCK, MAX_DIGESTS, MAX_FRAME, MAX_SIZE, MAX_TEXT, MIN_BLOCK, Peer, Recycler, Reply, Role,
+    Slice, Stats, ToDest, ToSource, read_frame, read_frame_with, write_frame,
 };
-use blocksync::{MAX_BLOCK, MIN_BLOCK, server};
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -124,7 +120,7 @@ pub fn decode_bound(n: usize) -> usize {
 
 /// What `read_frame` reserves before the data arrives: a typical frame (a chunk plus
 /// headers), never the length the prefix claims.
-pub const RESERVE: usize = blocksync::engine::CHUNK_TARGET as usize + 4096;
+pub const RESERVE: usize = blocksync::testing::CHUNK_TARGET as usize + 4096;
 
 /// Most bytes reading and decoding one frame may hold, given `n` bytes of input: the
 /// up-front reservation, growth as data arrives, and the decode.
@@ -621,7 +617,7 @@ pub fn unpack(data: &[u8]) {
 }
 
 /// Points `$XDG_STATE_HOME` (where a destination records its sync id, see
-/// `blocksync::syncid`) at a directory of this process's own under the temp dir, once,
+/// the sync-id records) at a directory of this process's own under the temp dir, once,
 /// so no fuzz input can make a run write into the real home. The targets open no file
 /// today (a destination half without a target records nothing); this keeps it so if one
 /// ever does. Called before any input runs: by `init` in the libFuzzer targets, first

@@ -2,11 +2,11 @@
 //! reports it (bytes or digests), while this thread writes the changed ranges it receives,
 //! then resizes a file destination, flushes, and confirms.
 
+use super::messages::{ToDest, ToSource};
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result, os_text};
-use crate::pool::{Buf, Pool};
-use crate::protocol::{ToDest, ToSource};
-use crate::target::{self, Advice, Extents, Target, TargetKind};
+use crate::io::pool::{Buf, Pool};
+use crate::io::target::{self, Advice, Extents, Target, TargetKind};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -42,7 +42,7 @@ pub fn run(
     if let Some(d) = dest.filter(|_| !config.dry_run && !config.verify_pass) {
         // From here on the destination no longer matches any digest file: every writing
         // run forgets the id, so a digest file is never trusted after a run without it.
-        let forgot = crate::syncid::clear(d);
+        let forgot = crate::digestfile::syncid::clear(d);
         if let (Err(e), Some(_)) = (forgot, config.track) {
             let e = Error::new(
                 Kind::Io,
@@ -239,7 +239,7 @@ fn pieces(
     len: u64,
     piece: u64,
     stats: &Stats,
-) -> std::io::Result<Vec<crate::protocol::BlockInfo>> {
+) -> std::io::Result<Vec<crate::hash::BlockInfo>> {
     let Compare::Digest(kind) = config.compare else {
         return Err(std::io::Error::other(
             "answering about blocks needs digests",
@@ -405,7 +405,7 @@ fn write_dest(
         if let Some(id) = config.track.as_ref().filter(|_| !stale) {
             // Flushed: what the source recorded for this run is now true here (for the
             // blocks it saw confirmed; a stopped run records the rest as unknown).
-            crate::syncid::store(d, id).map_err(|e| {
+            crate::digestfile::syncid::store(d, id).map_err(|e| {
                 io_error(format!("recording the sync id of {}", d.path.display()), e)
             })?;
         }

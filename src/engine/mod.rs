@@ -1,22 +1,23 @@
 //! The sync engine: a source half that reads, compares and decides what to send, and a
 //! destination half that reads, writes and flushes. They talk only through
-//! [`crate::protocol`] messages; [`sync_local`] runs both halves in one process.
+//! [`crate::wire::frame`] messages; [`sync_local`] runs both halves in one process.
 //!
 //! Both halves are pipelines: a reader thread per side fills pooled buffers a chunk
 //! (several blocks) at a time, while the other threads compare and write, so reading,
 //! comparing and writing overlap and memory stays bounded by the pools.
 
-pub mod cache;
-pub mod dest;
-pub mod prehash;
-pub mod salvage;
-pub mod source;
+pub(crate) mod dest;
+pub(crate) mod messages;
+pub(crate) mod prehash;
+pub(crate) mod salvage;
+pub(crate) mod source;
 
 use crate::error::Result;
+use crate::hash::BlockInfo;
 use crate::hash::HashKind;
-use crate::protocol::{BlockInfo, FindingKind, ToDest, ToSource};
-use crate::target::Target;
+use crate::io::target::Target;
 use crossbeam_channel::bounded;
+use messages::{FindingKind, ToDest, ToSource};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -255,12 +256,12 @@ pub struct Config {
     /// strength, compare, write nothing.
     pub verify_pass: bool,
     /// `--digest-file` (source half): digests to compare against and to record.
-    pub cache: Option<Arc<cache::Cache>>,
+    pub cache: Option<Arc<crate::digestfile::cache::Cache>>,
     /// The destination half reads the destination (off when a digest file stands in).
     pub dest_reads: bool,
     /// The destination half forgets its sync id before writing and records this one once
-    /// the sync is flushed (see [`crate::syncid`]).
-    pub track: Option<crate::syncid::SyncId>,
+    /// the sync is flushed (see [`crate::digestfile::syncid`]).
+    pub track: Option<crate::digestfile::syncid::SyncId>,
 }
 
 impl Config {

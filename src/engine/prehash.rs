@@ -3,9 +3,9 @@
 //! time the remote side answers is not read or hashed again for comparison.
 
 use super::Layout;
+use crate::hash::BlockInfo;
 use crate::hash::HashKind;
-use crate::protocol::BlockInfo;
-use crate::target;
+use crate::io::target;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -6,7 +6,7 @@
 //! a buffered read of a block device fails a whole 4 KiB page for one bad 512-byte sector,
 //! a direct read fails only that sector.
 
-use crate::target::{self, Target, TargetKind};
+use crate::io::target::{self, Target, TargetKind};
 use std::fs::File;
 use std::io;
 use std::ops::Range;

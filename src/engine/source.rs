@@ -2,12 +2,13 @@
 //! spotting zero blocks), compares each block with what the destination half reports,
 //! and sends the changed ranges: data, or a tiny zero message for zero blocks.
 
+use super::messages::{Counts, FindingKind, ToDest, ToSource};
 use super::salvage::{self, Salvager};
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::pool::{Buf, Pool, Slice};
-use crate::protocol::{BlockInfo, Counts, FindingKind, ToDest, ToSource};
-use crate::target::{self, Advice, Extents, Target};
+use crate::hash::BlockInfo;
+use crate::io::pool::{Buf, Pool, Slice};
+use crate::io::target::{self, Advice, Extents, Target};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::ops::Range;
 use std::sync::Arc;
@@ -750,7 +751,7 @@ impl<'a> Refiner<'a> {
 
     /// Checks a few destination blocks against the digest file before anything is sent:
     /// a destination changed behind the file's back must not be synced by it.
-    fn spot_check(&mut self, cache: &super::cache::Cache) -> Result<()> {
+    fn spot_check(&mut self, cache: &crate::digestfile::cache::Cache) -> Result<()> {
         let Some(old) = &cache.old else {
             return Ok(());
         };

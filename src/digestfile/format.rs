@@ -7,8 +7,8 @@
 //! order, in bounded memory), then a BLAKE3 checksum of everything before it. A file whose
 //! checksum does not match is refused as a whole.
 
+use crate::hash::BlockInfo;
 use crate::hash::{BLOCK_DIGEST, Digest, HashKind, MAX_DIGEST};
-use crate::protocol::BlockInfo;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -34,7 +34,7 @@ pub struct Header {
     /// The target's size when the digests were taken (a device may be larger than `size`).
     pub target_size: u64,
     /// Identifies the sync that left the target in this state; the target's side keeps the
-    /// same id (see [`crate::syncid`]). Zero: none.
+    /// same id (see [`crate::digestfile::syncid`]). Zero: none.
     pub sync_id: [u8; 16],
     /// The target, as named by the run that made the file (`host:path` or a path).
     pub label: String,
@@ -77,7 +77,9 @@ impl Header {
         let hash = HashKind::from_id(fixed[18]).ok_or("unknown hash in digest file")?;
         let num = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8"));
         let (block, size, target_size) = (num(19), num(27), num(35));
-        if !(crate::MIN_BLOCK..=crate::MAX_BLOCK).contains(&block) || size > i64::MAX as u64 {
+        if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&block)
+            || size > i64::MAX as u64
+        {
             return Err("digest file has an impossible block size or size".into());
         }
         let sync_id: [u8; 16] = fixed[43..59].try_into().expect("16");

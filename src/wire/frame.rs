@@ -1,189 +1,18 @@
-//! The messages the two halves of the engine exchange.
+//! Wire format, for halves on two machines.
 //!
-//! The source half and the destination half never share anything but these messages, so
-//! the same halves run in one process (local sync, messages passed over channels without
-//! copying) or on two machines (messages framed over an ssh byte stream).
+//! The server (the remote side) first writes [`GREETING`]. Then every message is a frame:
+//! a little-endian u32 length (of what follows), a type byte, and the payload. Lengths are
+//! bounded by [`MAX_FRAME`] before anything is allocated; every decoder checks each field
+//! and rejects truncated, oversized or trailing bytes with an error, never a panic.
+//!
+//! Conversation: client Hello -> server Reply (or Failed) -> client Go (proceed or not),
+//! then the engine messages both ways at once (digests one way, writes the other), ending
+//! with the source's Finish or Abort and the destination's Done (or Failed).
 
+use crate::engine::messages::{Counts, FindingKind};
 use crate::error::Kind;
-use crate::hash::Digest;
-use crate::pool::{Buf, Recycler, Slice};
-
-/// What one side knows of one block without sending its bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockInfo {
-    /// Not (wholly) there: the destination ends inside or before it.
-    Missing,
-    /// All zero: a hole, an all-zero block, or past the end of a sparse file destination.
-    Zero,
-    /// Data with this digest.
-    Digest(Digest),
-}
-
-/// The source half's counters, sent with Finish so a destination on another machine can
-/// report them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    /// Source bytes read.
-    pub read: u64,
-    /// Blocks found equal.
-    pub same: u64,
-    /// Blocks found different.
-    pub changed: u64,
-    /// Bytes of the changed blocks.
-    pub changed_bytes: u64,
-    /// Source blocks that are all zero (holes included).
-    pub zero: u64,
-    /// Source blocks in holes, never read.
-    pub holes: u64,
-    /// Changed blocks sent as a zero range instead of data.
-    pub zeroed: u64,
-}
-
-/// What a [`ToDest::Finding`] reports about a byte range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FindingKind {
-    /// The source could not read it (bad sectors).
-    Unreadable,
-    /// `--verify`: the destination differs from the source there.
-    Mismatch,
-    /// `--verify`: the source changed there while the sync ran.
-    SourceChanged,
-}
-
-impl FindingKind {
-    /// Every kind, in wire order.
-    pub const ALL: [FindingKind; 3] = [
-        FindingKind::Unreadable,
-        FindingKind::Mismatch,
-        FindingKind::SourceChanged,
-    ];
-}
-
-/// From the source half to the destination half.
-pub enum ToDest {
-    /// Write `data` at byte `offset` of the destination.
-    Write {
-        /// Byte offset in the destination.
-        offset: u64,
-        /// The bytes to write (one or more whole blocks, or the partial last block).
-        data: Slice,
-    },
-    /// Every changed block has been sent: make a file destination exactly `size` bytes,
-    /// flush everything to stable storage, then answer [`ToSource::Done`].
-    Finish {
-        /// The source size, which a file destination must end with.
-        size: u64,
-        /// What the source half found.
-        counts: Counts,
-    },
-    /// Make `len` bytes at `offset` zero: punch a hole (file), or write zeros (device,
-    /// or `--no-sparse`).
-    Zero {
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-    /// This block differs: answer with [`ToSource::Pieces`], what the destination holds
-    /// in each sub-block, so only the changed pieces need to cross.
-    Refine {
-        /// Byte offset of the block.
-        offset: u64,
-        /// Its length.
-        len: u64,
-    },
-    /// Spot-check: answer with [`ToSource::Pieces`] holding one entry, what the destination
-    /// holds in this block (digest files must still describe the destination).
-    Check {
-        /// Byte offset of the block.
-        offset: u64,
-        /// Its length.
-        len: u64,
-    },
-    /// Something the user must hear about a byte range (the source half may be on the
-    /// other machine): recorded for the summary, the exit code and `--bad-blocks`.
-    Finding {
-        /// What was found.
-        kind: FindingKind,
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-    /// Stop early: flush what was written, leave the size alone, answer
-    /// [`ToSource::Done`]. Carries why, so a destination on another machine can report it.
-    Abort {
-        /// Exit-code kind of the cause.
-        kind: Kind,
-        /// The cause, one line.
-        message: String,
-    },
-}
-
-/// From the destination half to the source half.
-pub enum ToSource {
-    /// The destination's own bytes for chunk `index`, shorter (or empty) where the
-    /// destination ends. Only in one process, where moving a buffer costs nothing:
-    /// comparing bytes directly is cheaper than hashing both sides.
-    Bytes {
-        /// Chunk number.
-        index: u64,
-        /// The destination bytes of that chunk that exist; the bytes of blocks marked in
-        /// `zeros` may not have been read and must not be looked at.
-        data: Buf,
-        /// Per block of the chunk: known zero (a hole, or past the end of a sparse file).
-        zeros: Vec<bool>,
-    },
-    /// What the destination holds in each block of chunk `index`.
-    Digests {
-        /// Chunk number.
-        index: u64,
-        /// One entry per block of the chunk (a shorter list: the rest are missing).
-        blocks: Vec<BlockInfo>,
-    },
-    /// `--verify` pass: full-strength digests of the destination's blocks of chunk `index`.
-    Verify {
-        /// Chunk number.
-        index: u64,
-        /// One entry per block of the chunk (digests at full length).
-        blocks: Vec<BlockInfo>,
-    },
-    /// The answer to [`ToDest::Refine`]: one entry per sub-block of the block.
-    Pieces {
-        /// Byte offset of the block.
-        offset: u64,
-        /// One per sub-block.
-        pieces: Vec<BlockInfo>,
-    },
-    /// Everything written is on stable storage.
-    Done {
-        /// Bytes written by the destination half.
-        written: u64,
-        /// Bytes read by the destination half.
-        read: u64,
-    },
-    /// The destination half failed and stopped.
-    Failed {
-        /// Decides the exit code.
-        kind: Kind,
-        /// One line naming the path and the cause.
-        message: String,
-    },
-}
-
-// ---------------------------------------------------------------------------------------
-// Wire format, for halves on two machines.
-//
-// The server (the remote side) first writes [`GREETING`]. Then every message is a frame:
-// a little-endian u32 length (of what follows), a type byte, and the payload. Lengths are
-// bounded by [`MAX_FRAME`] before anything is allocated; every decoder checks each field
-// and rejects truncated, oversized or trailing bytes with an error, never a panic.
-//
-// Conversation: client Hello -> server Reply (or Failed) -> client Go (proceed or not), then the
-// engine messages both ways at once (digests one way, writes the other), ending with the
-// source's Finish or Abort and the destination's Done (or Failed).
-
-use crate::hash::{BLOCK_DIGEST, HashKind, MAX_DIGEST};
+use crate::hash::{BLOCK_DIGEST, BlockInfo, Digest, HashKind, MAX_DIGEST};
+use crate::io::pool::{Buf, Recycler, Slice};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
@@ -193,11 +22,11 @@ pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
 pub const VERSION: u16 = 4;
 /// Largest frame accepted: a chunk of the largest block size plus headers.
-pub const MAX_FRAME: usize = (crate::MAX_BLOCK as usize) + 1024;
+pub const MAX_FRAME: usize = (crate::size::MAX_BLOCK as usize) + 1024;
 /// Longest path or message text in a frame.
 pub const MAX_TEXT: usize = 8192;
 /// Most digests in one frame (a chunk of the smallest block size).
-pub const MAX_DIGESTS: usize = (super::engine::CHUNK_TARGET / crate::MIN_BLOCK) as usize;
+pub const MAX_DIGESTS: usize = (crate::engine::CHUNK_TARGET / crate::size::MIN_BLOCK) as usize;
 /// Largest source or destination size in a frame: what `off_t` can address. Only a broken
 /// or hostile peer sends more, and offsets past it would overflow range arithmetic.
 pub const MAX_SIZE: u64 = i64::MAX as u64;
@@ -684,7 +513,7 @@ impl Frame {
                 };
                 let path = r.text()?;
                 let block = r.u64()?;
-                if !(crate::MIN_BLOCK..=crate::MAX_BLOCK).contains(&block) {
+                if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&block) {
                     return Err(DecodeError::TooLarge("block size"));
                 }
                 let h = r.u8()?;
@@ -702,7 +531,11 @@ impl Frame {
                     bwlimit: r.u64()?,
                     refine: match r.u64()? {
                         0 => 0,
-                        x if x >= crate::MIN_BLOCK && block.div_ceil(x) <= MAX_DIGESTS as u64 => x,
+                        x if x >= crate::size::MIN_BLOCK
+                            && block.div_ceil(x) <= MAX_DIGESTS as u64 =>
+                        {
+                            x
+                        }
                         _ => return Err(DecodeError::TooLarge("refinement")),
                     },
                     max_errors: r.u64()?,
@@ -773,14 +606,14 @@ impl Frame {
             }
             T_REFINE => {
                 let (offset, len) = (r.u64()?, r.u64()?);
-                if len > crate::MAX_BLOCK || offset.checked_add(len).is_none() {
+                if len > crate::size::MAX_BLOCK || offset.checked_add(len).is_none() {
                     return Err(DecodeError::TooLarge("refined block"));
                 }
                 Frame::Refine { offset, len }
             }
             T_CHECK => {
                 let (offset, len) = (r.u64()?, r.u64()?);
-                if len > crate::MAX_BLOCK || offset.checked_add(len).is_none() {
+                if len > crate::size::MAX_BLOCK || offset.checked_add(len).is_none() {
                     return Err(DecodeError::TooLarge("checked block"));
                 }
                 Frame::Check { offset, len }
@@ -872,7 +705,7 @@ impl Data {
     /// [`Data::unpack`], decompressing into a page-aligned buffer from `recycler` (as raw
     /// blocks arrive), so compressed blocks too can be written with O_DIRECT.
     pub fn unpack_with(self, recycler: Option<&Recycler>) -> Result<Slice, DecodeError> {
-        const ALIGN: usize = crate::target::DIRECT_ALIGN;
+        const ALIGN: usize = crate::io::target::DIRECT_ALIGN;
         match self {
             Data::Raw(b) => Ok(b),
             // Within the usual frame reservation: a spare never grows past it.
@@ -990,7 +823,7 @@ pub fn read_frame_with(
     // a recycled buffer, page-aligned, so the destination can hand it to the disk with
     // O_DIRECT as it is.
     const RAW_DATA: usize = 1 + 8 + 1;
-    const ALIGN: usize = crate::target::DIRECT_ALIGN;
+    const ALIGN: usize = crate::io::target::DIRECT_ALIGN;
     // Within the usual reservation, alignment slack included: a lying length costs no more.
     if let Some(rc) = recycler
         && len > RAW_DATA
@@ -1035,7 +868,7 @@ pub fn read_frame_with(
 }
 
 /// Bytes reserved up front for a frame: a chunk of blocks plus headers.
-const PRESIZE: usize = (super::engine::CHUNK_TARGET as usize) + 4096;
+const PRESIZE: usize = (crate::engine::CHUNK_TARGET as usize) + 4096;
 
 #[cfg(test)]
 mod tests {
@@ -1204,7 +1037,7 @@ mod tests {
                 assert!(
                     d.as_ptr()
                         .addr()
-                        .is_multiple_of(crate::target::DIRECT_ALIGN)
+                        .is_multiple_of(crate::io::target::DIRECT_ALIGN)
                 );
             }
         }
@@ -1226,7 +1059,7 @@ mod tests {
         assert!(
             out.as_ptr()
                 .addr()
-                .is_multiple_of(crate::target::DIRECT_ALIGN)
+                .is_multiple_of(crate::io::target::DIRECT_ALIGN)
         );
         // A stated length the bytes do not fill, or exceed: refused either way.
         for len in [text.len() as u32 - 1, text.len() as u32 + 1] {

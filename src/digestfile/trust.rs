@@ -1,13 +1,13 @@
 //! `--digest-file`: deciding, before anything is written, whether the digest file may
 //! stand in for reading the destination, and setting up the file for the next run.
 
-use crate::cli::Args;
-use crate::digests::{DigestFile, DigestWriter, Header};
-use crate::engine::cache::Cache;
+use crate::app::cli::Args;
+use crate::digestfile::cache::Cache;
+use crate::digestfile::format::{DigestFile, DigestWriter, Header};
+use crate::digestfile::syncid::SyncId;
 use crate::error::{Error, Kind, Result};
+use crate::hash::BlockInfo;
 use crate::hash::HashKind;
-use crate::protocol::BlockInfo;
-use crate::syncid::SyncId;
 use std::sync::Arc;
 
 /// Spot-checks per run: enough to catch a destination replaced or rewritten wholesale,
@@ -119,7 +119,7 @@ pub fn prepare(
         ),
         None => Vec::new(),
     };
-    let new_id = crate::syncid::fresh();
+    let new_id = crate::digestfile::syncid::fresh();
     let new =
         if args.dry_run {
             None
@@ -159,7 +159,7 @@ fn pick_spots(f: &DigestFile, n: u64) -> Vec<u64> {
     if n == 0 {
         return Vec::new();
     }
-    let seed = crate::syncid::fresh();
+    let seed = crate::digestfile::syncid::fresh();
     let mut x = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes")) | 1;
     let mut out = Vec::new();
     for _ in 0..SPOT_CHECKS * 4 {

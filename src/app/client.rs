@@ -1,23 +1,24 @@
 //! A sync with one side on another machine: starts the remote side over ssh (one
 //! connection per `-w` stream), makes the handshake and every check before anything is
 //! written, then runs the local half of each stream with its messages carried by
-//! [`crate::link`].
+//! [`crate::wire::link`].
 
-use crate::cli::Args;
+use super::{Plan, Sides, conclude, confirm_change};
+use crate::app::cli::Args;
+use crate::app::report::Reporter;
+use crate::app::server::buffers_for;
 use crate::engine::prehash::Prehash;
 use crate::engine::{Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::link::{self, Peer};
-use crate::protocol::{
+use crate::io::target::{self, Target, TargetKind};
+use crate::size;
+use crate::ssh::connect::{Connection, SshOptions, split_shell};
+use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
     FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame,
     write_frame,
 };
-use crate::report::Reporter;
-use crate::server::buffers_for;
-use crate::target::{self, Target, TargetKind};
-use crate::transport::{Connection, SshOptions, split_shell};
-use crate::{Plan, Sides, conclude, confirm_change, size};
+use crate::wire::link::{self, Peer};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -183,7 +184,7 @@ pub(crate) fn run(
     // Local checks first: no ssh connection for a source that does not exist.
     let (src, probe) = if push {
         let src = target::open_source(local)?;
-        crate::note_busy_source(reporter, &src);
+        super::note_busy_source(reporter, &src);
         (Some(src), None)
     } else {
         (None, Some(target::probe_destination(local)?))
@@ -316,7 +317,7 @@ pub(crate) fn run(
         }
     };
     let dest = match &probe {
-        Some(p) => match crate::open_dest_for_run(args, p) {
+        Some(p) => match super::open_dest_for_run(args, p) {
             Ok(d) => d,
             Err(e) => {
                 refuse_all(&mut streams);
@@ -339,7 +340,7 @@ pub(crate) fn run(
     // With --digest-file (push only): may the file stand in for reading the destination?
     let cached = match src.as_ref().filter(|_| push) {
         Some(s) => {
-            let state = crate::digestcache::DestState {
+            let state = crate::digestfile::trust::DestState {
                 label: remote_name.clone(),
                 size: existing.map_or(0, |e| e.1),
                 size_after: match existing {
@@ -348,7 +349,14 @@ pub(crate) fn run(
                 },
                 sync_id: reply.sync_id,
             };
-            match crate::digestcache::prepare(args, hash, block, s.size, &state, streams.len()) {
+            match crate::digestfile::trust::prepare(
+                args,
+                hash,
+                block,
+                s.size,
+                &state,
+                streams.len(),
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     refuse_all(&mut streams);
@@ -380,7 +388,7 @@ pub(crate) fn run(
         }
     }
 
-    let cancel = crate::cancel_on_signals();
+    let cancel = super::cancel_on_signals();
     let verify = args.verify.then(|| crate::engine::VerifyLog::new(hash));
     let stats = std::sync::Arc::new(Stats::default());
     Stats::add(
@@ -409,7 +417,7 @@ pub(crate) fn run(
                 config.sparse = !args.no_sparse;
                 config.discard = args.discard;
                 config.refine = refine;
-                config.salvage = crate::salvage_of(args);
+                config.salvage = super::salvage_of(args);
                 config.verify = verify.clone();
                 if let Some(u) = &cached {
                     config.cache = Some(u.cache.clone());
@@ -445,7 +453,7 @@ pub(crate) fn run(
     progress.finish();
     let result = match cached {
         Some(u) => {
-            let sealed = crate::digestcache::finish(u.cache, &result, &stats.findings());
+            let sealed = crate::digestfile::trust::finish(u.cache, &result, &stats.findings());
             result.and(sealed)
         }
         None => result,

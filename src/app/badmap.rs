@@ -48,7 +48,7 @@ pub fn render(size: u64, bad: &[Range<u64>], reached: Option<u64>) -> String {
 
 /// Writes `text` to `path` atomically: a reader sees the old map or the new one, whole.
 pub fn write(path: &Path, text: &str) -> io::Result<()> {
-    crate::target::write_atomically(path, |f| f.write_all(text.as_bytes()), |_, e| e)
+    crate::io::target::write_atomically(path, |f| f.write_all(text.as_bytes()), |_, e| e)
 }
 
 /// The unreadable (`-`) ranges listed in a mapfile's text.

@@ -3,7 +3,7 @@
 //! the remote side, found on its PATH, given with `-S`, or copied there on first use.
 
 use crate::error::{Error, Kind, Result};
-use crate::protocol::GREETING;
+use crate::wire::frame::GREETING;
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};

@@ -8,7 +8,7 @@
 //! has no record. It is removed before a sync writes anything and written again only
 //! after the destination has been flushed, so it never vouches for blocks not written.
 
-use crate::target::{Identity, Target};
+use crate::io::target::{Identity, Target};
 use std::io;
 use std::path::PathBuf;
 

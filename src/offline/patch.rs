@@ -10,12 +10,12 @@
 //! before it. A patch is checked whole before anything is written: a truncated or
 //! corrupted patch, or one for another target, changes nothing.
 
-use crate::digests::{DigestFile, Header};
+use crate::digestfile::format::{DigestFile, Header};
 use crate::engine::Layout;
 use crate::error::{Error, Kind, Result, os_text};
+use crate::hash::BlockInfo;
 use crate::hash::HashKind;
-use crate::protocol::BlockInfo;
-use crate::target::{self, Target, TargetKind};
+use crate::io::target::{self, Target, TargetKind};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -139,8 +139,9 @@ pub fn digest(
                     .map_err(|_| Error::new(Kind::Io, "writing the digests failed"))
             })
         });
-        let written =
-            crate::digests::write_stream(BufWriter::new(out), &header, || Ok(rx.recv().ok()));
+        let written = crate::digestfile::format::write_stream(BufWriter::new(out), &header, || {
+            Ok(rx.recv().ok())
+        });
         let scanned = reader
             .join()
             .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "digest thread panicked")));
@@ -323,8 +324,6 @@ pub struct Patch {
     pub header: PatchHeader,
     file: File,
     records_at: u64,
-    /// Number of records.
-    pub records: u64,
     /// The source's whole digest.
     pub source_digest: [u8; 32],
     /// Fingerprint of the blocks the patch leaves alone, as the target must hold them.
@@ -405,7 +404,6 @@ impl Patch {
             header,
             file,
             records_at,
-            records,
             source_digest,
             untouched,
             touched,
@@ -418,7 +416,11 @@ fn tempfile_in_tmp() -> Result<File> {
     let path = dir.join(format!(
         "blocksync-patch-{}-{:x}",
         std::process::id(),
-        u64::from_le_bytes(crate::syncid::fresh()[..8].try_into().expect("8"))
+        u64::from_le_bytes(
+            crate::digestfile::syncid::fresh()[..8]
+                .try_into()
+                .expect("8")
+        )
     ));
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -452,7 +454,7 @@ fn read_header(r: &mut impl Read) -> Result<PatchHeader> {
         HashKind::from_id(fixed[18]).ok_or_else(|| bad_patch("unknown hash in the patch"))?;
     let num = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8"));
     let (block, source_size, target_size) = (num(19), num(27), num(35));
-    if !(crate::MIN_BLOCK..=crate::MAX_BLOCK).contains(&block)
+    if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&block)
         || source_size > i64::MAX as u64
         || target_size > i64::MAX as u64
     {

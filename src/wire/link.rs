@@ -2,13 +2,12 @@
 //! thread per direction, so both directions flow at once and neither half ever waits for
 //! a round trip. Counts the bytes each way.
 
+use crate::engine::messages::{ToDest, ToSource};
 use crate::engine::{self, Config, Layout, REPORTS_IN_FLIGHT, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::pool::{Recycler, Slice};
-use crate::protocol::{
-    Data, Frame, ReadError, ToDest, ToSource, read_frame, read_frame_with, write_frame,
-};
-use crate::target::Target;
+use crate::io::pool::{Recycler, Slice};
+use crate::io::target::Target;
+use crate::wire::frame::{Data, Frame, ReadError, read_frame, read_frame_with, write_frame};
 use crossbeam_channel::bounded;
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};

@@ -1,10 +1,10 @@
 //! The offline commands, `blocksync digest | diff | apply`: argument handling, files, and
-//! the one-line reports (the work itself is in [`crate::patch`]).
+//! the one-line reports (the work itself is in [`crate::offline::patch`]).
 
-use crate::cli::{ApplyArgs, DiffArgs, DigestArgs};
+use crate::app::cli::{ApplyArgs, DiffArgs, DigestArgs};
 use crate::error::{Error, Kind, Result};
 use crate::hash::HashKind;
-use crate::target::{self, TargetKind};
+use crate::io::target::{self, TargetKind};
 use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -33,7 +33,7 @@ pub fn main(command: &str) -> i32 {
 fn block_size(text: &str) -> Result<u64> {
     let b = crate::size::parse_size(text)
         .map_err(|m| Error::new(Kind::Usage, format!("block size {m}")))?;
-    if !(crate::MIN_BLOCK..=crate::MAX_BLOCK).contains(&b) {
+    if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&b) {
         return Err(Error::new(
             Kind::Usage,
             format!("block size {text} is not usable; give 512 to 64M"),
@@ -61,8 +61,8 @@ fn write_output(
             body(&mut stdout.lock())
         }
         Some(p) => {
-            crate::target::check_writable(p, "-o").map_err(|m| Error::new(Kind::Usage, m))?;
-            crate::target::write_atomically(
+            crate::io::target::check_writable(p, "-o").map_err(|m| Error::new(Kind::Usage, m))?;
+            crate::io::target::write_atomically(
                 p,
                 |f| body(f),
                 |at, e| Error::io(Kind::Io, "writing", at, &e, ""),
@@ -80,7 +80,7 @@ fn run_digest(a: &DigestArgs) -> Result<()> {
         .display()
         .to_string();
     write_output(Some(&a.output), "digest file", |w| {
-        crate::patch::digest(&t, block, kind, label, w)
+        crate::offline::patch::digest(&t, block, kind, label, w)
     })?;
     if !a.quiet {
         eprintln!(
@@ -95,11 +95,11 @@ fn run_digest(a: &DigestArgs) -> Result<()> {
 }
 
 fn run_diff(a: &DiffArgs) -> Result<()> {
-    let against = crate::patch::open_against(&a.against)?;
+    let against = crate::offline::patch::open_against(&a.against)?;
     let src = target::open_source(&a.source)?;
     let mut stats = None;
     write_output(a.output.as_deref(), "patch", |w| {
-        stats = Some(crate::patch::diff(&src, &against, a.compress, w)?);
+        stats = Some(crate::offline::patch::diff(&src, &against, a.compress, w)?);
         Ok(())
     })?;
     if let (Some(s), false) = (stats, a.quiet) {
@@ -117,7 +117,7 @@ fn run_diff(a: &DiffArgs) -> Result<()> {
 
 fn run_apply(a: &ApplyArgs) -> Result<()> {
     // The patch first: a bad one must not even open the target for writing.
-    let patch = crate::patch::Patch::open(&a.patch)?;
+    let patch = crate::offline::patch::Patch::open(&a.patch)?;
     let probe = target::probe_destination(&a.target)?;
     let Some(existing) = probe.existing else {
         return Err(Error::new(
@@ -138,7 +138,7 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
     }
     let t = target::open_destination(&probe, a.force_mounted)?;
     let started = std::time::Instant::now();
-    let s = crate::patch::apply(&patch, &t)?;
+    let s = crate::offline::patch::apply(&patch, &t)?;
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({

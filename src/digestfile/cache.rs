@@ -8,8 +8,8 @@
 //! usable file: unchanged blocks as compared, sent blocks missing (they are compared and
 //! sent again next time), blocks not reached as they were.
 
-use crate::digests::{DigestFile, DigestWriter};
-use crate::protocol::BlockInfo;
+use crate::digestfile::format::{DigestFile, DigestWriter};
+use crate::hash::BlockInfo;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::Mutex;
@@ -60,7 +60,7 @@ impl Cache {
                 // Next to the digest file: its directory is known to be writable.
                 let dir = writer.path().parent().map(|d| d.to_path_buf());
                 let dir = dir.filter(|d| !d.as_os_str().is_empty());
-                let id = crate::syncid::fresh();
+                let id = crate::digestfile::syncid::fresh();
                 let sent_path = dir.unwrap_or_else(|| ".".into()).join(format!(
                     ".blocksync-sent-{}-{:x}",
                     std::process::id(),
@@ -143,9 +143,9 @@ impl Cache {
         let mut now: Vec<BlockInfo> = infos.to_vec();
         for (j, s) in sent.iter().enumerate() {
             if *s {
-                let mut e = [0u8; 8 + crate::digests::ENTRY];
+                let mut e = [0u8; 8 + crate::digestfile::format::ENTRY];
                 e[..8].copy_from_slice(&(first + j as u64).to_le_bytes());
-                e[8..].copy_from_slice(&crate::digests::encode_entry(&infos[j]));
+                e[8..].copy_from_slice(&crate::digestfile::format::encode_entry(&infos[j]));
                 r.sent.write_all(&e)?;
                 now[j] = BlockInfo::Missing;
             }
@@ -173,7 +173,7 @@ impl Cache {
             if confirmed {
                 std::io::Seek::rewind(&mut sent)?;
                 let mut r = io::BufReader::with_capacity(1 << 20, sent);
-                let mut e = [0u8; 8 + crate::digests::ENTRY];
+                let mut e = [0u8; 8 + crate::digestfile::format::ENTRY];
                 loop {
                     match r.read_exact(&mut e) {
                         Ok(()) => {}
@@ -181,7 +181,8 @@ impl Cache {
                         Err(err) => return Err(err),
                     }
                     let index = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
-                    let info = crate::digests::decode_entry(&e[8..]).map_err(io::Error::other)?;
+                    let info = crate::digestfile::format::decode_entry(&e[8..])
+                        .map_err(io::Error::other)?;
                     writer.put(index, &[info])?;
                 }
             } else {

@@ -99,15 +99,6 @@ impl Reporter {
         self.to_log(&line);
     }
 
-    /// A detail shown with `-v`.
-    pub fn info(&self, msg: &str) {
-        let line = format!("blocksync: {msg}");
-        if self.verbose > 0 {
-            eprintln!("{line}");
-        }
-        self.to_log(&line);
-    }
-
     /// The error that ends the run: one line on stderr, and a JSON object with `--json`.
     pub fn error(&self, err: &Error) {
         let line = format!("blocksync: error: {}", err.message);

@@ -4,13 +4,13 @@
 
 use crate::engine::{Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::link::{self, Peer};
-use crate::protocol::{
+use crate::io::target::{self, Target, TargetKind};
+use crate::wire::frame::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
     FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Hello,
     ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
-use crate::target::{self, Target, TargetKind};
+use crate::wire::link::{self, Peer};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -26,8 +26,8 @@ pub fn main() -> i32 {
         eprintln!("blocksync --server: cannot use stdin/stdout");
         return Kind::Internal.exit_code();
     };
-    crate::transport::widen_pipe(&input);
-    crate::transport::widen_pipe(&output);
+    crate::ssh::connect::widen_pipe(&input);
+    crate::ssh::connect::widen_pipe(&output);
     let mut input = File::from(input);
     let mut output = File::from(output);
     if output.write_all(GREETING).is_err() {
@@ -78,7 +78,7 @@ fn read_hello(input: &mut impl Read) -> Result<Hello> {
     }
 }
 
-fn read_go(input: &mut impl Read) -> Result<crate::protocol::Go> {
+fn read_go(input: &mut impl Read) -> Result<crate::wire::frame::Go> {
     let mut buf = Vec::new();
     match read_frame(input, &mut buf) {
         Ok((Frame::Go(g), _)) => Ok(g),
@@ -107,7 +107,7 @@ pub fn serve(input: &mut File, output: &mut File) -> Result<()> {
 }
 
 /// The engine settings a hello and go describe, the same on both machines.
-pub fn config_for(hello: &Hello, go: &crate::protocol::Go) -> Config {
+pub fn config_for(hello: &Hello, go: &crate::wire::frame::Go) -> Config {
     let whole = Layout::new(go.size, hello.block);
     let layout = Layout {
         start: go.start,
@@ -156,7 +156,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         size: probe.existing.map_or(0, |e| e.size),
         kind: probe.existing.map_or(0, |e| kind_byte(e.kind)),
         sync_id: match probe.existing {
-            Some(e) if track => crate::syncid::load_of(path, &e.id),
+            Some(e) if track => crate::digestfile::syncid::load_of(path, &e.id),
             _ => [0; 16],
         },
     };
