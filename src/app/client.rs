@@ -1,18 +1,19 @@
 //! A sync with one side on another machine: starts the remote side over ssh (one
 //! connection per `-w` stream), makes the handshake and every check before anything is
 //! written, then runs the local half of each stream with its messages carried by
-//! [`crate::wire::link`].
+//! `crate::wire::link`.
 
-use super::{Plan, Sides, conclude, confirm_change};
-use crate::app::cli::Args;
-use crate::app::report::Reporter;
-use crate::app::server::buffers_for;
-use crate::engine::prehash::Prehash;
-use crate::engine::{Compare, Config, Layout, Stats};
+use super::interact::{Change, cancel_on_signals, confirm_change};
+use super::local::{note_busy_source, open_dest_for_run};
+use super::report::Reporter;
+use super::settings::{RemoteSettings, Settings};
+use super::verdict::{Sides, conclude};
+use crate::digestfile::trust;
+use crate::engine::prehash::{Precomputed, Prehash};
+use crate::engine::{Compare, Config, Layout, RunOptions, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
-use crate::size;
-use crate::ssh::connect::{Connection, SshOptions, split_shell};
+use crate::ssh::connect::{Connection, SshOptions};
 use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
     FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame,
@@ -20,69 +21,9 @@ use crate::wire::frame::{
 };
 use crate::wire::link::{self, Peer};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-
-/// zstd level for changed blocks over ssh when `-C` gives none: fast, and still shrinks
-/// compressible blocks well.
-pub const DEFAULT_LEVEL: i32 = 1;
-
-fn ssh_options(args: &Args) -> Result<SshOptions> {
-    let usage = |m: String| Error::new(Kind::Usage, m);
-    let program = match &args.rsh {
-        Some(cmd) => split_shell(cmd).map_err(|m| usage(format!("-e/--rsh: {m}")))?,
-        None => vec!["ssh".to_string()],
-    };
-    if program.is_empty() {
-        return Err(usage("-e/--rsh is empty".into()));
-    }
-    let extra = match &args.extra_params {
-        Some(x) => split_shell(x).map_err(|m| usage(format!("-x/--extraparams: {m}")))?,
-        None => Vec::new(),
-    };
-    Ok(SshOptions {
-        program,
-        cipher: args.cipher.clone(),
-        identity: args
-            .identity
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned()),
-        extra,
-        pass_env: args.pass.clone(),
-        sudo: args.sudo,
-        remote_bin: args.remote_bin.clone(),
-        deploy: !args.no_deploy,
-    })
-}
-
-/// `--bwlimit` in bytes per second: a plain number is KiB/s, as in rsync.
-fn bwlimit(args: &Args) -> Result<u64> {
-    let Some(text) = &args.bwlimit else {
-        return Ok(0);
-    };
-    let plain = text.chars().all(|c| c.is_ascii_digit());
-    let n =
-        size::parse_size(text).map_err(|m| Error::new(Kind::Usage, format!("--bwlimit {m}")))?;
-    Ok(if plain { n * 1024 } else { n })
-}
-
-fn remote_notes(args: &Args, reporter: &Reporter) {
-    if args.splay.is_some() {
-        reporter
-            .note("-l/--splay is accepted for blocksync.py compatibility; streams start at once");
-    }
-    if args.interpreter.is_some() {
-        reporter.note("-I/--interpreter is not needed: the remote side is this same binary");
-    }
-    if args.create_dest {
-        reporter.note("-T/--createdest is implied: a missing destination file is always created");
-    }
-    if args.additional_hash.is_some() {
-        reporter.note(
-            "-2/--additionalhash is accepted and not used: one strong digest per block is enough",
-        );
-    }
-}
 
 /// One started stream: the connection and the server's reply.
 struct Stream {
@@ -162,106 +103,130 @@ fn refuse_all(streams: &mut [Stream]) {
     }
 }
 
-/// Runs a sync between `local` and `host:remote_path`; `push` when the source is local.
-pub(crate) fn run(
-    args: &Args,
-    reporter: &Reporter,
-    plan: &Plan,
-    host: &str,
-    remote_path: &str,
-    local: &Path,
-    push: bool,
-) -> Result<()> {
-    let (block, hash, refine) = (plan.block, plan.hash, plan.refine);
-    remote_notes(args, reporter);
-    let opts = ssh_options(args)?;
-    let level = if args.no_compress {
-        0
-    } else {
-        args.compress.unwrap_or(DEFAULT_LEVEL)
-    };
-    let bw = bwlimit(args)?;
-    // Local checks first: no ssh connection for a source that does not exist.
-    let (src, probe) = if push {
-        let src = target::open_source(local)?;
-        super::note_busy_source(reporter, &src);
-        (Some(src), None)
-    } else {
-        (None, Some(target::probe_destination(local)?))
-    };
-    let mut flags = 0;
-    if args.dry_run {
-        flags |= FLAG_DRY_RUN;
+/// The remote side of a sync: which machine, which path there, which local path here.
+pub(crate) struct Remote<'a> {
+    /// `host` or `user@host`.
+    pub host: &'a str,
+    /// The path on that machine.
+    pub path: &'a str,
+    /// The path on this machine.
+    pub local: &'a Path,
+    /// The source is local (push); else the destination is (pull).
+    pub push: bool,
+}
+
+impl<'a> Remote<'a> {
+    /// Pushing `local` to `host:path`.
+    pub fn push(host: &'a str, path: &'a str, local: &'a Path) -> Self {
+        Remote {
+            host,
+            path,
+            local,
+            push: true,
+        }
     }
-    if args.force_mounted {
-        flags |= FLAG_FORCE_MOUNTED;
+
+    /// Pulling `host:path` onto `local`.
+    pub fn pull(host: &'a str, path: &'a str, local: &'a Path) -> Self {
+        Remote {
+            host,
+            path,
+            local,
+            push: false,
+        }
     }
-    if args.fadvise & 2 != 0 {
-        flags |= FLAG_DROP_CACHE;
+
+    fn remote_name(&self) -> String {
+        format!("{}:{}", self.host, self.path)
     }
-    if args.no_sparse {
-        flags |= FLAG_NO_SPARSE;
+
+    fn local_name(&self) -> String {
+        self.local.display().to_string()
     }
-    if args.discard {
-        flags |= FLAG_DISCARD;
+}
+
+/// This machine's side, checked before ssh starts: an open source (push) or a probed
+/// destination (pull).
+enum Here {
+    Source(Target),
+    Dest(target::DestProbe),
+}
+
+impl Here {
+    fn source(&self) -> Option<&Target> {
+        match self {
+            Here::Source(s) => Some(s),
+            Here::Dest(_) => None,
+        }
     }
-    if args.verify {
-        flags |= FLAG_VERIFY;
+
+    fn probe(&self) -> Option<&target::DestProbe> {
+        match self {
+            Here::Source(_) => None,
+            Here::Dest(p) => Some(p),
+        }
     }
-    if args.keep_unreadable {
-        flags |= FLAG_KEEP_UNREADABLE;
-    }
-    if args.digest_file.is_some() {
-        flags |= FLAG_TRACK_ID;
-    }
-    let hello = Hello {
-        role: if push { Role::Dest } else { Role::Source },
-        path: remote_path.to_string(),
-        block,
-        hash,
-        compress: level,
+}
+
+/// The hello every stream sends: what the remote side is asked to do.
+fn hello_for(settings: &Settings, remote: &RemoteSettings, to: &Remote, here: &Here) -> Hello {
+    let bits = [
+        (settings.dry_run, FLAG_DRY_RUN),
+        (settings.force_mounted, FLAG_FORCE_MOUNTED),
+        (settings.drop_remote, FLAG_DROP_CACHE),
+        (!settings.sparse, FLAG_NO_SPARSE),
+        (settings.discard, FLAG_DISCARD),
+        (settings.verify, FLAG_VERIFY),
+        (settings.salvage.keep_unreadable, FLAG_KEEP_UNREADABLE),
+        (settings.digest.is_some(), FLAG_TRACK_ID),
+    ];
+    let flags = bits.iter().filter(|(on, _)| *on).fold(0, |f, (_, b)| f | b);
+    Hello {
+        role: if to.push { Role::Dest } else { Role::Source },
+        path: to.path.to_string(),
+        block: settings.block,
+        hash: settings.hash,
+        compress: remote.level,
         flags,
-        pause_ms: args.pause,
-        source_size: src.as_ref().map_or(0, |s| s.size),
-        bwlimit: bw / args.workers as u64,
-        refine,
-        max_errors: args.max_errors.unwrap_or(u64::MAX),
-    };
-    let remote_name = format!("{host}:{remote_path}");
-    let local_name = local.display().to_string();
+        pause_ms: settings.pause.as_millis() as u64,
+        source_size: here.source().map_or(0, |s| s.size),
+        bwlimit: remote.bwlimit / settings.workers as u64,
+        refine: settings.refine,
+        max_errors: settings.salvage.max_errors,
+    }
+}
 
-    // While ssh logs in, hash the local side (see engine::prehash).
-    let prehash = match (&src, &probe) {
-        (Some(s), _) => s
-            .file
-            .try_clone()
-            .ok()
-            .map(|f| Prehash::start(f, s.kind, s.size, Layout::new(s.size, block), hash)),
-        (None, Some(p)) => p.existing.and_then(|e| {
-            let f = std::fs::File::open(local).ok()?;
-            Some(Prehash::start(
-                f,
-                e.kind,
-                e.size,
-                Layout::new(e.size, block),
-                hash,
-            ))
-        }),
-        _ => None,
-    };
-    let ahead_size = src
-        .as_ref()
-        .map(|s| s.size)
-        .or_else(|| probe.as_ref().and_then(|p| p.existing).map(|e| e.size));
+/// While ssh logs in, hashes the local side (see `engine::prehash`); returns the size it
+/// assumed, to check against the real one once known.
+fn start_prehash(settings: &Settings, to: &Remote, here: &Here) -> Option<(Prehash, u64)> {
+    let (block, hash) = (settings.block, settings.hash);
+    match here {
+        Here::Source(s) => {
+            let f = s.file.try_clone().ok()?;
+            let layout = Layout::new(s.size, block);
+            Some((Prehash::start(f, s.kind, s.size, layout, hash), s.size))
+        }
+        Here::Dest(p) => {
+            let e = p.existing?;
+            let f = std::fs::File::open(to.local).ok()?;
+            let layout = Layout::new(e.size, block);
+            Some((Prehash::start(f, e.kind, e.size, layout, hash), e.size))
+        }
+    }
+}
 
-    // The first connection may deploy the binary; the others then find it cached.
-    let first = handshake(&opts, host, &hello);
-    let mut precomputed = prehash.map(Prehash::finish);
-    let mut streams = vec![first?];
-    if args.workers > 1 {
+/// Starts every stream; the first may deploy the binary, the others then find it cached.
+fn connect_all(
+    settings: &Settings,
+    opts: &SshOptions,
+    host: &str,
+    hello: &Hello,
+) -> Result<Vec<Stream>> {
+    let mut streams = vec![handshake(opts, host, hello)?];
+    if settings.workers > 1 {
         let rest: Vec<Result<Stream>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (1..args.workers)
-                .map(|_| s.spawn(|| handshake(&opts, host, &hello)))
+            let handles: Vec<_> = (1..settings.workers)
+                .map(|_| s.spawn(|| handshake(opts, host, hello)))
                 .collect();
             handles
                 .into_iter()
@@ -278,103 +243,100 @@ pub(crate) fn run(
             }
         }
     }
-    let reply = streams[0].reply;
-    let size = src.as_ref().map_or(reply.size, |s| s.size);
-    let checked = (|| -> Result<Option<(TargetKind, u64)>> {
-        if push {
+    Ok(streams)
+}
+
+/// The checks that need both sides' answers, and the confirmation; returns the
+/// destination as it was (kind and size; `None`: missing).
+fn check_sides(
+    settings: &Settings,
+    reporter: &Reporter,
+    to: &Remote,
+    here: &Here,
+    reply: &Reply,
+    size: u64,
+) -> Result<Option<(TargetKind, u64)>> {
+    let (remote_name, local_name) = (to.remote_name(), to.local_name());
+    match here {
+        Here::Source(_) => {
             let existing = match reply.kind {
                 0 => None,
                 1 => Some((TargetKind::File, reply.size)),
                 _ => Some((TargetKind::BlockDevice, reply.size)),
             };
             if let Some((kind, old)) = existing {
-                confirm_change(args, reporter, &remote_name, kind.name(), old, &local_name)?;
+                let change = Change {
+                    destination: &remote_name,
+                    kind: kind.name(),
+                    size: old,
+                    source: &local_name,
+                };
+                confirm_change(settings, reporter, &change)?;
             }
             Ok(existing)
-        } else {
-            let probe = probe.as_ref().expect("pull probes");
+        }
+        Here::Dest(probe) => {
             if let Some(existing) = &probe.existing {
                 if existing.kind == TargetKind::BlockDevice {
-                    target::check_device(local, existing, size, args.force_mounted)?;
+                    target::check_device(to.local, existing, size, settings.force_mounted)?;
                 }
-                confirm_change(
-                    args,
-                    reporter,
-                    &local_name,
-                    existing.kind.name(),
-                    existing.size,
-                    &remote_name,
-                )?;
+                let change = Change {
+                    destination: &local_name,
+                    kind: existing.kind.name(),
+                    size: existing.size,
+                    source: &remote_name,
+                };
+                confirm_change(settings, reporter, &change)?;
             }
             Ok(probe.existing.map(|e| (e.kind, e.size)))
         }
-    })();
-    let existing = match checked {
-        Ok(e) => e,
-        Err(e) => {
-            refuse_all(&mut streams);
-            return Err(e);
-        }
-    };
-    let dest = match &probe {
-        Some(p) => match super::open_dest_for_run(args, p) {
-            Ok(d) => d,
-            Err(e) => {
-                refuse_all(&mut streams);
-                return Err(e);
-            }
-        },
-        None => None,
-    };
-
-    let whole = Layout::new(size, block);
-    let n = streams.len() as u64;
-    if let (Some(p), Some(assumed)) = (precomputed.as_mut(), ahead_size) {
-        p.retain_matching(assumed, size);
-        if push {
-            p.drop_from(reply.size);
-        }
     }
-    let ahead_read = precomputed.as_ref().map_or(0, |p| p.read);
-    let precomputed = precomputed.map(std::sync::Arc::new);
-    // With --digest-file (push only): may the file stand in for reading the destination?
-    let cached = match src.as_ref().filter(|_| push) {
-        Some(s) => {
-            let state = crate::digestfile::trust::DestState {
-                label: remote_name.clone(),
-                size: existing.map_or(0, |e| e.1),
-                size_after: match existing {
-                    Some((TargetKind::BlockDevice, n)) => n,
-                    _ => s.size,
-                },
-                sync_id: reply.sync_id,
-            };
-            match crate::digestfile::trust::prepare(
-                args,
-                hash,
-                block,
-                s.size,
-                &state,
-                streams.len(),
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    refuse_all(&mut streams);
-                    return Err(e);
-                }
-            }
-        }
-        None => None,
+}
+
+/// With `--digest-file` (push only): may the file stand in for reading the destination?
+fn prepare_digests(
+    settings: &Settings,
+    to: &Remote,
+    here: &Here,
+    existing: Option<(TargetKind, u64)>,
+    reply: &Reply,
+    streams: usize,
+) -> Result<Option<trust::Use>> {
+    let (Some(src), Some(opts)) = (here.source(), &settings.digest) else {
+        return Ok(None);
     };
+    let state = trust::DestState {
+        label: to.remote_name(),
+        size: existing.map_or(0, |e| e.1),
+        size_after: match existing {
+            Some((TargetKind::BlockDevice, n)) => n,
+            _ => src.size,
+        },
+        sync_id: reply.sync_id,
+    };
+    let u = trust::prepare(
+        opts,
+        settings.hash,
+        settings.block,
+        src.size,
+        &state,
+        streams,
+    )?;
+    Ok(Some(u))
+}
+
+/// Tells each stream its range and goes; on a failure, ends every stream cleanly.
+fn send_all_go(streams: &mut [Stream], whole: Layout, cached: Option<&trust::Use>) -> Result<()> {
+    let n = streams.len() as u64;
     for i in 0..streams.len() {
         let part = whole.part(i as u64, n);
         let go = Go {
             proceed: true,
-            size,
+            size: whole.size,
             start: part.start,
             end: part.end,
-            sync_id: cached.as_ref().map_or([0; 16], |u| u.new_id),
-            no_read: cached.as_ref().is_some_and(|u| u.skip_reading),
+            sync_id: cached.map_or([0; 16], |u| u.new_id),
+            no_read: cached.is_some_and(|u| u.skip_reading),
         };
         if let Err(e) = send_go(&mut streams[i], go) {
             // Refuse the streams not started; end the started ones (they stop at the
@@ -387,91 +349,176 @@ pub(crate) fn run(
             return Err(e);
         }
     }
+    Ok(())
+}
 
-    let cancel = super::cancel_on_signals();
-    let verify = args.verify.then(|| crate::engine::VerifyLog::new(hash));
-    let stats = std::sync::Arc::new(Stats::default());
-    Stats::add(
-        if push {
-            &stats.source_read
-        } else {
-            &stats.dest_read
-        },
-        ahead_read,
-    );
+/// Runs a sync between this machine and `to`.
+pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Result<()> {
+    let remote = settings
+        .remote
+        .as_ref()
+        .expect("a remote run has ssh settings");
+    // Local checks first: no ssh connection for a source that does not exist.
+    let here = if to.push {
+        let src = target::open_source(to.local)?;
+        note_busy_source(reporter, &src);
+        Here::Source(src)
+    } else {
+        Here::Dest(target::probe_destination(to.local)?)
+    };
+    let hello = hello_for(settings, remote, to, &here);
+    let prehash = start_prehash(settings, to, &here);
+    let connected = connect_all(settings, &remote.ssh, to.host, &hello);
+    let mut precomputed = prehash.map(|(p, assumed)| (p.finish(), assumed));
+    let mut streams = connected?;
+    let reply = streams[0].reply;
+    let size = here.source().map_or(reply.size, |s| s.size);
+    // Everything until the go may still refuse: then no stream writes anything.
+    let prepared = (|| {
+        let existing = check_sides(settings, reporter, to, &here, &reply, size)?;
+        let dest = match here.probe() {
+            Some(p) => open_dest_for_run(settings, p)?,
+            None => None,
+        };
+        let cached = prepare_digests(settings, to, &here, existing, &reply, streams.len())?;
+        Ok((existing, dest, cached))
+    })();
+    let (existing, dest, cached) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            refuse_all(&mut streams);
+            return Err(e);
+        }
+    };
+    if let Some((p, assumed)) = precomputed.as_mut() {
+        p.retain_matching(*assumed, size);
+        if to.push {
+            p.drop_from(reply.size);
+        }
+    }
+    let whole = Layout::new(size, settings.block);
+    send_all_go(&mut streams, whole, cached.as_ref())?;
+
+    let stats = Arc::new(Stats::default());
+    let ahead = precomputed.map(|(p, _)| p);
+    let here_read = if to.push {
+        &stats.source_read
+    } else {
+        &stats.dest_read
+    };
+    Stats::add(here_read, ahead.as_ref().map_or(0, |p| p.read));
+    let job = Job {
+        remote,
+        run: settings.run_options(Compare::Digest(settings.hash)),
+        whole,
+        push: to.push,
+        precomputed: ahead.map(Arc::new),
+        cached: cached.as_ref(),
+        src: here.source(),
+        dest: dest.as_ref(),
+        stats: &stats,
+        cancel: &cancel_on_signals(),
+    };
     let started = Instant::now();
     let progress = reporter.start_progress(size, stats.clone());
-    let result = std::thread::scope(|s| {
-        let handles: Vec<_> = streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, stream)| {
-                let mut config = Config::new(whole.part(i as u64, n));
-                config.compare = Compare::Digest(hash);
-                config.dry_run = args.dry_run;
-                config.pause = Duration::from_millis(args.pause);
-                config.drop_cache = args.fadvise & 1 != 0;
-                config.buffers = buffers_for(whole.chunk);
-                config.dest_progress = !push;
-                config.precomputed = precomputed.clone();
-                config.sparse = !args.no_sparse;
-                config.discard = args.discard;
-                config.refine = refine;
-                config.salvage = super::salvage_of(args);
-                config.verify = verify.clone();
-                if let Some(u) = &cached {
-                    config.cache = Some(u.cache.clone());
-                    config.dest_reads = !u.skip_reading;
-                }
-                let (stats, cancel, src, dest) = (&*stats, &*cancel, src.as_ref(), dest.as_ref());
-                s.spawn(move || match src {
-                    Some(src) => {
-                        push_stream(src, &config, stream.conn, level, bw / n, stats, cancel)
-                    }
-                    None => pull_stream(dest, &config, stream.conn, stats, cancel),
-                })
-            })
-            .collect();
-        let mut first: Result<()> = Ok(());
-        for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "stream thread panicked")));
-            // Keep the most telling error: a cause over "interrupted" or a lost link.
-            if let Err(e) = r {
-                let better = match &first {
-                    Ok(()) => true,
-                    Err(f) => f.kind == Kind::Interrupted && e.kind != Kind::Interrupted,
-                };
-                if better {
-                    first = Err(e);
-                }
-            }
-        }
-        first
-    });
+    let result = job.run_streams(streams);
     progress.finish();
     let result = match cached {
         Some(u) => {
-            let sealed = crate::digestfile::trust::finish(u.cache, &result, &stats.findings());
+            let sealed = trust::finish(u.cache, &result, &stats.findings());
             result.and(sealed)
         }
         None => result,
     };
-    let (source, destination) = if push {
-        (local_name, remote_name)
+    let (source, destination) = if to.push {
+        (to.local_name(), to.remote_name())
     } else {
-        (remote_name, local_name)
+        (to.remote_name(), to.local_name())
     };
     let sides = Sides {
         source,
         destination,
         size,
-        block,
+        block: settings.block,
         existing,
-        source_here: push,
+        source_here: to.push,
     };
-    conclude(args, reporter, &stats, started, sides, result)
+    conclude(settings, reporter, &stats, started, sides, result)
+}
+
+/// What every stream of a started run shares.
+struct Job<'a> {
+    remote: &'a RemoteSettings,
+    run: RunOptions,
+    whole: Layout,
+    push: bool,
+    precomputed: Option<Arc<Precomputed>>,
+    cached: Option<&'a trust::Use>,
+    src: Option<&'a Target>,
+    dest: Option<&'a Target>,
+    stats: &'a Stats,
+    cancel: &'a AtomicBool,
+}
+
+impl Job<'_> {
+    /// The engine settings of stream `i`.
+    fn config(&self, i: u64, n: u64) -> Config {
+        let mut config = Config::build(self.whole.part(i, n), &self.run);
+        config.dest_progress = !self.push;
+        config.precomputed = self.precomputed.clone();
+        if let Some(u) = self.cached {
+            config.cache = Some(u.cache.clone());
+            config.dest_reads = !u.skip_reading;
+        }
+        config
+    }
+
+    /// Runs every stream on a thread of its own; returns the most telling error.
+    fn run_streams(&self, streams: Vec<Stream>) -> Result<()> {
+        let n = streams.len() as u64;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, stream)| {
+                    let config = self.config(i as u64, n);
+                    s.spawn(move || self.run_stream(&config, stream.conn, n))
+                })
+                .collect();
+            let mut first: Result<()> = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "stream thread panicked")));
+                // Keep the most telling error: a cause over "interrupted" or a lost link.
+                if let Err(e) = r {
+                    let better = match &first {
+                        Ok(()) => true,
+                        Err(f) => f.kind == Kind::Interrupted && e.kind != Kind::Interrupted,
+                    };
+                    if better {
+                        first = Err(e);
+                    }
+                }
+            }
+            first
+        })
+    }
+
+    fn run_stream(&self, config: &Config, conn: Connection, n: u64) -> Result<()> {
+        match self.src {
+            Some(src) => push_stream(
+                src,
+                config,
+                conn,
+                self.remote.level,
+                self.remote.bwlimit / n,
+                self.stats,
+                self.cancel,
+            ),
+            None => pull_stream(self.dest, config, conn, self.stats, self.cancel),
+        }
+    }
 }
 
 /// Waits for the ssh process to end after the protocol finished; kills it if it lingers,

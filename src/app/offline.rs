@@ -151,7 +151,8 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
             "verified": true,
             "elapsed_seconds": secs,
         });
-        println!("{v}");
+        // A closed stdout must not undo an applied patch's exit code.
+        let _ = writeln!(std::io::stdout().lock(), "{v}");
     } else if !a.quiet {
         eprintln!(
             "blocksync apply: {} records, {} bytes written to {}; verified against the source's digest ({secs:.2} s)",

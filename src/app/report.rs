@@ -110,7 +110,7 @@ impl Reporter {
                 "error": err.message,
                 "exit_code": err.kind.exit_code(),
             });
-            println!("{v}");
+            self.to_stdout(&format!("{v}\n"));
         }
     }
 
@@ -205,10 +205,31 @@ impl Reporter {
             self.to_log(&format!("blocksync: {line}"));
         }
         if self.json {
-            println!("{}", serde_json::to_string(s).expect("summary serializes"));
+            let json = serde_json::to_string(s).expect("summary serializes");
+            self.to_stdout(&format!("{json}\n"));
             self.summarized.store(true, Ordering::Relaxed);
         } else if !self.quiet {
-            print!("{text}");
+            self.to_stdout(&text);
+        }
+    }
+
+    /// Writes to stdout; a closed or full stdout (`| head`, `> /dev/full`) must not turn a
+    /// finished sync into a crash: the sync's own outcome decides the exit code.
+    fn to_stdout(&self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        match written {
+            Ok(()) => {}
+            // The reader went away on purpose: nothing to tell it.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => {
+                let line = format!(
+                    "blocksync: note: could not write the summary to stdout: {}",
+                    crate::error::os_text(&e)
+                );
+                eprintln!("{line}");
+                self.to_log(&line);
+            }
         }
     }
 }

@@ -2,12 +2,12 @@
 //! on stdin/stdout, runs the source or destination half the client asks for, and makes
 //! the same checks as a local run before writing anything.
 
-use crate::engine::{Compare, Config, Layout, Stats};
+use crate::engine::{Compare, Config, Layout, RunOptions, Salvage, Stats, VerifyLog};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
 use crate::wire::frame::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
-    FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Hello,
+    FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Go, Hello,
     ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
 use crate::wire::link::{self, Peer};
@@ -78,7 +78,7 @@ fn read_hello(input: &mut impl Read) -> Result<Hello> {
     }
 }
 
-fn read_go(input: &mut impl Read) -> Result<crate::wire::frame::Go> {
+fn read_go(input: &mut impl Read) -> Result<Go> {
     let mut buf = Vec::new();
     match read_frame(input, &mut buf) {
         Ok((Frame::Go(g), _)) => Ok(g),
@@ -107,39 +107,34 @@ pub fn serve(input: &mut File, output: &mut File) -> Result<()> {
 }
 
 /// The engine settings a hello and go describe, the same on both machines.
-pub fn config_for(hello: &Hello, go: &crate::wire::frame::Go) -> Config {
+pub fn config_for(hello: &Hello, go: &Go) -> Config {
     let whole = Layout::new(go.size, hello.block);
     let layout = Layout {
         start: go.start,
         end: go.end,
         ..whole
     };
-    let mut config = Config::new(layout);
-    config.compare = Compare::Digest(hello.hash);
-    config.dry_run = hello.flags & FLAG_DRY_RUN != 0;
-    config.drop_cache = hello.flags & FLAG_DROP_CACHE != 0;
-    config.sparse = hello.flags & FLAG_NO_SPARSE == 0;
-    config.discard = hello.flags & FLAG_DISCARD != 0;
-    config.refine = hello.refine;
-    config.salvage = crate::engine::Salvage {
-        max_errors: hello.max_errors,
-        keep_unreadable: hello.flags & FLAG_KEEP_UNREADABLE != 0,
+    let flag = |f: u32| hello.flags & f != 0;
+    let run = RunOptions {
+        compare: Compare::Digest(hello.hash),
+        dry_run: flag(FLAG_DRY_RUN),
+        pause: Duration::from_millis(hello.pause_ms),
+        drop_cache: flag(FLAG_DROP_CACHE),
+        sparse: !flag(FLAG_NO_SPARSE),
+        discard: flag(FLAG_DISCARD),
+        refine: hello.refine,
+        salvage: Salvage {
+            max_errors: hello.max_errors,
+            keep_unreadable: flag(FLAG_KEEP_UNREADABLE),
+        },
+        verify: flag(FLAG_VERIFY).then(|| VerifyLog::new(hello.hash)),
     };
-    if hello.flags & FLAG_VERIFY != 0 {
-        config.verify = Some(crate::engine::VerifyLog::new(hello.hash));
-    }
-    config.pause = Duration::from_millis(hello.pause_ms);
-    config.buffers = buffers_for(layout.chunk);
-    if hello.flags & FLAG_TRACK_ID != 0 {
+    let mut config = Config::build(layout, &run);
+    if flag(FLAG_TRACK_ID) {
         config.track = Some(go.sync_id);
     }
     config.dest_reads = !go.no_read;
     config
-}
-
-/// Buffers per pool: about 16 MiB in flight per side, at least two chunks.
-pub fn buffers_for(chunk: u64) -> usize {
-    ((16u64 << 20) / chunk).clamp(2, 8) as usize
 }
 
 fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {

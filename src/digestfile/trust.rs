@@ -1,18 +1,29 @@
 //! `--digest-file`: deciding, before anything is written, whether the digest file may
 //! stand in for reading the destination, and setting up the file for the next run.
 
-use crate::app::cli::Args;
 use crate::digestfile::cache::Cache;
 use crate::digestfile::format::{DigestFile, DigestWriter, Header};
 use crate::digestfile::syncid::SyncId;
 use crate::error::{Error, Kind, Result};
 use crate::hash::BlockInfo;
 use crate::hash::HashKind;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Spot-checks per run: enough to catch a destination replaced or rewritten wholesale,
 /// cheap enough to be nothing next to the sync.
 const SPOT_CHECKS: u64 = 8;
+
+/// `--digest-file FILE` as the run asks for it.
+#[derive(Debug, Clone)]
+pub struct DigestOptions {
+    /// The file, on the source's machine.
+    pub path: PathBuf,
+    /// `--digest-rebuild`: ignore its contents, read the destination, write it anew.
+    pub rebuild: bool,
+    /// A dry run reads the file but writes no new one.
+    pub dry_run: bool,
+}
 
 /// How this run uses the digest file.
 pub struct Use {
@@ -45,20 +56,18 @@ fn stale(path: &str, why: &str) -> Error {
     )
 }
 
-/// Opens, checks and sets up the digest file of a run; `None` without `--digest-file`.
+/// Opens, checks and sets up the digest file of a run.
 pub fn prepare(
-    args: &Args,
+    opts: &DigestOptions,
     hash: HashKind,
     block: u64,
     source_size: u64,
     dest: &DestState,
     streams: usize,
-) -> Result<Option<Use>> {
-    let Some(path) = &args.digest_file else {
-        return Ok(None);
-    };
+) -> Result<Use> {
+    let path = &opts.path;
     let name = path.display().to_string();
-    let old = if args.digest_rebuild || !path.exists() {
+    let old = if opts.rebuild || !path.exists() {
         None
     } else {
         let f = DigestFile::open(path).map_err(|m| {
@@ -121,7 +130,7 @@ pub fn prepare(
     };
     let new_id = crate::digestfile::syncid::fresh();
     let new =
-        if args.dry_run {
+        if opts.dry_run {
             None
         } else {
             let header = Header {
@@ -147,11 +156,11 @@ pub fn prepare(
                 "",
             )
         })?;
-    Ok(Some(Use {
+    Ok(Use {
         cache: Arc::new(cache),
         skip_reading,
         new_id,
-    }))
+    })
 }
 
 /// A few random blocks among the first `n` that the file has digests for.

@@ -1,0 +1,148 @@
+//! A sync with both sides on this machine: every check, then both halves of the engine in
+//! this process, comparing bytes directly.
+
+use super::interact::{Change, cancel_on_signals, confirm_change};
+use super::report::Reporter;
+use super::settings::Settings;
+use super::verdict::{Sides, conclude};
+use crate::digestfile::{syncid, trust};
+use crate::engine::{self, Compare, Config, Layout, Stats};
+use crate::error::{Error, Kind, Result};
+use crate::io::target::{self, DestProbe, Target, TargetKind};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Syncs `src_path` onto `dst_path`.
+pub(crate) fn run(
+    settings: &Settings,
+    reporter: &Reporter,
+    src_path: &Path,
+    dst_path: &Path,
+) -> Result<()> {
+    let src = target::open_source(src_path)?;
+    let probe = target::probe_destination(dst_path)?;
+    if let Some(existing) = &probe.existing {
+        if target::same_data(&src.id, &existing.id) {
+            return Err(Error::new(
+                Kind::SameFile,
+                format!(
+                    "source {} and destination {} are the same data; give a different destination",
+                    src_path.display(),
+                    dst_path.display()
+                ),
+            ));
+        }
+        if existing.kind == TargetKind::BlockDevice {
+            target::check_device(dst_path, existing, src.size, settings.force_mounted)?;
+        }
+    }
+    note_busy_source(reporter, &src);
+    if let Some(existing) = &probe.existing {
+        let change = Change {
+            destination: &dst_path.display().to_string(),
+            kind: existing.kind.name(),
+            size: existing.size,
+            source: &src_path.display().to_string(),
+        };
+        confirm_change(settings, reporter, &change)?;
+    }
+
+    // Every check has passed: only now is the destination opened for writing or created.
+    let dest = open_dest_for_run(settings, &probe)?;
+
+    let layout = Layout::new(src.size, settings.block);
+    let mut config = Config::build(layout, &settings.run_options(Compare::Bytes));
+    let cached = match (&dest, &settings.digest) {
+        (Some(d), Some(opts)) => {
+            let state = trust::DestState {
+                label: std::fs::canonicalize(dst_path)
+                    .unwrap_or_else(|_| dst_path.to_path_buf())
+                    .display()
+                    .to_string(),
+                size: probe.existing.map_or(0, |e| e.size),
+                size_after: match d.kind {
+                    TargetKind::File => src.size,
+                    TargetKind::BlockDevice => d.size,
+                },
+                sync_id: syncid::load(d),
+            };
+            Some(trust::prepare(
+                opts,
+                settings.hash,
+                settings.block,
+                src.size,
+                &state,
+                1,
+            )?)
+        }
+        _ => None,
+    };
+    if let Some(u) = &cached {
+        config.cache = Some(u.cache.clone());
+        config.track = (!settings.dry_run).then_some(u.new_id);
+        if u.skip_reading {
+            // The digest file stands in for the destination: compare digests.
+            config.compare = Compare::Digest(settings.hash);
+            config.dest_reads = false;
+            config.refine = 0;
+        }
+    }
+
+    let cancel = cancel_on_signals();
+    let stats = Arc::new(Stats::default());
+    let started = Instant::now();
+    let progress = reporter.start_progress(src.size, stats.clone());
+    let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
+    progress.finish();
+    drop(config);
+    let result = match cached {
+        Some(u) => {
+            let sealed = trust::finish(u.cache, &result, &stats.findings());
+            result.and(sealed)
+        }
+        None => result,
+    };
+    let sides = Sides {
+        source: src_path.display().to_string(),
+        destination: dst_path.display().to_string(),
+        size: src.size,
+        block: settings.block,
+        existing: probe.existing.map(|e| (e.kind, e.size)),
+        source_here: true,
+    };
+    conclude(settings, reporter, &stats, started, sides, result)
+}
+
+/// Warns when the source device is in use: blocks changing under the sync make a
+/// copy that matches no moment of the source.
+pub(crate) fn note_busy_source(reporter: &Reporter, src: &Target) {
+    if src.kind == TargetKind::BlockDevice
+        && let Some(why) = src.id.rdev.and_then(target::device_in_use)
+    {
+        reporter.note(&format!(
+            "source {} is in use ({why}); blocks changing during the sync make an inconsistent copy: sync from a snapshot or unmounted device",
+            src.path.display()
+        ));
+    }
+}
+
+/// Opens the local destination once every check has passed: read-only (or not at all
+/// when missing) in a dry run, else for writing, creating a missing file.
+pub(crate) fn open_dest_for_run(settings: &Settings, probe: &DestProbe) -> Result<Option<Target>> {
+    if settings.dry_run {
+        match &probe.existing {
+            Some(_) => Ok(Some(target::open_read(
+                &probe.path,
+                "destination",
+                Kind::Destination,
+            )?)),
+            None => Ok(None),
+        }
+    } else {
+        Ok(Some(target::open_destination(
+            probe,
+            settings.force_mounted,
+        )?))
+    }
+}

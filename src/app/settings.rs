@@ -1,0 +1,354 @@
+//! The command line resolved once into validated settings: every option is checked here,
+//! before anything is opened, and nothing below `app` sees a clap type.
+
+use super::cli::Args;
+use super::endpoint::{self, Endpoint, Pair};
+use super::report::{ProgressMode, Reporter};
+use crate::digestfile::trust::DigestOptions;
+use crate::engine::{Compare, RunOptions, Salvage, VerifyLog};
+use crate::error::{Error, Kind, Result};
+use crate::hash::HashKind;
+use crate::io::target;
+use crate::size::{self, MAX_BLOCK, MIN_BLOCK};
+use crate::ssh::connect::{SshOptions, split_shell};
+use crate::wire::frame::MAX_DIGESTS;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// zstd level for changed blocks over ssh when `-C` gives none: fast, and still shrinks
+/// compressible blocks well.
+pub const DEFAULT_LEVEL: i32 = 1;
+
+/// The validated settings of a sync.
+pub(crate) struct Settings {
+    /// Source and destination.
+    pub pair: Pair,
+    /// Block size.
+    pub block: u64,
+    /// Block digest.
+    pub hash: HashKind,
+    /// Sub-block size for refinement, 0 = off.
+    pub refine: u64,
+    /// `-n`: decide and report, write nothing.
+    pub dry_run: bool,
+    /// `-f`: change an existing destination without asking.
+    pub force: bool,
+    /// `--force-mounted`.
+    pub force_mounted: bool,
+    /// `--verify`.
+    pub verify: bool,
+    /// `--no-sparse` off.
+    pub sparse: bool,
+    /// `--discard`.
+    pub discard: bool,
+    /// `-p`: sleep after each block.
+    pub pause: Duration,
+    /// `-d` bit 1: drop this machine's page cache after use.
+    pub drop_local: bool,
+    /// `-d` bit 2: drop the remote machine's page cache after use.
+    pub drop_remote: bool,
+    /// Unreadable source sectors (`--max-errors`, `--keep-unreadable`).
+    pub salvage: Salvage,
+    /// `--bad-blocks FILE`.
+    pub bad_blocks: Option<PathBuf>,
+    /// `--digest-file FILE` (and `--digest-rebuild`).
+    pub digest: Option<DigestOptions>,
+    /// `-w`: ssh streams.
+    pub workers: u32,
+    /// How to reach the other machine; `None` for a local sync.
+    pub remote: Option<RemoteSettings>,
+    /// One-line notes on options that do nothing in this kind of run.
+    pub notes: Vec<&'static str>,
+}
+
+/// The settings of a sync with one side on another machine.
+pub(crate) struct RemoteSettings {
+    /// How to run ssh.
+    pub ssh: SshOptions,
+    /// zstd level for changed blocks; 0 = off.
+    pub level: i32,
+    /// `--bwlimit` in bytes per second for the whole run; 0 = none.
+    pub bwlimit: u64,
+}
+
+impl Settings {
+    /// Checks every option and operand.
+    pub fn resolve(args: &Args) -> Result<Settings> {
+        let pair = endpoint::parse_operands(&args.operands, args.pull).map_err(usage)?;
+        let block = block_size(
+            &args.block_size,
+            "block size",
+            "give 512 to 64M with -b (default 1M)",
+        )?;
+        let hash: HashKind = args.hash.parse().map_err(usage)?;
+        if let Some(extra) = &args.additional_hash {
+            extra
+                .parse::<HashKind>()
+                .map_err(|m| usage(format!("-2/--additionalhash: {m}")))?;
+        }
+        if args.workers == 0 {
+            return Err(usage("-w/--workers must be at least 1"));
+        }
+        if let Some(map) = &args.bad_blocks {
+            target::check_writable(map, "--bad-blocks").map_err(usage)?;
+        }
+        if let Some(df) = &args.digest_file {
+            target::check_writable(df, "--digest-file").map_err(usage)?;
+            if matches!(pair.source, Endpoint::Remote { .. }) {
+                return Err(usage(
+                    "--digest-file is kept on the source's machine: use it for a local sync or a push (run the pull as a push on the other machine)",
+                ));
+            }
+        }
+        let min_block = block_size(&args.min_block, "--min-block", "give 512 to the block size")?;
+        // No more pieces per block than a frame may list.
+        let min_block = min_block.max(block.div_ceil(MAX_DIGESTS as u64));
+        let refine = if args.no_refine || min_block >= block {
+            0
+        } else {
+            min_block
+        };
+        let local = pair.source.is_local() && pair.destination.is_local();
+        let remote = if local {
+            None
+        } else {
+            Some(RemoteSettings {
+                ssh: ssh_options(args)?,
+                level: if args.no_compress {
+                    0
+                } else {
+                    args.compress.unwrap_or(DEFAULT_LEVEL)
+                },
+                bwlimit: bwlimit(args.bwlimit.as_deref())?,
+            })
+        };
+        Ok(Settings {
+            pair,
+            block,
+            hash,
+            refine,
+            dry_run: args.dry_run,
+            force: args.force,
+            force_mounted: args.force_mounted,
+            verify: args.verify,
+            sparse: !args.no_sparse,
+            discard: args.discard,
+            pause: Duration::from_millis(args.pause),
+            drop_local: args.fadvise & 1 != 0,
+            drop_remote: args.fadvise & 2 != 0,
+            salvage: Salvage {
+                max_errors: args.max_errors.unwrap_or(u64::MAX),
+                keep_unreadable: args.keep_unreadable,
+            },
+            bad_blocks: args.bad_blocks.clone(),
+            digest: args.digest_file.as_ref().map(|path| DigestOptions {
+                path: path.clone(),
+                rebuild: args.digest_rebuild,
+                dry_run: args.dry_run,
+            }),
+            workers: args.workers,
+            notes: if local {
+                local_notes(args)
+            } else {
+                remote_notes(args)
+            },
+            remote,
+        })
+    }
+
+    /// What the engine is asked to do in this run, comparing as `compare` says; a new
+    /// `--verify` log, shared by the run's streams.
+    pub fn run_options(&self, compare: Compare) -> RunOptions {
+        RunOptions {
+            compare,
+            dry_run: self.dry_run,
+            pause: self.pause,
+            drop_cache: self.drop_local,
+            sparse: self.sparse,
+            discard: self.discard,
+            refine: self.refine,
+            salvage: self.salvage,
+            verify: self.verify.then(|| VerifyLog::new(self.hash)),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Error {
+    Error::new(Kind::Usage, message)
+}
+
+/// A block size option: `what` names it, `give` says what to give instead.
+fn block_size(text: &str, what: &str, give: &str) -> Result<u64> {
+    let n = size::parse_size(text).map_err(|m| usage(format!("{what} {m}")))?;
+    if !(MIN_BLOCK..=MAX_BLOCK).contains(&n) {
+        return Err(usage(format!("{what} {text} is not usable; {give}")));
+    }
+    Ok(n)
+}
+
+/// The reporter the output options ask for.
+pub(crate) fn reporter(args: &Args) -> Result<Reporter> {
+    let progress = if args.no_progress {
+        ProgressMode::Never
+    } else if args.progress {
+        ProgressMode::Always
+    } else {
+        ProgressMode::Auto
+    };
+    if !(args.interval > 0.0 && args.interval.is_finite()) {
+        return Err(usage("-t/--interval must be a positive number of seconds"));
+    }
+    Reporter::new(
+        args.quiet,
+        args.verbose,
+        args.json,
+        progress,
+        Duration::from_secs_f64(args.interval),
+        args.output.as_deref(),
+    )
+}
+
+fn ssh_options(args: &Args) -> Result<SshOptions> {
+    let program = match &args.rsh {
+        Some(cmd) => split_shell(cmd).map_err(|m| usage(format!("-e/--rsh: {m}")))?,
+        None => vec!["ssh".to_string()],
+    };
+    if program.is_empty() {
+        return Err(usage("-e/--rsh is empty"));
+    }
+    let extra = match &args.extra_params {
+        Some(x) => split_shell(x).map_err(|m| usage(format!("-x/--extraparams: {m}")))?,
+        None => Vec::new(),
+    };
+    Ok(SshOptions {
+        program,
+        cipher: args.cipher.clone(),
+        identity: args
+            .identity
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        extra,
+        pass_env: args.pass.clone(),
+        sudo: args.sudo,
+        remote_bin: args.remote_bin.clone(),
+        deploy: !args.no_deploy,
+    })
+}
+
+/// `--bwlimit` in bytes per second: a plain number is KiB/s, as in rsync.
+fn bwlimit(text: Option<&str>) -> Result<u64> {
+    let Some(text) = text else {
+        return Ok(0);
+    };
+    let plain = text.chars().all(|c| c.is_ascii_digit());
+    let n = size::parse_size(text).map_err(|m| usage(format!("--bwlimit {m}")))?;
+    let n = if plain { n.checked_mul(1024) } else { Some(n) };
+    n.ok_or_else(|| usage(format!("--bwlimit {text} is too large")))
+}
+
+/// One-line notes for options that do nothing in a local sync.
+fn local_notes(args: &Args) -> Vec<&'static str> {
+    let ssh_given = args.identity.is_some()
+        || args.pass.is_some()
+        || args.extra_params.is_some()
+        || args.rsh.is_some();
+    let table = [
+        (
+            args.workers > 1,
+            "-w/--workers applies to ssh streams; a local sync already uses every core",
+        ),
+        (
+            args.splay.is_some(),
+            "-l/--splay is accepted for blocksync.py compatibility; streams start at once",
+        ),
+        (
+            args.cipher.is_some(),
+            "-c/--cipher applies to ssh; ignored for a local sync",
+        ),
+        (
+            args.compress.is_some(),
+            "-C/--compress applies to ssh; a local sync copies blocks directly",
+        ),
+        (
+            ssh_given,
+            "ssh options (-i, -P, -x, -e) are ignored for a local sync",
+        ),
+        (
+            args.sudo,
+            "-s/--sudo applies to the remote side; run blocksync itself with sudo for local devices",
+        ),
+        (
+            args.remote_bin.is_some(),
+            "-S/--script names the remote blocksync; ignored for a local sync",
+        ),
+        (
+            args.interpreter.is_some(),
+            "-I/--interpreter is not needed: blocksync is one binary on both sides",
+        ),
+        (
+            args.create_dest,
+            "-T/--createdest is implied: a missing destination file is always created",
+        ),
+        (
+            args.hash != "blake3" || args.additional_hash.is_some(),
+            "a local sync compares bytes directly; -1/-2 hashes apply to remote syncs",
+        ),
+        (
+            args.fadvise & 2 != 0,
+            "-d bit 2 (remote page cache) does not apply to a local sync",
+        ),
+        (
+            args.bwlimit.is_some() || args.no_compress || args.no_deploy,
+            "--bwlimit, --no-compress and --no-deploy apply to ssh; ignored for a local sync",
+        ),
+    ];
+    table
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, t)| t)
+        .collect()
+}
+
+/// One-line notes for options a remote sync accepts and does not use.
+fn remote_notes(args: &Args) -> Vec<&'static str> {
+    let table = [
+        (
+            args.splay.is_some(),
+            "-l/--splay is accepted for blocksync.py compatibility; streams start at once",
+        ),
+        (
+            args.interpreter.is_some(),
+            "-I/--interpreter is not needed: the remote side is this same binary",
+        ),
+        (
+            args.create_dest,
+            "-T/--createdest is implied: a missing destination file is always created",
+        ),
+        (
+            args.additional_hash.is_some(),
+            "-2/--additionalhash is accepted and not used: one strong digest per block is enough",
+        ),
+    ];
+    table
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, t)| t)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bwlimit_is_kib_unless_suffixed_and_never_wraps() {
+        assert_eq!(bwlimit(None).unwrap(), 0);
+        assert_eq!(bwlimit(Some("100")).unwrap(), 100 * 1024);
+        assert_eq!(bwlimit(Some("10M")).unwrap(), 10 << 20);
+        // u64::MAX / 1024 + 1 KiB/s would wrap to a tiny rate.
+        let huge = (u64::MAX / 1024 + 1).to_string();
+        let e = bwlimit(Some(&huge)).unwrap_err();
+        assert_eq!(e.kind, Kind::Usage);
+        assert!(e.message.contains("--bwlimit"), "{}", e.message);
+    }
+}

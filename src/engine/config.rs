@@ -1,0 +1,153 @@
+//! The settings both halves run with, built in one place from what a run asks for.
+
+use super::Layout;
+use super::VerifyLog;
+use crate::hash::HashKind;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the source half compares its blocks with the destination's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// The destination sends its bytes; compare them directly (one process only).
+    Bytes,
+    /// The destination sends block digests; the source hashes its blocks the same way.
+    Digest(HashKind),
+}
+
+/// What the source does about unreadable sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Salvage {
+    /// Give up (error) after this many unreadable ranges; `u64::MAX`: never.
+    pub max_errors: u64,
+    /// Leave the destination's old bytes where the source is unreadable, instead of zeros.
+    pub keep_unreadable: bool,
+}
+
+impl Default for Salvage {
+    fn default() -> Self {
+        Salvage {
+            max_errors: u64::MAX,
+            keep_unreadable: false,
+        }
+    }
+}
+
+/// Settings shared by both halves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Chunks and blocks.
+    pub layout: Layout,
+    /// Bytes or digests.
+    pub compare: Compare,
+    /// Decide and report, write nothing.
+    pub dry_run: bool,
+    /// Sleep after each block (crude rate limit).
+    pub pause: Duration,
+    /// Drop read data from the page cache after use.
+    pub drop_cache: bool,
+    /// Buffers per reader pool.
+    pub buffers: usize,
+    /// The destination half counts progress (when the source half is on another machine).
+    pub dest_progress: bool,
+    /// Digests of this side hashed ahead (while ssh logged in), used instead of hashing.
+    pub precomputed: Option<Arc<super::prehash::Precomputed>>,
+    /// Keep the destination thin: punch holes for zero ranges of files and treat a file
+    /// destination's missing tail as zero. Off (`--no-sparse`): write real zeros.
+    pub sparse: bool,
+    /// Zero device ranges with BLKZEROOUT (`--discard`) rather than writing zeros.
+    pub discard: bool,
+    /// Sub-block size a changed block is narrowed down to (0: send it whole).
+    pub refine: u64,
+    /// Unreadable source sectors.
+    pub salvage: Salvage,
+    /// `--verify`: after the sync, a second pass compares both sides at full strength.
+    pub verify: Option<Arc<VerifyLog>>,
+    /// This is the verify pass: read (the destination from disk, not cache), hash at full
+    /// strength, compare, write nothing.
+    pub verify_pass: bool,
+    /// `--digest-file` (source half): digests to compare against and to record.
+    pub cache: Option<Arc<crate::digestfile::cache::Cache>>,
+    /// The destination half reads the destination (off when a digest file stands in).
+    pub dest_reads: bool,
+    /// The destination half forgets its sync id before writing and records this one once
+    /// the sync is flushed (see [`crate::digestfile::syncid`]).
+    pub track: Option<crate::digestfile::syncid::SyncId>,
+}
+
+/// What a run asks of the engine, the same for each of its streams and on both machines:
+/// built from the command line (a local run, a client) or from the handshake (a server).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Bytes or digests.
+    pub compare: Compare,
+    /// Decide and report, write nothing.
+    pub dry_run: bool,
+    /// Sleep after each block.
+    pub pause: Duration,
+    /// Drop read data from this machine's page cache after use.
+    pub drop_cache: bool,
+    /// Punch holes / treat a file's missing tail as zero (off: `--no-sparse`).
+    pub sparse: bool,
+    /// Zero device ranges with BLKZEROOUT.
+    pub discard: bool,
+    /// Sub-block size for refinement (0: off).
+    pub refine: u64,
+    /// Unreadable source sectors.
+    pub salvage: Salvage,
+    /// `--verify`: the log shared by the run's streams.
+    pub verify: Option<Arc<VerifyLog>>,
+}
+
+/// Buffers per pool: about 16 MiB in flight per side, at least two chunks.
+fn buffers_for(chunk: u64) -> usize {
+    ((16u64 << 20) / chunk).clamp(2, 8) as usize
+}
+
+impl Config {
+    /// The settings of one stream over `layout`; what is particular to a run (hashed
+    /// ahead, digest file, progress on the destination side) is set by the caller.
+    pub fn build(layout: Layout, run: &RunOptions) -> Self {
+        Config {
+            layout,
+            compare: run.compare,
+            dry_run: run.dry_run,
+            pause: run.pause,
+            drop_cache: run.drop_cache,
+            buffers: buffers_for(layout.chunk),
+            dest_progress: false,
+            precomputed: None,
+            sparse: run.sparse,
+            discard: run.discard,
+            refine: run.refine,
+            salvage: run.salvage,
+            verify: run.verify.clone(),
+            verify_pass: false,
+            cache: None,
+            dest_reads: true,
+            track: None,
+        }
+    }
+
+    /// Whether a verify pass follows this (successful) sync pass.
+    pub fn verify_follows(&self) -> bool {
+        self.verify.is_some() && !self.verify_pass && !self.dry_run
+    }
+
+    /// The settings of the verify pass that follows this sync pass.
+    pub fn for_verify(&self) -> Config {
+        let kind = self.verify.as_ref().map_or(HashKind::Blake3, |v| v.kind);
+        Config {
+            compare: Compare::Digest(kind),
+            dry_run: true,
+            pause: Duration::ZERO,
+            precomputed: None,
+            refine: 0,
+            verify_pass: true,
+            cache: None,
+            dest_reads: true,
+            track: None,
+            ..self.clone()
+        }
+    }
+}
