@@ -189,9 +189,15 @@ fn an_interrupted_first_copy_and_a_verify_failure_leave_files_the_next_run_fixes
             .spawn()
             .unwrap()
     };
-    // A first copy stopped part-way: the destination is shorter than the source.
-    let child = slow(&[]);
-    std::thread::sleep(Duration::from_millis(700));
+    // A first copy stopped part-way (once it has written its first block): the
+    // destination is shorter than the source.
+    let mut child = slow(&[]);
+    wait_while_running(
+        &mut child,
+        "the first block is written",
+        Duration::from_secs(30),
+        || file_holds(&dst, 0, &content[..64 * 1024]),
+    );
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
@@ -266,7 +272,13 @@ fn an_interrupted_run_leaves_a_file_that_is_still_right() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(600));
+    // Part-way: once the first changed block is in the destination.
+    wait_while_running(
+        &mut child,
+        "the first changed block is written",
+        Duration::from_secs(30),
+        || file_holds(&dst, 0, &content[..1]),
+    );
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();

@@ -57,15 +57,27 @@ fn interrupting_a_sparse_sync_never_hangs() {
             .unwrap();
     }
     drop(f);
+    // 50 ms a block: a run sends a chunk of 16 blocks (4 MiB, one data stretch), then
+    // pauses 800 ms. Each round waits until the first stretch is in the destination, so
+    // the run is past its start and into the sync, then lets 0-250 ms more pass, a
+    // different time each round, so the signal lands at different points of the run.
     for round in 0..6 {
         let dst = dir.path().join(format!("dst{round}"));
-        let child = std::process::Command::new(bin())
+        let mut child = std::process::Command::new(bin())
             .args(["-p", "50", "-b", "256K", s(&src), s(&dst)])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(150 + 50 * round));
+        let first = data(M as usize, 42);
+        wait_while_running(
+            &mut child,
+            &format!("round {round}: the first data is written"),
+            std::time::Duration::from_secs(30),
+            || file_holds(&dst, 4096, &first),
+        );
+        // Not synchronisation: only where in the run the signal lands.
+        std::thread::sleep(std::time::Duration::from_millis(50 * round));
         rustix::process::kill_process(
             rustix::process::Pid::from_child(&child),
             rustix::process::Signal::INT,

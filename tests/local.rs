@@ -241,6 +241,31 @@ fn help_lists_examples_and_exit_codes() {
     }
 }
 
+/// The harness itself: `run_within` reads a child's output while it runs, so more than a
+/// pipe holds (64 KiB) neither blocks the child nor looks like a hang, and it still
+/// kills one that does hang.
+#[test]
+fn run_within_takes_long_output_and_kills_a_hang() {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        "head -c 1000000 /dev/zero; head -c 300000 /dev/zero >&2; exit 3",
+    ]);
+    let out = output_within(&mut cmd, "sh", 30);
+    assert_eq!(code(&out), 3);
+    assert_eq!((out.stdout.len(), out.stderr.len()), (1_000_000, 300_000));
+    let hang = std::panic::catch_unwind(|| {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "echo started >&2; exec sleep 600"]);
+        output_within(&mut cmd, "sleeper", 1)
+    });
+    let msg = *hang
+        .expect_err("a hang must fail")
+        .downcast::<String>()
+        .unwrap();
+    assert!(msg.contains("sleeper hung for 1 s: started"), "{msg}");
+}
+
 #[test]
 fn interrupt_flushes_and_rerun_completes() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,14 +273,20 @@ fn interrupt_flushes_and_rerun_completes() {
     let dst = dir.path().join("dst");
     let content = data(8 * M, 11);
     fs::write(&src, &content).unwrap();
-    // -p slows the run to 20 ms a block so the signal lands mid-sync.
-    let child = std::process::Command::new(bin())
+    // -p slows the run to 20 ms a block (2.5 s in all) so the signal lands mid-sync:
+    // once the first block is in the destination.
+    let mut child = std::process::Command::new(bin())
         .args(["-b", "64K", "-p", "20", "--json", s(&src), s(&dst)])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    wait_while_running(
+        &mut child,
+        "the first block is written",
+        std::time::Duration::from_secs(30),
+        || file_holds(&dst, 0, &content[..64 * 1024]),
+    );
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::INT,

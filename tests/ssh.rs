@@ -183,17 +183,30 @@ fn deploys_itself_once_and_reuses_the_cache() {
 }
 
 /// Starts a slowed sync from `from` to `to` through `sshd`, kills the remote blocksync
-/// mid-way, and returns what the local side printed once it noticed.
-fn kill_remote_mid_sync(sshd: &Sshd, from: &str, to: &str) -> std::process::Output {
+/// mid-way (once the destination, at `written` on this machine, holds its first block
+/// `first`), and returns what the local side printed once it noticed.
+fn kill_remote_mid_sync(
+    sshd: &Sshd,
+    from: &str,
+    to: &str,
+    written: &std::path::Path,
+    first: &[u8],
+) -> std::process::Output {
     let mut args = via(sshd);
     args.extend(["-b", "64K", "-p", "20", from, to].map(String::from));
-    let child = std::process::Command::new(bin())
+    let mut child = std::process::Command::new(bin())
         .args(&args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Generous: ssh logins are slow on a loaded machine.
+    wait_while_running(
+        &mut child,
+        "the first block is written",
+        std::time::Duration::from_secs(30),
+        || file_holds(written, 0, first),
+    );
     assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
     let started = std::time::Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -207,9 +220,11 @@ fn killed_remote_side_is_an_error_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let dst = dir.path().join("dst");
-    fs::write(&src, data(16 * M, 25)).unwrap();
+    let content = data(16 * M, 25);
+    fs::write(&src, &content).unwrap();
+    let first = &content[..64 * 1024];
     let target = format!("testhost:{}", s(&dst));
-    let out = kill_remote_mid_sync(&sshd, s(&src), &target);
+    let out = kill_remote_mid_sync(&sshd, s(&src), &target, &dst, first);
     assert_eq!(code(&out), 11, "{}", stderr(&out));
     assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
     assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
@@ -217,7 +232,7 @@ fn killed_remote_side_is_an_error_not_a_hang() {
     // The same in pull mode: the remote source dies.
     let back = dir.path().join("back");
     let from = format!("testhost:{}", s(&src));
-    let out = kill_remote_mid_sync(&sshd, &from, s(&back));
+    let out = kill_remote_mid_sync(&sshd, &from, s(&back), &back, first);
     assert_eq!(code(&out), 11, "{}", stderr(&out));
     assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
 }

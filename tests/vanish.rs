@@ -210,7 +210,11 @@ fn a_vanished_disk_fails_everything_at_once() {
     let t = Instant::now();
     let hung = std::thread::scope(|sc| {
         let w = sc.spawn(|| f.write_all_at(&buf, 8192));
-        std::thread::sleep(Duration::from_millis(300));
+        wait_until(
+            "the disk holds the write (or it returns)",
+            Duration::from_secs(30),
+            || disk.held_requests() > 0 || w.is_finished(),
+        );
         assert!(!w.is_finished(), "the delay did not hold the write");
         disk.vanish();
         w.join().unwrap()
@@ -347,8 +351,17 @@ fn a_destination_disk_that_stops_answering_then_vanishes_is_an_error_not_a_hang(
         // Hung: every request from now on waits; blocksync waits with it (a disk that
         // hangs without going away is the kernel's to time out, not ours).
         disk.set_delay(Duration::from_secs(3600));
+        wait_until(
+            "the hung disk holds a request of blocksync's (or the run ends)",
+            Duration::from_secs(30),
+            || disk.held_requests() > 0 || run.is_finished(),
+        );
+        assert!(!run.is_finished(), "the run ended with the disk hung");
+        // Stuck on it, blocksync must keep waiting, not give up by a timeout of its own.
+        // "Not within a while" needs a fixed while: this sleep checks, not synchronises.
         std::thread::sleep(Duration::from_millis(700));
-        assert!(!run.is_finished());
+        assert!(!run.is_finished(), "blocksync gave up on a hung disk");
+        assert!(disk.held_requests() > 0);
         disk.vanish();
         let t = Instant::now();
         let out = run.join().unwrap_or_else(|p| std::panic::resume_unwind(p));

@@ -121,6 +121,8 @@ struct Shared {
     log: Mutex<Vec<ReadReq>>,
     writes: Mutex<Vec<WriteReq>>,
     eio: AtomicU64,
+    /// Requests being held by a delay right now.
+    held: AtomicU64,
 }
 
 /// A mounted faulty filesystem; unmounted, and its threads stopped, on drop.
@@ -179,6 +181,7 @@ impl FaultyFs {
             log: Mutex::new(Vec::new()),
             writes: Mutex::new(Vec::new()),
             eio: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         });
         let dir = tempfile::tempdir().expect("mount point");
         // CLOEXEC: a child (blocksync, dd) holding it would keep the connection alive
@@ -301,6 +304,13 @@ impl FaultyFs {
         assert!(self.shared.writable, "lose_writes needs FaultyFs::writable");
         check_bad(lost);
         self.shared.faults.lock().unwrap().lost = lost.to_vec();
+    }
+
+    /// How many requests (reads or writes) the delay is holding right now: with a long
+    /// delay, those that a disk that stopped answering sits on. A request taken before
+    /// the delay was set is not held.
+    pub fn held_requests(&self) -> u64 {
+        self.shared.held.load(Ordering::Relaxed)
     }
 
     /// Returns and forgets the writes answered so far, in answer order.
@@ -514,16 +524,22 @@ fn outside(holes: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Sleeps `delay`, or less if the disk vanishes or is unmounted meanwhile.
+/// Sleeps `delay`, or less if the disk vanishes or is unmounted meanwhile; counted in
+/// `held` meanwhile.
 fn pause(shared: &Shared, delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
+    shared.held.fetch_add(1, Ordering::Relaxed);
     let until = Instant::now() + delay;
     while !shared.gone.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return;
+            break;
         }
         std::thread::sleep(left.min(Duration::from_millis(10)));
     }
+    shared.held.fetch_sub(1, Ordering::Relaxed);
 }
 
 // Opcodes and flags from the kernel's include/uapi/linux/fuse.h.

@@ -3,8 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The blocksync binary cargo built for these tests.
 pub fn bin() -> &'static str {
@@ -145,30 +148,142 @@ pub mod faultyfs;
 pub mod sshd;
 
 /// Runs blocksync with `args`, failing the test (and killing it) if it takes longer than
-/// `secs`: for tests whose point is "no hang".
+/// `secs`: for tests whose point is "no hang". Its stdout and stderr are read while it
+/// runs, so however much it prints it never blocks on a full pipe.
 pub fn run_within(args: &[&str], secs: u64) -> Output {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    output_within(&mut cmd, &format!("blocksync {args:?}"), secs)
+}
+
+/// [`run_within`] for any command, named `what` in the failure.
+pub fn output_within(cmd: &mut Command, what: &str, secs: u64) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("run blocksync");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if std::time::Instant::now() > deadline {
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let stdout = Drain::new(child.stdout.take().expect("piped stdout"));
+    let stderr = Drain::new(child.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut exited = false;
+    // Done once it has exited and both pipes are at their end.
+    while !(exited && stdout.is_done() && stderr.is_done()) {
+        if Instant::now() > deadline {
+            let how = if exited {
+                // Something it started still holds its output open.
+                "exited but its output stayed open"
+            } else {
+                "hung"
+            };
+            // (A no-op for a child already reaped.)
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
+            let _ = child.wait();
+            // What it printed before the kill, once it had a moment to arrive.
+            let grace = Instant::now() + Duration::from_secs(2);
+            while !stderr.is_done() && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             panic!(
-                "blocksync {args:?} hung for {secs} s: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "{what} {how} for {secs} s: {}",
+                String::from_utf8_lossy(&stderr.so_far())
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
+        exited = exited || child.try_wait().expect("wait").is_some();
     }
+    Output {
+        // Reaped already: returns its status at once.
+        status: child.wait().expect("wait"),
+        stdout: stdout.finish(),
+        stderr: stderr.finish(),
+    }
+}
+
+/// One output pipe of a child, read to its end on a thread of its own into a buffer that
+/// can be looked at while it fills.
+pub struct Drain {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drain {
+    /// Starts reading `pipe`.
+    pub fn new(mut pipe: impl Read + Send + 'static) -> Self {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 64 * 1024];
+            loop {
+                match pipe.read(&mut chunk) {
+                    Ok(0) => return,
+                    Ok(n) => sink.lock().unwrap().extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Drain { buf, thread }
+    }
+
+    /// Whether the pipe has reached its end (every writer closed it).
+    pub fn is_done(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// A copy of what has arrived so far.
+    pub fn so_far(&self) -> Vec<u8> {
+        self.buf.lock().unwrap().clone()
+    }
+
+    /// Waits for the end of the pipe and returns all of it.
+    pub fn finish(self) -> Vec<u8> {
+        self.thread.join().expect("pipe reader");
+        std::mem::take(&mut *self.buf.lock().unwrap())
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; fails the test, saying it was
+/// waiting until `what`, if it still does not after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// [`wait_until`] for a condition that `child` is to bring about: also fails the test at
+/// once, with its exit status, if the child ends first (the condition would never come,
+/// or came and went unseen).
+pub fn wait_while_running(
+    child: &mut Child,
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) {
+    wait_until(what, timeout, || {
+        if cond() {
+            return true;
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("blocksync ended ({status}) before {what}");
+        }
+        false
+    });
+}
+
+/// Whether the file at `path` holds `want` at `offset` (false while it is missing or
+/// too short).
+pub fn file_holds(path: &Path, offset: u64, want: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; want.len()];
+    std::fs::File::open(path).is_ok_and(|f| f.read_exact_at(&mut buf, offset).is_ok())
+        && buf == want
 }
 
 /// A tmpfs of `size` bytes mounted in a temp dir, unmounted on drop.
