@@ -350,3 +350,51 @@ fn digest_file_over_ssh_push() {
     assert!(stderr(&out).contains("testhost"), "{}", stderr(&out));
     assert!(fs::read(&dst).unwrap() == other);
 }
+
+/// Makes a file immutable (even root cannot remove it) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A writing run that cannot forget the destination's sync id must not write: the record
+/// would go on vouching for a digest file that no longer describes the destination.
+#[test]
+fn a_run_that_cannot_forget_the_sync_id_fails_before_writing() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (src, dst, dig) = (
+        dir.path().join("src"),
+        dir.path().join("dst"),
+        dir.path().join("digests"),
+    );
+    let mut content = data(4 * M, 41);
+    fs::write(&src, &content).unwrap();
+    let out = run_state(&state, &["-q", "--digest-file", s(&dig), s(&src), s(&dst)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let records: Vec<_> = fs::read_dir(state.join("blocksync/sync-ids"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    sh("chattr", &["+i", s(&records[0])]);
+    let _guard = Immutable(records[0].clone());
+
+    let before = fs::read(&dst).unwrap();
+    change(&src, &mut content, 3, 42);
+    let out = run_state(&state, &["-f", "-q", s(&src), s(&dst)]);
+    assert_eq!(code(&out), 10, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("sync id") && err.contains(s(&records[0])),
+        "{err}"
+    );
+    assert_eq!(fs::read(&dst).unwrap(), before, "written after all");
+}

@@ -413,3 +413,46 @@ fn force_mounted_skips_the_in_use_check() {
     assert_eq!(json(&out)["blocks_changed"], 1);
     assert_eq!(m.dev.read(), before);
 }
+
+/// A summary nobody can read (`| true`, `> /dev/full`) does not undo a good sync: the
+/// sync's outcome decides the exit code, and no panic.
+#[test]
+fn a_closed_or_full_stdout_does_not_fail_a_good_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(2 * M + 7, 31);
+    fs::write(&src, &content).unwrap();
+    for (i, json) in [false, true].into_iter().enumerate() {
+        let closed = dir.path().join(format!("closed{i}"));
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // every write to the pipe now fails with EPIPE
+        let mut args = vec!["-f", s(&src), s(&closed)];
+        if json {
+            args.insert(0, "--json");
+        }
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "json {json}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+        assert_eq!(fs::read(&closed).unwrap(), content);
+
+        let full = dir.path().join(format!("full{i}"));
+        let mut args = vec!["-f", s(&src), s(&full)];
+        if json {
+            args.insert(0, "--json");
+        }
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .stdout(fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "json {json}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains("could not write the summary"), "{err}");
+        assert_eq!(fs::read(&full).unwrap(), content);
+    }
+}

@@ -509,3 +509,65 @@ fn a_remote_destination_that_vanishes_stops_the_run_promptly() {
         stderr(&out)
     );
 }
+
+/// Whether `pid` has a SIGINT still waiting to be delivered (to any of its threads).
+fn sigint_pending(pid: u32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let sigint = 1u64 << (libc::SIGINT - 1);
+    status
+        .lines()
+        .filter(|l| l.starts_with("ShdPnd:") || l.starts_with("SigPnd:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .any(|mask| mask & sigint != 0)
+}
+
+/// Ctrl-C while the destination disk hangs, then the disk goes away: the writes and the
+/// flush after the interruption fail, so "interrupted; what was written is flushed"
+/// would be a lie. The run reports the write failure, with its own exit code.
+#[test]
+fn a_write_failure_after_ctrl_c_is_reported_not_taken_for_the_interruption() {
+    let size = 24 * M;
+    let (dir, src) = source(size, 16);
+    let disk = FaultyFs::writable(size, 17);
+    let pidfile = dir.path().join("pid");
+    // The shell records its pid, then becomes blocksync: the test can signal it.
+    let script = format!("echo $$ > {}; exec \"$0\" \"$@\"", s(&pidfile));
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &script,
+        bin(),
+        "-b",
+        "256K",
+        "-f",
+        s(&src),
+        s(disk.path()),
+    ]);
+    std::thread::scope(|sc| {
+        let run = sc.spawn(|| output_within(&mut cmd, "blocksync", 60));
+        wait_until("a write reaches the disk", Duration::from_secs(30), || {
+            !disk.take_writes().is_empty() || run.is_finished()
+        });
+        disk.set_delay(Duration::from_secs(3600));
+        wait_until(
+            "the hung disk holds a write",
+            Duration::from_secs(30),
+            || disk.held_requests() > 0 || run.is_finished(),
+        );
+        assert!(!run.is_finished(), "the run ended before the disk hung");
+        let pid: u32 = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+        wait_until("blocksync took the SIGINT", Duration::from_secs(30), || {
+            !sigint_pending(pid)
+        });
+        disk.vanish();
+        let out = run.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        assert_eq!(code(&out), 10, "{}", stderr(&out));
+        assert_one_line_naming(&out, s(disk.path()));
+        assert!(!stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    });
+}

@@ -49,6 +49,11 @@ fn record(t: &Target) -> PathBuf {
     record_of(&t.path, &t.id)
 }
 
+/// Where the record of `t` is kept, for messages.
+pub fn record_path(t: &Target) -> PathBuf {
+    record(t)
+}
+
 fn record_of(path: &std::path::Path, id: &Identity) -> PathBuf {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let who = match id.rdev {

@@ -42,13 +42,15 @@ pub fn run(
     if let Some(d) = dest.filter(|_| !config.dry_run && !config.verify_pass) {
         // From here on the destination no longer matches any digest file: every writing
         // run forgets the id, so a digest file is never trusted after a run without it.
-        let forgot = crate::digestfile::syncid::clear(d);
-        if let (Err(e), Some(_)) = (forgot, config.track) {
+        // A run that cannot forget it must not write: the record would vouch for a digest
+        // file that no longer describes the destination.
+        if let Err(e) = crate::digestfile::syncid::clear(d) {
             let e = Error::new(
                 Kind::Io,
                 format!(
-                    "forgetting the sync id of {}: {}",
+                    "cannot forget the sync id of {} (record {}): {}; nothing was written. Make the record removable and run again",
                     d.path.display(),
+                    crate::digestfile::syncid::record_path(d).display(),
                     os_text(&e)
                 ),
             );
