@@ -91,33 +91,49 @@ impl Kind {
         Kind::Interrupted,
     ];
 
-    /// A short description for the exit-code table.
+    /// What the exit code means, for `--help` and the README (a test keeps the README's
+    /// table equal to this one). Option names are in backticks, for Markdown.
     pub fn describe(self) -> &'static str {
         match self {
-            Kind::Internal => "internal error (a bug: please report it)",
-            Kind::Usage => "bad command line (options, operands, block size)",
-            Kind::Source => "source missing, unreadable or not a file/device",
-            Kind::Destination => "destination cannot be created, opened or is a directory",
+            Kind::Internal => "internal error (a bug)",
+            Kind::Usage => "bad command line: options, ambiguous operands, block size",
+            Kind::Source => "source missing, unreadable, or not a file/block device",
+            Kind::Destination => "destination cannot be created or opened, or is a directory",
             Kind::TooSmall => "destination device smaller than the source",
-            Kind::Busy => "destination device mounted or in use (see --force-mounted)",
+            Kind::Busy => "destination device mounted or in use (see `--force-mounted`)",
             Kind::SameFile => "source and destination are the same file or device",
-            Kind::NotConfirmed => "destination exists and the change was not confirmed (-f)",
-            Kind::Verify => "--verify found destination blocks that differ from the source",
-            Kind::Io => "local read or write failed during the sync (I/O error, disk full)",
-            Kind::Remote => "ssh failed, the link was lost, or I/O failed on the remote side",
-            Kind::Protocol => "the peer sent something malformed or incompatible",
+            Kind::NotConfirmed => "destination exists and the change was not confirmed (`-f`)",
+            Kind::Verify => "`--verify` found destination bytes that differ from the source",
+            Kind::Io => "a local read or write failed during the sync (I/O error, disk full)",
+            Kind::Remote => {
+                "ssh failed, the link was lost, or a read/write failed on the remote side"
+            }
+            Kind::Protocol => {
+                "protocol error: the peer sent malformed data or speaks another version"
+            }
             Kind::SourceChanged => {
-                "--verify found source blocks that changed during the sync (use a snapshot)"
+                "`--verify` found source blocks that changed while the sync ran (use a snapshot)"
             }
             Kind::Unreadable => {
-                "finished, but some source bytes were unreadable (see --bad-blocks)"
+                "finished, but some source sectors were unreadable (see `--bad-blocks`)"
             }
             Kind::StaleCache => {
-                "digest file or patch does not match the destination (see --digest-rebuild)"
+                "the digest file or patch does not match the destination (see `--digest-rebuild`)"
             }
-            Kind::Interrupted => "interrupted (Ctrl-C); written data was flushed",
+            Kind::Interrupted => {
+                "interrupted (Ctrl-C); what was written is flushed, run again to finish"
+            }
         }
     }
+}
+
+/// Every exit code and what it means, success first: the one table `--help` and the
+/// README show.
+pub fn exit_codes() -> Vec<(i32, &'static str)> {
+    let mut table = vec![(0, "success: the destination equals the source")];
+    table.extend(Kind::ALL.iter().map(|k| (k.exit_code(), k.describe())));
+    table.sort_by_key(|(code, _)| *code);
+    table
 }
 
 /// An error that ends the run: a kind for the exit code and one line for the user.

@@ -31,6 +31,7 @@ pub mod testing {
     pub use crate::app::server::config_for;
     pub use crate::engine::messages::{Counts, FindingKind, ToDest, ToSource};
     pub use crate::engine::{CHUNK_TARGET, Layout, Stats};
+    pub use crate::error::exit_codes;
     pub use crate::hash::{BlockInfo, HashKind};
     pub use crate::io::pool::{Recycler, Slice};
     pub use crate::size::{MAX_BLOCK, MIN_BLOCK};

@@ -26,18 +26,26 @@ Examples:
   blocksync --verify vm.img backup:/srv/vm.img sync, then compare both sides in full
   blocksync --bad-blocks sda.map /dev/sda /dev/sdb   rescue a failing disk, map what was lost
   blocksync --digest-file vm.digests vm.img backup:/srv/vm.img   nightly: backup not read
+";
 
-Exit codes:
-  0 success (destination equals source)   2 bad command line
-  3 source unusable        4 destination unusable       5 destination device too small
-  6 destination in use     7 same file on both sides    8 not confirmed (use -f)
-  9 --verify found a difference                 10 local I/O error
-  11 ssh failed, link lost, or I/O error on the remote side
-  12 protocol error (peer malformed or another version)
-  13 --verify: the source changed during the sync (use a snapshot)
-  14 finished, but some source sectors were unreadable (zeros written; see --bad-blocks)
-  15 digest file or patch does not match the destination (see --digest-rebuild)
-  130 interrupted          1 internal error";
+/// The text after the options in `--help`: operands, examples, and the exit codes from
+/// the one table in [`crate::error::exit_codes`].
+fn after_help() -> String {
+    let mut text = format!("{}\n\nExit codes:\n", AFTER_HELP.trim_end());
+    for (code, meaning) in crate::error::exit_codes() {
+        text.push_str(&format!("  {code:>3}  {}\n", meaning.replace('`', "")));
+    }
+    text
+}
+
+impl Args {
+    /// Parses the process's command line (exiting with usage on an error, like clap).
+    pub fn from_command_line() -> Args {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Args::command().after_help(after_help()).get_matches();
+        Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
 
 /// blocksync: sync a file or block device onto another, locally or over ssh, writing only the
 /// blocks that differ.
@@ -46,7 +54,6 @@ Exit codes:
     name = "blocksync",
     version,
     about = "Sync a file or block device onto another, locally or over ssh, sending only changed blocks",
-    after_help = AFTER_HELP,
     override_usage = "blocksync [OPTIONS] SRC DST\n       blocksync [OPTIONS] SRC HOST [DST]\n       blocksync [OPTIONS] --pull DST HOST SRC",
     max_term_width = 100
 )]

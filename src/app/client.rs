@@ -7,7 +7,7 @@ use super::interact::{Change, cancel_on_signals, confirm_change};
 use super::local::{note_busy_source, open_dest_for_run};
 use super::report::Reporter;
 use super::settings::{RemoteSettings, Settings};
-use super::verdict::{Sides, conclude};
+use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::trust;
 use crate::engine::prehash::{Precomputed, Prehash};
 use crate::engine::{Compare, Config, Layout, RunOptions, Stats};
@@ -423,13 +423,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let progress = reporter.start_progress(size, stats.clone());
     let result = job.run_streams(streams);
     progress.finish();
-    let result = match cached {
-        Some(u) => {
-            let sealed = trust::finish(u.cache, &result, &stats.findings());
-            result.and(sealed)
-        }
-        None => result,
-    };
+    let result = seal_digests(cached, result, &stats);
     let (source, destination) = if to.push {
         (to.local_name(), to.remote_name())
     } else {

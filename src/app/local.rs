@@ -4,7 +4,7 @@
 use super::interact::{Change, cancel_on_signals, confirm_change};
 use super::report::Reporter;
 use super::settings::Settings;
-use super::verdict::{Sides, conclude};
+use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::{syncid, trust};
 use crate::engine::{self, Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
@@ -96,13 +96,7 @@ pub(crate) fn run(
     let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
     progress.finish();
     drop(config);
-    let result = match cached {
-        Some(u) => {
-            let sealed = trust::finish(u.cache, &result, &stats.findings());
-            result.and(sealed)
-        }
-        None => result,
-    };
+    let result = seal_digests(cached, result, &stats);
     let sides = Sides {
         source: src_path.display().to_string(),
         destination: dst_path.display().to_string(),

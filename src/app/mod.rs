@@ -13,7 +13,6 @@ pub(crate) mod server;
 mod settings;
 mod verdict;
 
-use clap::Parser;
 use cli::Args;
 use endpoint::Endpoint;
 use report::Reporter;
@@ -34,7 +33,7 @@ pub fn main_entry() -> i32 {
     {
         return offline::main(cmd);
     }
-    let args = Args::parse();
+    let args = Args::from_command_line();
     let reporter = match settings::reporter(&args) {
         Ok(r) => r,
         Err(e) => {

@@ -5,6 +5,7 @@ use super::badmap;
 use super::interact::cancelled;
 use super::report::{Reporter, Summary};
 use super::settings::Settings;
+use crate::digestfile::trust;
 use crate::engine::{Findings, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::TargetKind;
@@ -35,6 +36,23 @@ pub(crate) fn interrupted_if_cancelled(e: Error) -> Error {
     } else {
         e
     }
+}
+
+/// Seals the run's new digest file, if it has one (see [`trust::finish`]): what
+/// `--verify` found different is not vouched for.
+pub(crate) fn seal_digests(
+    cached: Option<trust::Use>,
+    result: Result<()>,
+    stats: &Stats,
+) -> Result<()> {
+    let Some(u) = cached else {
+        return result;
+    };
+    let findings = stats.findings();
+    let mut forget = findings.mismatch;
+    forget.extend(findings.source_changed);
+    let sealed = trust::finish(u.cache, &result, &forget);
+    result.and(sealed)
 }
 
 /// Prints the summary of a finished (or interrupted) run and returns its result.

@@ -7,6 +7,7 @@ use crate::digestfile::syncid::SyncId;
 use crate::error::{Error, Kind, Result};
 use crate::hash::BlockInfo;
 use crate::hash::HashKind;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -189,20 +190,14 @@ fn pick_spots(f: &DigestFile, n: u64) -> Vec<u64> {
 
 /// Seals the new digest file after the run: complete when the sync succeeded, partial
 /// when it failed, not at all when the old file was found stale (it must not be trusted
-/// again). Blocks `--verify` found different are recorded as unknown.
-pub fn finish(
-    cache: Arc<Cache>,
-    outcome: &Result<()>,
-    findings: &crate::engine::Findings,
-) -> Result<()> {
+/// again). The `forget` ranges (what `--verify` found different) are recorded as unknown.
+pub fn finish(cache: Arc<Cache>, outcome: &Result<()>, forget: &[Range<u64>]) -> Result<()> {
     if matches!(outcome, Err(e) if e.kind == Kind::StaleCache) {
         return Ok(()); // dropped: the temporary file goes, the old one stays (stale)
     }
     let name = cache.name.clone();
-    let mut forget = findings.mismatch.clone();
-    forget.extend(findings.source_changed.iter().cloned());
     match Arc::try_unwrap(cache) {
-        Ok(c) => c.finish(outcome.is_ok(), &forget).map_err(|e| {
+        Ok(c) => c.finish(outcome.is_ok(), forget).map_err(|e| {
             Error::new(
                 Kind::Io,
                 format!("writing digest file {name}: {}", crate::error::os_text(&e)),
