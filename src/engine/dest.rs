@@ -288,112 +288,93 @@ fn zero_range(d: &Target, config: &Config, offset: u64, len: u64) -> std::io::Re
     }
 }
 
-fn write_dest(
-    dest: Option<&Target>,
-    config: &Config,
-    from_source: Receiver<ToDest>,
-    to_source: &Sender<ToSource>,
-    answers: &Sender<ToSource>,
-    stats: &Stats,
-) -> Result<()> {
-    let mut written = 0u64;
-    let writable = dest.filter(|_| !config.dry_run);
-    let mut direct = writable.and_then(target::reopen_direct);
-    let io_error = |what: String, e: std::io::Error| {
-        let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
-            "; free space on it and run again to resume"
-        } else {
-            ""
+/// A failed write or flush, with the fix for a full disk.
+fn io_error(what: String, e: std::io::Error) -> Error {
+    let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+        "; free space on it and run again to resume"
+    } else {
+        ""
+    };
+    Error::new(Kind::Io, format!("{what}: {}{hint}", os_text(&e)))
+}
+
+/// The destination half's writing side: applies what the source sends, in order.
+struct Writer<'a> {
+    dest: Option<&'a Target>,
+    /// The destination when this run writes (not a dry run).
+    writable: Option<&'a Target>,
+    /// A second, O_DIRECT descriptor for whole aligned blocks (dropped at its first
+    /// failure).
+    direct: Option<std::fs::File>,
+    config: &'a Config,
+    stats: &'a Stats,
+    /// Bytes written by this half.
+    written: u64,
+}
+
+impl<'a> Writer<'a> {
+    fn writable(&self, what: &str) -> Result<&'a Target> {
+        self.writable
+            .ok_or_else(|| Error::new(Kind::Protocol, format!("source sent {what} in a dry run")))
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let d = self.writable("a block")?;
+        let direct_ok = match &self.direct {
+            Some(f) if target::direct_fits(data, offset) => {
+                // Any failure (refused after all, a short write that left the next piece
+                // unaligned, a media error) is written again through the page cache,
+                // whose error, if any, is the one reported.
+                let ok = target::write_full_at(f, data, offset).is_ok();
+                if !ok {
+                    self.direct = None;
+                }
+                ok
+            }
+            _ => false,
         };
-        Error::new(Kind::Io, format!("{what}: {}{hint}", os_text(&e)))
-    };
-    let name = dest.map_or(String::new(), |d| format!(" {}", d.path.display()));
-    let mut stale = false;
-    let (finish, size) = loop {
-        match from_source.recv() {
-            Ok(ToDest::Write { offset, data }) => {
-                let Some(d) = writable else {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        "source sent a block in a dry run",
-                    ));
-                };
-                let failed = |e| {
-                    io_error(
-                        format!("writing destination {} at byte {offset}", d.path.display()),
-                        e,
-                    )
-                };
-                let direct_ok = match &direct {
-                    Some(f) if target::direct_fits(&data, offset) => {
-                        // Any failure (refused after all, a short write that left the
-                        // next piece unaligned, a media error) is written again through
-                        // the page cache, whose error, if any, is the one reported.
-                        let ok = target::write_full_at(f, &data, offset).is_ok();
-                        if !ok {
-                            direct = None;
-                        }
-                        ok
-                    }
-                    _ => false,
-                };
-                if !direct_ok {
-                    target::write_full_at(&d.file, &data, offset).map_err(failed)?;
-                    target::start_writeback(&d.file, offset, data.len() as u64);
-                }
-                written += data.len() as u64;
-                Stats::add(&stats.written, data.len() as u64);
-            }
-            Ok(ToDest::Zero { offset, len }) => {
-                let Some(d) = writable else {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        "source sent a zero range in a dry run",
-                    ));
-                };
-                zero_range(d, config, offset, len).map_err(|e| {
-                    io_error(
-                        format!("zeroing destination {} at byte {offset}", d.path.display()),
-                        e,
-                    )
-                })?;
-            }
-            Ok(ToDest::Check { offset, len }) => {
-                let pieces = pieces(dest, config, offset, len, len, stats).map_err(|e| {
-                    io_error(format!("reading destination{name} at byte {offset}"), e)
-                })?;
-                let _ = answers.send(ToSource::Pieces { offset, pieces });
-            }
-            Ok(ToDest::Refine { offset, len }) => {
-                let pieces =
-                    pieces(dest, config, offset, len, config.refine, stats).map_err(|e| {
-                        io_error(format!("reading destination{name} at byte {offset}"), e)
-                    })?;
-                // A closed channel means the source is gone; the loop ends on its own.
-                let _ = answers.send(ToSource::Pieces { offset, pieces });
-            }
-            Ok(ToDest::Finding { kind, offset, len }) => {
-                // Recorded here only when the source half is on another machine (else
-                // it recorded them itself).
-                if config.dest_progress {
-                    stats.found(kind, offset, len);
-                }
-            }
-            Ok(ToDest::Finish { size, .. }) => break (true, size),
-            // The source found the digest file stale: record no id, it must not be trusted.
-            Ok(ToDest::Abort {
-                kind: Kind::StaleCache,
-                ..
-            }) => {
-                stale = true;
-                break (false, 0);
-            }
-            // Stopped early: flush what was written so a rerun resumes from it.
-            Ok(ToDest::Abort { .. }) | Err(_) => break (false, 0),
+        if !direct_ok {
+            target::write_full_at(&d.file, data, offset).map_err(|e| {
+                io_error(
+                    format!("writing destination {} at byte {offset}", d.path.display()),
+                    e,
+                )
+            })?;
+            target::start_writeback(&d.file, offset, data.len() as u64);
         }
-    };
-    if let Some(d) = writable {
-        if finish && d.kind == TargetKind::File && d.size != size {
+        self.written += data.len() as u64;
+        Stats::add(&self.stats.written, data.len() as u64);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        let d = self.writable("a zero range")?;
+        zero_range(d, self.config, offset, len).map_err(|e| {
+            io_error(
+                format!("zeroing destination {} at byte {offset}", d.path.display()),
+                e,
+            )
+        })
+    }
+
+    /// What the destination holds at `offset`, in pieces of `piece` bytes.
+    fn pieces(&self, offset: u64, len: u64, piece: u64) -> Result<Vec<crate::hash::BlockInfo>> {
+        pieces(self.dest, self.config, offset, len, piece, self.stats).map_err(|e| {
+            let name = self
+                .dest
+                .map_or(String::new(), |d| format!(" {}", d.path.display()));
+            io_error(format!("reading destination{name} at byte {offset}"), e)
+        })
+    }
+
+    /// After the last message: a completed sync gives a file destination the source's
+    /// `size`; then everything is flushed and, unless the source found the digest file
+    /// stale, the sync id recorded.
+    fn seal(&self, size: Option<u64>, stale: bool) -> Result<()> {
+        let Some(d) = self.writable else {
+            return Ok(());
+        };
+        if let Some(size) = size.filter(|&n| d.kind == TargetKind::File && d.size != n) {
             d.file.set_len(size).map_err(|e| {
                 io_error(
                     format!("resizing destination {} to {size} bytes", d.path.display()),
@@ -404,20 +385,79 @@ fn write_dest(
         d.file
             .sync_all()
             .map_err(|e| io_error(format!("flushing destination {}", d.path.display()), e))?;
-        if let Some(id) = config.track.as_ref().filter(|_| !stale) {
+        if let Some(id) = self.config.track.as_ref().filter(|_| !stale) {
             // Flushed: what the source recorded for this run is now true here (for the
             // blocks it saw confirmed; a stopped run records the rest as unknown).
             crate::digestfile::syncid::store(d, id).map_err(|e| {
                 io_error(format!("recording the sync id of {}", d.path.display()), e)
             })?;
         }
-        if config.drop_cache {
+        if self.config.drop_cache {
             target::advise(&d.file, 0, 0, Advice::DontNeed);
         }
+        Ok(())
     }
+}
+
+fn write_dest(
+    dest: Option<&Target>,
+    config: &Config,
+    from_source: Receiver<ToDest>,
+    to_source: &Sender<ToSource>,
+    answers: &Sender<ToSource>,
+    stats: &Stats,
+) -> Result<()> {
+    let writable = dest.filter(|_| !config.dry_run);
+    let mut w = Writer {
+        dest,
+        writable,
+        direct: writable.and_then(target::reopen_direct),
+        config,
+        stats,
+        written: 0,
+    };
+    let mut stale = false;
+    // `Some(size)` once the source finished; `None` when it stopped early.
+    let finished = loop {
+        match from_source.recv() {
+            Ok(ToDest::Write { offset, data }) => w.write(offset, &data)?,
+            Ok(ToDest::Zero { offset, len }) => w.zero(offset, len)?,
+            Ok(ToDest::Check { offset, len }) => {
+                let pieces = w.pieces(offset, len, len)?;
+                let _ = answers.send(ToSource::Pieces { offset, pieces });
+            }
+            Ok(ToDest::Refine { offset, len }) => {
+                let pieces = w.pieces(offset, len, config.refine)?;
+                // A closed channel means the source is gone; the loop ends on its own.
+                let _ = answers.send(ToSource::Pieces { offset, pieces });
+            }
+            Ok(ToDest::Finding { kind, offset, len }) => {
+                // Recorded here only when the source half is on another machine (else
+                // it recorded them itself).
+                if config.dest_progress {
+                    stats.found(kind, offset, len);
+                }
+            }
+            Ok(ToDest::Finish { size, .. }) => break Some(size),
+            // The source found the digest file stale: record no id, it must not be trusted.
+            Ok(ToDest::Abort {
+                kind: Kind::StaleCache,
+                ..
+            }) => {
+                stale = true;
+                break None;
+            }
+            // Stopped early: flush what was written so a rerun resumes from it.
+            Ok(ToDest::Abort { .. }) | Err(_) => break None,
+        }
+    };
+    w.seal(finished, stale)?;
     let read = Stats::get(&stats.dest_read);
-    let end = if finish {
-        ToSource::Done { written, read }
+    let end = if finished.is_some() {
+        ToSource::Done {
+            written: w.written,
+            read,
+        }
     } else {
         // Flushed, but not complete: never let this pass for the end of a good run.
         failed(
