@@ -339,6 +339,64 @@ fn remote_notes(args: &Args) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn resolve(line: &[&str]) -> Result<Settings> {
+        let args = Args::try_parse_from(std::iter::once("blocksync").chain(line.iter().copied()))
+            .expect("clap accepts it");
+        Settings::resolve(&args)
+    }
+
+    #[test]
+    fn options_are_resolved_once_into_plain_settings() {
+        let s = resolve(&[
+            "-b",
+            "64K",
+            "--min-block",
+            "8K",
+            "-p",
+            "5",
+            "-d",
+            "3",
+            "./a",
+            "./b",
+        ])
+        .unwrap();
+        assert_eq!((s.block, s.refine), (64 << 10, 8 << 10));
+        assert_eq!(s.pause, Duration::from_millis(5));
+        assert!(s.drop_local && s.drop_remote && s.sparse && s.remote.is_none());
+        assert_eq!(
+            s.notes,
+            vec!["-d bit 2 (remote page cache) does not apply to a local sync"]
+        );
+        let s = resolve(&["-C=5", "-w", "2", "--bwlimit", "8", "./a", "host:b"]).unwrap();
+        let r = s.remote.expect("a remote run");
+        assert_eq!((r.level, r.bwlimit, s.workers), (5, 8192, 2));
+        assert!(s.notes.is_empty());
+        // A block too large for a frame's digest list still refines in legal pieces.
+        let s = resolve(&["-b", "64M", "--min-block", "512", "./a", "./b"]).unwrap();
+        assert_eq!(s.refine, (64 << 20) / MAX_DIGESTS as u64);
+        assert_eq!(resolve(&["--no-refine", "./a", "./b"]).unwrap().refine, 0);
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors_naming_the_option() {
+        for (line, names) in [
+            (&["-b", "100", "./a", "./b"][..], "block size 100"),
+            (&["-b", "128M", "./a", "./b"], "block size 128M"),
+            (&["--min-block", "1", "./a", "./b"], "--min-block 1"),
+            (&["-w", "0", "./a", "h:b"], "-w/--workers"),
+            (&["-1", "md5", "./a", "./b"], "md5"),
+            (&["-e", "", "./a", "h:b"], "-e/--rsh"),
+            (&["--digest-file", "/tmp/d", "h:a", "./b"], "--digest-file"),
+        ] {
+            let e = resolve(line)
+                .err()
+                .unwrap_or_else(|| panic!("{line:?} accepted"));
+            assert_eq!(e.kind, Kind::Usage, "{line:?}");
+            assert!(e.message.contains(names), "{line:?}: {}", e.message);
+        }
+    }
 
     #[test]
     fn bwlimit_is_kib_unless_suffixed_and_never_wraps() {

@@ -131,3 +131,41 @@ impl Stats {
         f
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_merge_touching_ranges_of_one_kind_only() {
+        let mut f = Findings::default();
+        f.add(FindingKind::Unreadable, 0, 512);
+        f.add(FindingKind::Unreadable, 512, 512); // touches: merged
+        f.add(FindingKind::Mismatch, 1024, 4096); // another kind: its own list
+        f.add(FindingKind::Unreadable, 4096, 512); // a gap: a new range
+        f.add(FindingKind::SourceChanged, u64::MAX - 1, 10); // saturates, no overflow
+        assert_eq!(f.unreadable, vec![0..1024, 4096..4608]);
+        assert_eq!(f.mismatch, vec![1024..5120]);
+        assert_eq!(f.source_changed, vec![u64::MAX - 1..u64::MAX]);
+        assert_eq!(Findings::bytes(&f.unreadable), 1536);
+    }
+
+    #[test]
+    fn normalize_sorts_and_merges_what_parallel_streams_interleave() {
+        let mut f = Findings::default();
+        for (at, len) in [(8192, 512), (0, 4096), (4096, 100), (2048, 1024), (9000, 1)] {
+            f.add(FindingKind::Unreadable, at, len);
+        }
+        f.normalize();
+        assert_eq!(f.unreadable, vec![0..4196, 8192..8704, 9000..9001]);
+    }
+
+    #[test]
+    fn stats_hand_out_findings_normalized() {
+        let s = Stats::default();
+        s.found(FindingKind::Mismatch, 4096, 4096);
+        s.found(FindingKind::Mismatch, 0, 4096);
+        assert_eq!(s.findings().mismatch, vec![0..8192]);
+        assert!(s.peer_failure().is_none());
+    }
+}
