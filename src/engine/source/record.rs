@@ -5,7 +5,7 @@
 use super::Chunk;
 use super::compare::Changes;
 use super::refine::Refiner;
-use crate::digestfile::cache::Cache;
+use crate::digestfile::cache::{Cache, Gate};
 use crate::engine::Layout;
 use crate::error::{Error, Kind, Result};
 use crate::hash::BlockInfo;
@@ -19,18 +19,27 @@ pub(super) fn gate(cache: &Cache, layout: &Layout, refiner: &mut Refiner) -> Res
     );
     // Every stream checks before any writes: a stale file must change nothing.
     let checked = refiner.spot_check(cache);
-    let all = cache.all_checked(checked.is_ok());
+    let gate = cache.all_checked(checked.is_ok());
     checked?;
-    if !all {
-        return Err(Error::new(
+    match gate {
+        Gate::Passed => Ok(()),
+        Gate::Stale => Err(Error::new(
             Kind::StaleCache,
             format!(
                 "digest file {} does not match {} (a spot-check of another stream failed); run with --digest-rebuild",
                 cache.name, cache.dest
             ),
-        ));
+        )),
+        Gate::TimedOut(waited) => Err(Error::new(
+            Kind::Remote,
+            format!(
+                "timed out after {} s waiting for the other streams' spot-checks of {} against digest file {}; nothing was written",
+                waited.as_secs(),
+                cache.dest,
+                cache.name
+            ),
+        )),
     }
-    Ok(())
 }
 
 /// Records the chunk's blocks: `mine`, the source's digests of them, with the blocks in
