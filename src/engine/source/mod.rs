@@ -24,7 +24,7 @@ use crate::io::pool::{Buf, Slice};
 use crate::io::target::{self, Advice, Target};
 use compare::{Changes, Send};
 use crossbeam_channel::{Receiver, Sender, bounded};
-use read::{Readers, read_range};
+use read::{ErrorCount, Readers, read_range};
 use refine::Refiner;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -134,6 +134,7 @@ pub fn run(
             cancel,
             chunks: &chunk_rx,
             early: BTreeMap::new(),
+            errors: ErrorCount::default(),
             refiner: Refiner::new(src, config, stats, &to_dest, &from_dest),
         };
         let outcome = pass.run();
@@ -182,6 +183,8 @@ struct Pass<'a> {
     chunks: &'a Receiver<Result<Chunk>>,
     /// Chunks delivered ahead of their turn (several readers), by index.
     early: BTreeMap<u64, Chunk>,
+    /// Unreadable areas so far, counted here because chunks come here in order.
+    errors: ErrorCount,
     refiner: Refiner<'a>,
 }
 
@@ -199,6 +202,7 @@ impl Pass<'_> {
                 return Err(e);
             }
             let chunk = self.next_chunk(index)?;
+            self.unreadable(&chunk)?;
             self.one_chunk(chunk)?;
         }
         self.refiner.drain()
@@ -219,6 +223,22 @@ impl Pass<'_> {
             }
             self.early.insert(c.index, c);
         }
+    }
+
+    /// Records the chunk's unreadable ranges (before giving up, so a run that gives up
+    /// still reports what it found) and counts them against `--max-errors`.
+    fn unreadable(&mut self, chunk: &Chunk) -> Result<()> {
+        let config = self.config;
+        let (offset, _) = config.layout.chunk_at(chunk.index);
+        if !config.verify_pass {
+            read::record_unreadable(self.stats, offset, &chunk.bad);
+        }
+        let areas = self.errors.add(offset, &chunk.bad);
+        let max = config.salvage.max_errors;
+        if areas > max {
+            return Err(read::too_many_errors(self.src, areas, max));
+        }
+        Ok(())
     }
 
     /// What the destination holds for `chunk`: its report, or the digest file's entries.

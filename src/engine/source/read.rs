@@ -11,7 +11,6 @@ use crate::io::pool::{Buf, Pool, Slice};
 use crate::io::target::{self, Advice, Extents, Target};
 use crossbeam_channel::Sender;
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the source's reader threads share. Usually one thread reads; when a digest file
@@ -32,7 +31,6 @@ pub(super) struct Readers<'a> {
     pub(super) threads: usize,
     /// Hash chunks on the reading thread with this digest.
     hash: Option<HashKind>,
-    errors: Mutex<ErrorCount>,
 }
 
 impl<'a> Readers<'a> {
@@ -57,7 +55,6 @@ impl<'a> Readers<'a> {
                 Compare::Digest(k) if cached => Some(k),
                 _ => None,
             },
-            errors: Mutex::new(ErrorCount::default()),
         }
     }
 
@@ -154,7 +151,9 @@ impl ReadThread<'_> {
     }
 
     /// Reads the chunk at `index` into `data` (`zeros`: its holes, `ranges`: its data,
-    /// when known) and counts its unreadable areas.
+    /// when known). Its unreadable ranges are recorded and counted by the compare, which
+    /// takes chunks in order (readers finish them in any order); only a chunk whose read
+    /// failed, which never gets there, has its ranges recorded here.
     fn read_data(
         &mut self,
         index: u64,
@@ -166,19 +165,16 @@ impl ReadThread<'_> {
         let (config, stats) = (r.config, r.stats);
         let (offset, len) = config.layout.chunk_at(index);
         let mut bad = Vec::new();
-        let res = self.read_blocks(offset, &mut data, &mut zeros, ranges, &mut bad);
-        if !config.verify_pass {
-            // Recorded here, so a run that gives up still reports what it found.
-            for b in &bad {
-                let at = offset + b.start as u64;
-                stats.found(FindingKind::Unreadable, at, b.len() as u64);
+        let n = match self.read_blocks(offset, &mut data, &mut zeros, ranges, &mut bad) {
+            Ok(n) => n,
+            Err(e) => {
+                if !config.verify_pass {
+                    // So a run that fails still reports what it found.
+                    record_unreadable(stats, offset, &bad);
+                }
+                return Err(e);
             }
-        }
-        let n = res?;
-        let areas = r.errors.lock().expect("not poisoned").add(offset, &bad);
-        if areas > config.salvage.max_errors {
-            return Err(too_many_errors(r.src, areas, config.salvage.max_errors));
-        }
+        };
         Stats::add(&stats.source_read, n);
         if config.drop_cache {
             target::advise(&r.src.file, offset, len as u64, Advice::DontNeed);
@@ -284,6 +280,14 @@ pub(super) fn too_many_errors(src: &Target, areas: u64, max: u64) -> Error {
             src.path.display(),
         ),
     )
+}
+
+/// Records the unreadable ranges `bad` of the chunk at `offset` as findings.
+pub(super) fn record_unreadable(stats: &Stats, offset: u64, bad: &[Range<usize>]) {
+    for b in bad {
+        let at = offset + b.start as u64;
+        stats.found(FindingKind::Unreadable, at, b.len() as u64);
+    }
 }
 
 /// Adds the zero blocks of a chunk to the counters.
