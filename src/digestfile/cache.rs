@@ -62,9 +62,18 @@ struct Recorder {
     progress: HashMap<u64, (u64, u64)>,
 }
 
+impl Recorder {
+    /// Keeps aside what sent block `index` holds; entries apply in order, the last wins.
+    fn sent_entry(&mut self, index: u64, info: &BlockInfo) -> io::Result<()> {
+        let mut e = [0u8; 8 + crate::digestfile::format::ENTRY];
+        e[..8].copy_from_slice(&index.to_le_bytes());
+        e[8..].copy_from_slice(&crate::digestfile::format::encode_entry(info));
+        self.sent.write_all(&e)
+    }
+}
+
 impl Cache {
     /// A cache comparing against `old` (if any) and recording into `new` (if any).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: crate::hash::HashKind,
         name: String,
@@ -167,10 +176,7 @@ impl Cache {
         let mut now: Vec<BlockInfo> = infos.to_vec();
         for (j, s) in sent.iter().enumerate() {
             if *s {
-                let mut e = [0u8; 8 + crate::digestfile::format::ENTRY];
-                e[..8].copy_from_slice(&(first + j as u64).to_le_bytes());
-                e[8..].copy_from_slice(&crate::digestfile::format::encode_entry(&infos[j]));
-                r.sent.write_all(&e)?;
+                r.sent_entry(first + j as u64, &infos[j])?;
                 now[j] = BlockInfo::Missing;
             }
         }
@@ -179,6 +185,13 @@ impl Cache {
             p.0 = first + infos.len() as u64;
         }
         Ok(())
+    }
+
+    /// Records what block `index`, sent later than its chunk was recorded (a refined
+    /// block), holds once written; it replaces what the chunk's record said of it.
+    pub fn record_sent(&self, index: u64, info: &BlockInfo) -> io::Result<()> {
+        let Some(r) = &self.new else { return Ok(()) };
+        r.lock().expect("not poisoned").sent_entry(index, info)
     }
 
     /// Seals the new digest file: complete when `confirmed` (the destination holds every

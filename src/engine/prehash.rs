@@ -27,6 +27,16 @@ pub struct Precomputed {
 }
 
 impl Precomputed {
+    /// Digests as if hashed ahead: `digests[i]` for chunk `i` of `chunk` bytes.
+    #[cfg(test)]
+    pub(crate) fn from_digests(chunk: u64, digests: Vec<Vec<BlockInfo>>) -> Self {
+        Precomputed {
+            chunk,
+            digests,
+            read: 0,
+        }
+    }
+
     /// Drops the chunks at or past byte `end`: the other side holds nothing to compare
     /// them with (a push to a new or smaller destination), so they are better read and
     /// sent straight away than read twice.

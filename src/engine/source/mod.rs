@@ -14,12 +14,14 @@ mod compare;
 mod read;
 mod record;
 mod refine;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use super::messages::{Counts, FindingKind, ToDest, ToSource};
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::hash::BlockInfo;
+use crate::hash::{BlockInfo, HashKind};
 use crate::io::pool::{Buf, Slice};
 use crate::io::target::{self, Advice, Target};
 use compare::{Changes, Send};
@@ -316,13 +318,27 @@ impl Pass<'_> {
             log.record(offset, m);
         }
         let changes = compare::changed_ranges(config, &chunk, &theirs, mine.as_deref());
-        if let (Some(c), Some(m)) = (config.cache.as_deref(), &mine) {
-            record::record_chunk(c, &config.layout, &chunk, &changes, m)?;
-        }
         drop(theirs); // hand the destination's buffer back before waiting on anything else
+        let cache = config.cache.as_deref();
+        let mut record = match (cache, self.digest_kind(), mine) {
+            (Some(_), Some(kind), Some(m)) => Some(record::ChunkRecord::new(
+                &config.layout,
+                kind,
+                &chunk,
+                &changes,
+                m,
+            )),
+            _ => None,
+        };
         let nblocks = len.div_ceil(config.layout.block as usize) as u64;
         self.count(&changes, nblocks);
-        self.send_changes(offset, chunk.data.map(Arc::new), changes)?;
+        let data = chunk.data.map(Arc::new);
+        self.send_changes(offset, data, changes, record.as_mut())?;
+        // Recorded once sent: blocks read again for sending hold what was read then.
+        if let (Some(c), Some(r)) = (cache, record) {
+            let layout = config.layout;
+            r.write(c, layout.start / layout.block)?;
+        }
         Stats::add(&stats.done, len as u64);
         if !config.pause.is_zero() {
             let nblocks = u32::try_from(nblocks).unwrap_or(u32::MAX);
@@ -337,12 +353,7 @@ impl Pass<'_> {
     fn own_digests(&self, chunk: &mut Chunk, theirs: &ToSource) -> Option<Vec<BlockInfo>> {
         let config = self.config;
         let cache = config.cache.as_deref();
-        let kind = match (config.compare, cache, &config.verify) {
-            (Compare::Digest(k), _, _) => k,
-            (_, Some(c), _) if c.records() => c.kind,
-            (_, _, Some(v)) => v.kind,
-            _ => return None,
-        };
+        let kind = self.digest_kind()?;
         let all = cache.is_some_and(|c| c.records()) || config.verify.is_some();
         // Blocks whose digest the comparison needs: those the destination has.
         let compared = |j: usize| match theirs {
@@ -365,6 +376,18 @@ impl Pass<'_> {
         })
     }
 
+    /// The digest of the source's own digests, when it needs them (see
+    /// [`Pass::own_digests`]).
+    fn digest_kind(&self) -> Option<HashKind> {
+        let config = self.config;
+        match (config.compare, config.cache.as_deref(), &config.verify) {
+            (Compare::Digest(k), _, _) => Some(k),
+            (_, Some(c), _) if c.records() => Some(c.kind),
+            (_, _, Some(v)) => Some(v.kind),
+            _ => None,
+        }
+    }
+
     /// Adds a chunk's changes (of `nblocks` blocks) to the counters.
     fn count(&self, changes: &Changes, nblocks: u64) {
         let stats = self.stats;
@@ -381,22 +404,24 @@ impl Pass<'_> {
     }
 
     /// Sends the changed ranges of the chunk at `offset`, whose bytes are `shared` when
-    /// they were read (else read again now).
+    /// they were read (else read again now); `record` learns what bytes were read again.
     fn send_changes(
         &mut self,
         offset: u64,
         shared: Option<Arc<Buf>>,
         changes: Changes,
+        mut record: Option<&mut record::ChunkRecord>,
     ) -> Result<()> {
         for (r, how) in changes.ranges {
+            let record = record.as_deref_mut();
             match how {
-                Send::Refine => self.send_refine(offset, shared.as_ref(), r)?,
+                Send::Refine => self.send_refine(offset, shared.as_ref(), r, record)?,
                 _ if self.config.dry_run => {}
                 Send::Zero => self.refiner.send(ToDest::Zero {
                     offset: offset + r.start as u64,
                     len: r.len() as u64,
                 })?,
-                _ => self.send_data(offset, shared.as_ref(), r, how)?,
+                _ => self.send_data(offset, shared.as_ref(), r, how, record)?,
             }
         }
         Ok(())
@@ -409,19 +434,29 @@ impl Pass<'_> {
         offset: u64,
         shared: Option<&Arc<Buf>>,
         r: Range<usize>,
+        mut record: Option<&mut record::ChunkRecord>,
     ) -> Result<()> {
         let block = self.config.layout.block as usize;
         for b in (r.start..r.end).step_by(block) {
             let blen = (r.end - b).min(block);
             let at = offset + b as u64;
             if self.refiner.ask(at, blen as u64)? {
+                if let Some(rec) = record.as_deref_mut() {
+                    rec.refined(b);
+                }
                 continue;
             }
             Stats::add(&self.stats.changed_bytes, blen as u64);
             if !self.config.dry_run {
                 let data = match shared {
                     Some(buf) => Slice::new(buf.clone(), b..b + blen),
-                    None => read_range(self.src, at, blen, self.stats)?,
+                    None => {
+                        let data = read_range(self.src, at, blen, self.stats)?;
+                        if let Some(rec) = record.as_deref_mut() {
+                            rec.resent(&(b..b + blen), &data);
+                        }
+                        data
+                    }
                 };
                 self.refiner.send(ToDest::Write { offset: at, data })?;
             }
@@ -436,11 +471,18 @@ impl Pass<'_> {
         shared: Option<&Arc<Buf>>,
         r: Range<usize>,
         how: Send,
+        record: Option<&mut record::ChunkRecord>,
     ) -> Result<()> {
         let at = offset + r.start as u64;
         let data = match shared {
             Some(buf) => Slice::new(buf.clone(), r.clone()),
-            None => read_range(self.src, at, r.len(), self.stats)?,
+            None => {
+                let data = read_range(self.src, at, r.len(), self.stats)?;
+                if let Some(rec) = record {
+                    rec.resent(&r, &data);
+                }
+                data
+            }
         };
         let pieces = if how == Send::DataOverZero {
             compare::nonzero_pages(&data)

@@ -222,6 +222,16 @@ impl<'a> Refiner<'a> {
             };
             self.send(msg)?;
         }
+        // The block now holds what was just read, not what was compared (the chunk's
+        // record left it missing for this).
+        if let Some(c) = self.config.cache.as_deref().filter(|c| c.records()) {
+            let info =
+                crate::engine::blockhash::block_infos(kind, &data, data.len(), data.len(), &[]);
+            c.record_sent(offset / self.config.layout.block, &info[0])
+                .map_err(|e| {
+                    Error::new(Kind::Io, format!("writing digest file {}: {e}", c.name))
+                })?;
+        }
         Ok(())
     }
 }
