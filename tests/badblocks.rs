@@ -272,3 +272,62 @@ fn bad_sectors_with_a_digest_file_and_two_readers() {
     assert_eq!(map_of(&map), ranges(&bad));
     assert!(fs::read(&dst).unwrap() == with_zeros(disk.content(), &bad));
 }
+
+#[test]
+fn max_errors_counts_in_order_with_two_readers() {
+    // Two readers (a digest file stands in for the destination) finish chunks out of
+    // order. A bad range across the chunk boundary is one area, and --max-errors must
+    // count it once even when the chunk after the boundary is read first. Chunk 0 is
+    // made slow to read (many bad blocks, each split down to its sector, every request
+    // delayed) so chunk 1 usually is; the count must not depend on it either way.
+    let size = 6 * M + 4 * K;
+    let mut bad: Vec<(u64, u64)> = (1..=24).map(|k| (k * 128 * K + 512, 512)).collect();
+    bad.push((4 * M - 512, 1024));
+    let areas = bad.len() as u64;
+    let disk = FaultyFs::mount(size, 68, &bad, Duration::from_millis(1));
+    let dir = tempfile::tempdir().unwrap();
+    let (dst, dig, map) = (
+        dir.path().join("copy"),
+        dir.path().join("dig"),
+        dir.path().join("map"),
+    );
+    let state = dir.path().join("state");
+    let run_cached = |max: Option<u64>| {
+        let max = max.map(|m| m.to_string());
+        let mut c = std::process::Command::new(bin());
+        c.args(["-f", "--json", "-b", "64K", "--digest-file", s(&dig)])
+            .args(["--bad-blocks", s(&map)]);
+        if let Some(m) = &max {
+            c.args(["--max-errors", m]);
+        }
+        c.args([s(disk.path()), s(&dst)])
+            .env("XDG_STATE_HOME", &state)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run_cached(None); // writes the digest file
+    assert_eq!(code(&out), 14, "{}", stderr(&out));
+    assert_eq!(map_of(&map), ranges(&bad));
+
+    // Exactly as many areas as allowed: not given up.
+    let out = run_cached(Some(areas));
+    assert_eq!(code(&out), 14, "{}", stderr(&out));
+    let j = json(&out);
+    assert!(
+        j["bytes_read_destination"].as_u64().unwrap() <= 8 * 64 * K,
+        "the digest file was not used, so one reader ran: {j}"
+    );
+    assert_eq!(j["unreadable_ranges"], areas, "{j}");
+    assert_eq!(map_of(&map), ranges(&bad));
+    assert!(fs::read(&dst).unwrap() == with_zeros(disk.content(), &bad));
+
+    // One fewer allowed: given up inside chunk 0, where the last area starts.
+    let out = run_cached(Some(areas - 1));
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("--max-errors {}", areas - 1)),
+        "{err}"
+    );
+}

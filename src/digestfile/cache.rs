@@ -13,6 +13,23 @@ use crate::hash::BlockInfo;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a stream waits for the other streams' spot-checks: they start together, so
+/// one that has not checked by then is stuck.
+const GATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How the spot-checks of all streams came out ([`Cache::all_checked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Every stream checked and found the file right.
+    Passed,
+    /// Some stream found the destination is not what the file says.
+    Stale,
+    /// Some stream did not check within the wait: the file is not known stale, but
+    /// writing on a partial check is not safe either.
+    TimedOut(Duration),
+}
 
 /// The digest files of one run, shared by its streams.
 #[derive(Debug)]
@@ -31,6 +48,8 @@ pub struct Cache {
     /// Streams that spot-check before any of them writes: (arrived, any failed).
     gate: (Mutex<(usize, bool)>, std::sync::Condvar),
     streams: usize,
+    /// How long [`Cache::all_checked`] waits ([`GATE_TIMEOUT`]; tests shorten it).
+    gate_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -43,9 +62,18 @@ struct Recorder {
     progress: HashMap<u64, (u64, u64)>,
 }
 
+impl Recorder {
+    /// Keeps aside what sent block `index` holds; entries apply in order, the last wins.
+    fn sent_entry(&mut self, index: u64, info: &BlockInfo) -> io::Result<()> {
+        let mut e = [0u8; 8 + crate::digestfile::format::ENTRY];
+        e[..8].copy_from_slice(&index.to_le_bytes());
+        e[8..].copy_from_slice(&crate::digestfile::format::encode_entry(info));
+        self.sent.write_all(&e)
+    }
+}
+
 impl Cache {
     /// A cache comparing against `old` (if any) and recording into `new` (if any).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: crate::hash::HashKind,
         name: String,
@@ -89,26 +117,31 @@ impl Cache {
             new,
             gate: (Mutex::new((0, false)), std::sync::Condvar::new()),
             streams: streams.max(1),
+            gate_timeout: GATE_TIMEOUT,
         })
     }
 
     /// Every stream calls this once after its spot-checks: nobody writes before all have
-    /// checked, and if any found the file stale, all stop. Returns whether all passed.
-    pub fn all_checked(&self, passed: bool) -> bool {
+    /// checked, and if any found the file stale, all stop.
+    pub fn all_checked(&self, passed: bool) -> Gate {
         let (lock, cv) = &self.gate;
         let mut g = lock.lock().expect("not poisoned");
         g.0 += 1;
         g.1 |= !passed;
         cv.notify_all();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let deadline = std::time::Instant::now() + self.gate_timeout;
         while g.0 < self.streams {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return false; // a stream never came: do not write on a partial check
+                // A stream that found the file stale is the better reason to give.
+                return match g.1 {
+                    true => Gate::Stale,
+                    false => Gate::TimedOut(self.gate_timeout),
+                };
             }
             g = cv.wait_timeout(g, left).expect("not poisoned").0;
         }
-        !g.1
+        if g.1 { Gate::Stale } else { Gate::Passed }
     }
 
     /// Whether this run records a new digest file.
@@ -143,10 +176,7 @@ impl Cache {
         let mut now: Vec<BlockInfo> = infos.to_vec();
         for (j, s) in sent.iter().enumerate() {
             if *s {
-                let mut e = [0u8; 8 + crate::digestfile::format::ENTRY];
-                e[..8].copy_from_slice(&(first + j as u64).to_le_bytes());
-                e[8..].copy_from_slice(&crate::digestfile::format::encode_entry(&infos[j]));
-                r.sent.write_all(&e)?;
+                r.sent_entry(first + j as u64, &infos[j])?;
                 now[j] = BlockInfo::Missing;
             }
         }
@@ -155,6 +185,13 @@ impl Cache {
             p.0 = first + infos.len() as u64;
         }
         Ok(())
+    }
+
+    /// Records what block `index`, sent later than its chunk was recorded (a refined
+    /// block), holds once written; it replaces what the chunk's record said of it.
+    pub fn record_sent(&self, index: u64, info: &BlockInfo) -> io::Result<()> {
+        let Some(r) = &self.new else { return Ok(()) };
+        r.lock().expect("not poisoned").sent_entry(index, info)
     }
 
     /// Seals the new digest file: complete when `confirmed` (the destination holds every
@@ -212,5 +249,56 @@ impl Cache {
         })();
         let _ = std::fs::remove_file(&sent_path);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(streams: usize) -> Cache {
+        let kind = crate::hash::HashKind::Xxh3;
+        Cache::new(
+            kind,
+            "dig".into(),
+            "dst".into(),
+            None,
+            vec![],
+            None,
+            streams,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stream_that_never_checks_is_a_timeout_not_a_stale_file() {
+        let mut c = cache(2);
+        c.gate_timeout = Duration::from_millis(50);
+        assert_eq!(
+            c.all_checked(true),
+            Gate::TimedOut(Duration::from_millis(50))
+        );
+    }
+
+    #[test]
+    fn a_failed_check_while_another_stream_never_comes_is_stale() {
+        let mut c = cache(3);
+        c.gate_timeout = Duration::from_millis(50);
+        assert_eq!(c.all_checked(false), Gate::Stale);
+        assert_eq!(c.all_checked(true), Gate::Stale);
+    }
+
+    #[test]
+    fn streams_wait_for_each_other_and_share_the_outcome() {
+        for (second, want) in [(true, Gate::Passed), (false, Gate::Stale)] {
+            let c = cache(2);
+            let outcomes = std::thread::scope(|s| {
+                let a = s.spawn(|| c.all_checked(true));
+                let b = s.spawn(|| c.all_checked(second));
+                [a.join().unwrap(), b.join().unwrap()]
+            });
+            assert_eq!(outcomes, [want, want]);
+        }
+        assert_eq!(cache(1).all_checked(true), Gate::Passed);
     }
 }

@@ -99,6 +99,23 @@ pub struct RunOptions {
     pub verify: Option<Arc<VerifyLog>>,
 }
 
+impl Default for RunOptions {
+    /// Compare bytes, write, keep the destination sparse: a plain local sync.
+    fn default() -> Self {
+        RunOptions {
+            compare: Compare::Bytes,
+            dry_run: false,
+            pause: Duration::ZERO,
+            drop_cache: false,
+            sparse: true,
+            discard: false,
+            refine: 0,
+            salvage: Salvage::default(),
+            verify: None,
+        }
+    }
+}
+
 /// Buffers per pool: about 16 MiB in flight per side, at least two chunks.
 fn buffers_for(chunk: u64) -> usize {
     ((16u64 << 20) / chunk).clamp(2, 8) as usize

@@ -99,12 +99,12 @@ fn hash_dest(
                 let block = config.layout.block as usize;
                 ToSource::Verify {
                     index,
-                    blocks: super::prehash::infos_at(kind, &data, len, block, &zeros, true),
+                    blocks: super::blockhash::hash_blocks(kind, &data, len, block, &zeros, true),
                 }
             }
             ToSource::Bytes { index, data, zeros } => ToSource::Digests {
                 index,
-                blocks: super::prehash::chunk_info(kind, &config.layout, index, &data, &zeros),
+                blocks: super::blockhash::hash_chunk(kind, &config.layout, index, &data, &zeros),
             },
             other => other,
         };
@@ -259,7 +259,7 @@ fn pieces(
         data.truncate(n);
         Stats::add(&stats.dest_read, n as u64);
     }
-    Ok(super::prehash::block_infos(
+    Ok(super::blockhash::block_infos(
         kind,
         &data,
         len as usize,

@@ -7,6 +7,7 @@
 //! (several blocks) at a time, while the other threads compare and write, so reading,
 //! comparing and writing overlap and memory stays bounded by the pools.
 
+pub(crate) mod blockhash;
 mod config;
 pub(crate) mod dest;
 mod layout;
