@@ -52,6 +52,13 @@ A last measurement (``--rss``, on by default) records the peak RSS of
 blocksync syncing a 16 GiB loop device onto another (over sparse files, so
 every byte is read but the disk is not filled), via ``os.wait4``.
 
+``--before PATH``: a second blocksync binary (say, built from the commit
+before a change), copied into the work dir like ``--bin`` and its own remote
+(``-S``).  Every blocksync case is also timed with it (key ``<key>-before``,
+label ``(b') blocksync before ...``), alternating run by run with the same
+preparation, and each group prints ``after / before = X.XX (<key>)`` of the
+median wall times.  Without it the output is as it was.
+
 Standard library only.  See bench/README.md; ``bench.py --help`` for options.
 
 Adding a case: write a ``case_*`` function returning a :class:`Case` and add
@@ -63,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import errno
 import json
 import os
@@ -286,11 +294,11 @@ def make_workdir(dir_opt: str | None) -> Workdir:
     return Workdir(root, created)
 
 
-def snapshot_binary(bin_path: Path, wd: Workdir) -> Path:
+def snapshot_binary(bin_path: Path, wd: Workdir, name: str = "blocksync") -> Path:
     """Copy the binary into the work dir and use the copy for every case (local
     and as the remote's -S), so a rebuild of target/ during the run cannot
     swap it halfway through."""
-    copy = wd.path("blocksync")
+    copy = wd.path(name)
     shutil.copy2(bin_path, copy)
     os.chmod(copy, 0o755)
     return copy
@@ -708,33 +716,50 @@ def verify_case(case: Case, wd: Workdir, what: str) -> None:
         verify_same(wd.src, wd.dst, what)
 
 
+def time_run(result: Result, wd: Workdir, i: int, runs: int) -> None:
+    """Prepare, time and verify run `i` of `result.case`; add it to `result`."""
+    case = result.case
+    argv = case.argv(wd)
+    prepare(case, wd)
+    stdin = open(case.stdin(wd), "rb") if case.stdin else subprocess.DEVNULL
+    try:
+        lo0 = lo_tx_bytes() if case.net else None
+        t0 = time.perf_counter()
+        if case.func:
+            case.func(wd)
+        else:
+            run(argv, stdin=stdin)
+        dt = time.perf_counter() - t0
+        lo1 = lo_tx_bytes() if case.net else None
+    finally:
+        if case.stdin:
+            stdin.close()
+    verify_case(case, wd, f"{case.key} run {i + 1}")
+    result.times.append(dt)
+    extra = ""
+    if lo0 is not None and lo1 is not None:
+        result.lo.append(lo1 - lo0)
+        extra = f", loopback {(lo1 - lo0) / MB:.2f} MB"
+    log(f"  {case.key:<10} run {i + 1}/{runs}: {dt:.3f} s{extra}")
+
+
 def time_case(case: Case, wd: Workdir, runs: int) -> Result:
     """Run `case` `runs` times with the cache warm; return the wall times."""
-    argv = case.argv(wd)
     result = Result(case, [])
     for i in range(runs):
-        prepare(case, wd)
-        stdin = open(case.stdin(wd), "rb") if case.stdin else subprocess.DEVNULL
-        try:
-            lo0 = lo_tx_bytes() if case.net else None
-            t0 = time.perf_counter()
-            if case.func:
-                case.func(wd)
-            else:
-                run(argv, stdin=stdin)
-            dt = time.perf_counter() - t0
-            lo1 = lo_tx_bytes() if case.net else None
-        finally:
-            if case.stdin:
-                stdin.close()
-        verify_case(case, wd, f"{case.key} run {i + 1}")
-        result.times.append(dt)
-        extra = ""
-        if lo0 is not None and lo1 is not None:
-            result.lo.append(lo1 - lo0)
-            extra = f", loopback {(lo1 - lo0) / MB:.2f} MB"
-        log(f"  {case.key:<10} run {i + 1}/{runs}: {dt:.3f} s{extra}")
+        time_run(result, wd, i, runs)
     return result
+
+
+def time_pair(case: Case, twin: Case, wd: Workdir, runs: int) -> list[Result]:
+    """Time `case` and its --before `twin` in alternating runs (ABBA...: who
+    goes first swaps each round), each run prepared as if it were alone, so
+    drift and load on the machine fall on both alike."""
+    results = [Result(case, []), Result(twin, [])]
+    for i in range(runs):
+        for r in (results if i % 2 == 0 else results[::-1]):
+            time_run(r, wd, i, runs)
+    return results
 
 
 def json_summary(case: Case, wd: Workdir) -> dict | None:
@@ -773,6 +798,40 @@ class Group:
     notes: list[str] = field(default_factory=list)
     after: Callable[[Workdir, dict[str, Result]], list[str]] | None = None
     lo_unit: tuple[str, int] = ("MB", MB)     # unit of the table's loopback column
+    twins: dict[str, Case] = field(default_factory=dict)  # --before case by the key of its case
+
+
+def before_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `args` that builds the cases with the --before binary."""
+    return argparse.Namespace(**{**vars(args), "bin": args.before, "variant": "-before"})
+
+
+def before_case(case: Case) -> Case:
+    """`case` renamed as the --before binary's: key `push-before`, label
+    `(d') blocksync before src benchhost:dst (push)`."""
+    label = re.sub(r"^\((\w+)\)", r"(\1')", case.label, count=1)
+    label = label.replace("blocksync", "blocksync before", 1)
+    return dataclasses.replace(case, key=f"{case.key}-before", label=label)
+
+
+def add_twins(group: Group, other: Group, bin_path: Path, wd: Workdir) -> Group:
+    """Pair each case of `group` that runs `bin_path` with the case in the same
+    place of `other` (the same group built with the --before binary)."""
+    for case, twin in zip(group.cases, other.cases):
+        if str(bin_path) in case.argv(wd):
+            group.twins[case.key] = before_case(twin)
+    return group
+
+
+def pair_lines(results: list[Result], group: Group) -> list[str]:
+    """after / before of the median wall time, one line per pair."""
+    by = {r.case.key: r for r in results}
+    lines = []
+    for key, twin in group.twins.items():
+        if key in by and twin.key in by:
+            x = by[key].median / by[twin.key].median
+            lines.append(f"after / before = {x:.2f} ({key})")
+    return lines
 
 
 def local_targets(by: dict[str, Result]) -> list[str]:
@@ -1351,15 +1410,17 @@ def sparse_resync_group(args: argparse.Namespace, sp: SparseData) -> Group:
 def cache_group(args: argparse.Namespace, hash_name: str) -> Group:
     """A sync of the changes with a valid --digest-file (the destination is not read)
     vs reading the source alone. Before each run, dst is put back to dst.orig and a
-    digest file describing it is made (untimed: a sync of dst.orig onto dst)."""
+    digest file describing it is made (untimed: a sync of dst.orig onto dst).
+    The --before binary keeps its own sync id record and digest file."""
     state = None
+    digests = f"dst.{hash_name}{args.variant}.digests"
 
     def setup(wd: Workdir) -> None:
         nonlocal state
-        state = wd.path("state")
+        state = wd.path(f"state{args.variant}")
         os.environ["XDG_STATE_HOME"] = str(state)   # where dst's sync id is kept
         restore_dst(wd)
-        dig = wd.path(f"dst.{hash_name}.digests")
+        dig = wd.path(digests)
         dig.unlink(missing_ok=True)
         run([str(args.bin), "-f", "-q", "--no-progress", "--hash", hash_name,
              "--digest-file", str(dig), str(wd.dst_orig), str(wd.dst)])
@@ -1372,7 +1433,7 @@ def cache_group(args: argparse.Namespace, hash_name: str) -> Group:
     bs = Case(f"cached-{hash_name}",
               f"(b) blocksync --hash {hash_name} --digest-file F src dst",
               lambda wd: [str(args.bin), "-f", "-q", "--no-progress", "--hash", hash_name,
-                          "--digest-file", str(wd.path(f"dst.{hash_name}.digests")),
+                          "--digest-file", str(wd.path(digests)),
                           str(wd.src), str(wd.dst)],
               setup=setup)
 
@@ -1404,7 +1465,8 @@ def patch_lines(args: argparse.Namespace, wd: Workdir) -> list[str]:
     verify_same(wd.src, copy, "patched copy")
     size = patch.stat().st_size
     copy.unlink()
-    return [f"patch for the {args.changes} changes (digest -b 4K of dst.orig, diff src): "
+    who = " (blocksync before)" if args.variant else ""
+    return [f"patch{who} for the {args.changes} changes (digest -b 4K of dst.orig, diff src): "
             f"{size / 1000:.1f} KB (target <= {TARGET_PATCH_KB} KB) "
             f"{verdict(size <= TARGET_PATCH_KB * 1000)}; diff {t_diff:.2f} s, "
             f"apply (checks, writes, verifies) {t_apply:.2f} s; digest file "
@@ -1447,10 +1509,15 @@ def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> None:
     log(f"group {group.title}")
     results = []
     for case in group.cases:
-        log(f"timing {case.label} ...")
-        results.append(time_case(case, wd, args.runs))
+        twin = group.twins.get(case.key)
+        if twin:
+            log(f"timing {case.label} and {twin.label}, interleaved ...")
+            results += time_pair(case, twin, wd, args.runs)
+        else:
+            log(f"timing {case.label} ...")
+            results.append(time_case(case, wd, args.runs))
     by = {r.case.key: r for r in results}
-    lines = group.targets(by) + group.notes
+    lines = pair_lines(results, group) + group.targets(by) + group.notes
     if group.after:
         lines += group.after(wd, by)
     print()
@@ -1479,7 +1546,8 @@ def run_rusage(argv: list[str]) -> tuple[int, "os.struct_rusage", float, bytes]:
     return p.returncode, ru, dt, out
 
 
-def measure_rss(bin_path: Path, wd: Workdir, size: int, changes: int, seed: int) -> None:
+def measure_rss(bin_path: Path, wd: Workdir, size: int, changes: int, seed: int,
+                who: str = "") -> float:
     """Peak RSS of blocksync streaming a `size` device onto another with a few changes.
 
     Loop devices over sparse files: a device has no holes to skip, so blocksync really
@@ -1509,7 +1577,7 @@ def measure_rss(bin_path: Path, wd: Workdir, size: int, changes: int, seed: int)
 
     rss_mib = ru.ru_maxrss / KiB          # ru_maxrss is KiB on Linux
     print()
-    print(f"peak RSS syncing {human(size)}: {rss_mib:.1f} MiB "
+    print(f"peak RSS{who} syncing {human(size)}: {rss_mib:.1f} MiB "
           f"(target < {TARGET_RSS_MIB} MiB) {verdict(rss_mib < TARGET_RSS_MIB)}")
     detail = ""
     try:
@@ -1520,6 +1588,7 @@ def measure_rss(bin_path: Path, wd: Workdir, size: int, changes: int, seed: int)
         pass
     print(f"  time {dt:.2f} s wall, {ru.ru_utime:.2f} s user, "
           f"{ru.ru_stime:.2f} s sys{detail}")
+    return rss_mib
 
 
 # --------------------------------------------------------------------------
@@ -1539,6 +1608,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1, help="seed for change offsets/data (default 1)")
     ap.add_argument("--bin", type=Path, default=DEFAULT_BIN,
                     help="blocksync binary (default: target/release/blocksync, built if missing)")
+    ap.add_argument("--before", type=Path,
+                    help="a second blocksync binary (e.g. built from the commit before a "
+                         "change): every blocksync case is also timed with it, interleaved, "
+                         "and each group prints after / before of the medians")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     on = argparse.BooleanOptionalAction
@@ -1588,7 +1661,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sparse_data < 1 or args.sparse_data > args.sparse_size:
         ap.error("--sparse-data must be between 1 byte and --sparse-size")
     args.bin = args.bin.resolve()
+    if args.before is not None:
+        args.before = args.before.resolve()
+        if not args.before.is_file():
+            ap.error(f"--before {args.before} does not exist")
+    args.variant = ""              # "-before" in before_args: names that binary's files
     return args
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1597,6 +1686,14 @@ def main(argv: list[str] | None = None) -> int:
     wd = make_workdir(args.dir)
     sshd: Sshd | None = None
     proxies: list[DelayProxy] = []
+    bargs: argparse.Namespace | None = None     # the cases' args for --before
+
+    def grouped(build: Callable[..., Group], *extra) -> Group:
+        """build(args, *extra), with the --before twin of each blocksync case."""
+        group = build(args, *extra)
+        if bargs is not None:
+            add_twins(group, build(bargs, *extra), args.bin, wd)
+        return group
 
     def start_sshd() -> Sshd:
         """The throwaway sshd, started on first use and shared by the groups."""
@@ -1609,6 +1706,10 @@ def main(argv: list[str] | None = None) -> int:
         return sshd
 
     try:
+        if args.before:
+            print(f"after: {args.bin}, before: {args.before}; CPU: {cpu_model()}")
+            args.before = snapshot_binary(args.before, wd, "blocksync-before")
+            bargs = before_args(args)
         args.bin = snapshot_binary(args.bin, wd)
         if args.local or args.ssh or args.cache:
             generate_data(wd, args.size, args.changes, args.seed)
@@ -1616,22 +1717,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.runs} runs per case, warm cache, {wd.root}")
             sys.stdout.flush()
         if args.local:
-            run_group(local_group(args), wd, args)
+            run_group(grouped(local_group), wd, args)
         if args.ssh:
             start_sshd()
-            run_group(ssh_group(args, sshd), wd, args)
+            run_group(grouped(ssh_group, sshd), wd, args)
             if args.many:
                 offsets = generate_many(wd, args.size, args.many_changes, args.seed,
                                         args.many_align)
-                run_group(many_group(args, sshd, offsets), wd, args)
+                run_group(grouped(many_group, sshd, offsets), wd, args)
             if args.first_copy:
-                run_group(first_copy_group(args, sshd), wd, args)
+                run_group(grouped(first_copy_group, sshd), wd, args)
             if args.latency:
                 for host, delay in ((HOST_PROXY, 0), (HOST_SLOW, args.delay_ms)):
                     proxy = DelayProxy(sshd.port, delay)
                     proxies.append(proxy)
                     sshd.add_host(host, proxy.port)
-                group = latency_group(args, sshd)
+                group = grouped(latency_group, sshd)
                 logins = {h: min(sshd.login_time(h) for _ in range(3))
                           for h in (HOST, HOST_PROXY, HOST_SLOW)}
                 group.notes.append(
@@ -1641,24 +1742,29 @@ def main(argv: list[str] | None = None) -> int:
                 run_group(group, wd, args)
         if args.cache:
             for h in ("blake3", "xxh3"):
-                group = cache_group(args, h)
+                group = grouped(cache_group, h)
                 if h == "blake3":
-                    group.after = lambda wd, by: patch_lines(args, wd)
+                    group.after = lambda wd, by: patch_lines(args, wd) + (
+                        patch_lines(bargs, wd) if bargs else [])
                 run_group(group, wd, args)
         if args.sparse:
             sp = generate_sparse(wd, args.sparse_size, args.sparse_data, args.seed)
             print(f"\nsparse: {sp.describe()}, {args.runs} runs per case, {wd.root}")
             sys.stdout.flush()
-            run_group(sparse_new_group(args, sp), wd, args)
+            run_group(grouped(sparse_new_group, sp), wd, args)
             if Path(SSHD).exists():
-                run_group(sparse_ssh_group(args, sp, start_sshd()), wd, args)
+                run_group(grouped(sparse_ssh_group, sp, start_sshd()), wd, args)
             else:
                 print(f"\nsparse B (over ssh) skipped: {SSHD} missing")
             sparse_resync_setup(args, sp, args.changes, args.seed)
-            run_group(sparse_resync_group(args, sp), wd, args)
+            run_group(grouped(sparse_resync_group, sp), wd, args)
         if args.rss:
             sys.stdout.flush()
-            measure_rss(args.bin, wd, args.rss_size, args.changes, args.seed)
+            rss = measure_rss(args.bin, wd, args.rss_size, args.changes, args.seed)
+            if args.before:
+                rss_b = measure_rss(args.before, wd, args.rss_size, args.changes, args.seed,
+                                    " (blocksync before)")
+                print(f"after / before = {rss / rss_b:.2f} (peak RSS)")
     finally:
         for proxy in proxies:
             proxy.stop()
