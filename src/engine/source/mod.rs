@@ -153,15 +153,27 @@ pub fn run(
                 message: e.message.clone(),
             },
         };
-        if to_dest.send(end).is_err() {
-            return outcome.and(Err(why_gone(&from_dest)));
-        }
-        drop(to_dest);
-        let confirmed = wait_done(&from_dest);
-        // The first error is the cause; a failed flush after it is a consequence.
-        outcome?;
-        confirmed
+        let confirmed = match to_dest.send(end) {
+            Ok(()) => {
+                drop(to_dest);
+                wait_done(&from_dest)
+            }
+            Err(_) => Err(why_gone(&from_dest)),
+        };
+        first_cause(outcome, confirmed)
     })
+}
+
+/// The run's result from this half's own outcome and the destination's last word. The
+/// first error is the cause and a failure after it a consequence, except after an
+/// interruption: then a destination that could not write or flush what it had is the
+/// news ("what was written is flushed" would not be true).
+fn first_cause(outcome: Result<()>, confirmed: Result<()>) -> Result<()> {
+    match (outcome, confirmed) {
+        (Err(e), Err(d)) if e.kind == Kind::Interrupted && d.kind == Kind::Io => Err(d),
+        (Err(e), _) => Err(e),
+        (Ok(()), confirmed) => confirmed,
+    }
 }
 
 fn wait_done(from_dest: &Receiver<ToSource>) -> Result<()> {

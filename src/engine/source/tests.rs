@@ -160,3 +160,28 @@ fn the_digest_file_records_the_bytes_sent_for_a_refined_block() {
     );
     assert_eq!(recorded, block_infos(KIND, &dest, SIZE, BLOCK, &[]));
 }
+
+#[test]
+fn after_an_interruption_a_failed_flush_is_the_news() {
+    use super::first_cause;
+    use crate::error::{Error, Kind};
+    let err = |k: Kind| Err(Error::new(k, format!("{k:?}")));
+    let kind = |r: crate::error::Result<()>| r.err().map(|e| e.kind);
+    // Interrupted, and the destination flushed what it had (it says it stopped early).
+    assert_eq!(
+        kind(first_cause(err(Kind::Interrupted), err(Kind::Protocol))),
+        Some(Kind::Interrupted)
+    );
+    // Interrupted, and the destination could not write or flush: that is reported.
+    assert_eq!(
+        kind(first_cause(err(Kind::Interrupted), err(Kind::Io))),
+        Some(Kind::Io)
+    );
+    // Any other cause stays the cause.
+    assert_eq!(
+        kind(first_cause(err(Kind::Source), err(Kind::Io))),
+        Some(Kind::Source)
+    );
+    assert_eq!(kind(first_cause(Ok(()), err(Kind::Io))), Some(Kind::Io));
+    assert_eq!(kind(first_cause(Ok(()), Ok(()))), None);
+}
