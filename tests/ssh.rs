@@ -432,3 +432,39 @@ fn large_blocks_are_written_around_the_page_cache() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(&dev.read()[..content.len()], &content[..]);
 }
+
+/// The summary's counters say what happened: a first push reads the source once, and a
+/// re-sync of a sparse file counts its holes as holes, also when they were hashed ahead
+/// while ssh logged in.
+#[test]
+fn counters_tell_what_a_push_read() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(8 * M, 61);
+    fs::write(&src, &content).unwrap();
+    let dst = dir.path().join("dst");
+    let target = format!("testhost:{}", s(&dst));
+    let out = run_with(&via(&sshd), &[s(&src), &target]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["bytes_read_source"], 8 * M, "{j}");
+    assert_eq!(j["bytes_written"], 8 * M, "{j}");
+
+    // 64 MiB, of which 4 MiB at 16 MiB are data: 60 of the 64 blocks are holes.
+    let sparse = dir.path().join("sparse");
+    let f = fs::File::create(&sparse).unwrap();
+    f.set_len(64 * M as u64).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data(4 * M, 62), 16 * M as u64).unwrap();
+    drop(f);
+    let copy = format!("testhost:{}", s(&dir.path().join("copy")));
+    let out = run_with(&via(&sshd), &[s(&sparse), &copy]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = run_with(&via(&sshd), &[s(&sparse), &copy]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["blocks_changed"], 0, "{j}");
+    assert_eq!(j["blocks_zero"], 60, "{j}");
+    assert_eq!(j["blocks_hole"], 60, "{j}");
+    assert_eq!(j["bytes_read_source"], 4 * M, "{j}");
+}

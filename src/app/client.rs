@@ -406,7 +406,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     } else {
         &stats.dest_read
     };
-    Stats::add(here_read, ahead.as_ref().map_or(0, |p| p.read));
+    Stats::add(here_read, ahead.as_ref().map_or(0, |p| p.read()));
     let job = Job {
         remote,
         run: settings.run_options(Compare::Digest(settings.hash)),

@@ -21,20 +21,50 @@ const MAX_ENTRIES: usize = 256 << 10;
 #[derive(Debug, Default)]
 pub struct Precomputed {
     chunk: u64,
-    digests: Vec<Vec<BlockInfo>>,
-    /// Bytes read to compute them.
-    pub read: u64,
+    chunks: Vec<Ahead>,
+}
+
+/// One chunk hashed ahead.
+#[derive(Debug)]
+struct Ahead {
+    digests: Vec<BlockInfo>,
+    /// Bytes read to hash it.
+    read: u64,
+    /// Its blocks in holes, known zero without reading.
+    holes: u64,
 }
 
 impl Precomputed {
     /// Digests as if hashed ahead: `digests[i]` for chunk `i` of `chunk` bytes.
     #[cfg(test)]
     pub(crate) fn from_digests(chunk: u64, digests: Vec<Vec<BlockInfo>>) -> Self {
-        Precomputed {
-            chunk,
-            digests,
-            read: 0,
+        let chunks = digests
+            .into_iter()
+            .map(|digests| Ahead {
+                digests,
+                read: 0,
+                holes: 0,
+            })
+            .collect();
+        Precomputed { chunk, chunks }
+    }
+
+    /// Bytes read to hash the chunks kept: those the sync uses instead of reading them
+    /// (the rest it reads itself, and counts then).
+    pub fn read(&self) -> u64 {
+        self.chunks.iter().map(|c| c.read).sum()
+    }
+
+    /// How many blocks of the chunk at `offset` are in holes, if it was hashed ahead.
+    pub fn holes(&self, offset: u64) -> Option<u64> {
+        self.at(offset).map(|c| c.holes)
+    }
+
+    fn at(&self, offset: u64) -> Option<&Ahead> {
+        if self.chunk == 0 || !offset.is_multiple_of(self.chunk) {
+            return None;
         }
+        self.chunks.get((offset / self.chunk) as usize)
     }
 
     /// Drops the chunks at or past byte `end`: the other side holds nothing to compare
@@ -42,7 +72,7 @@ impl Precomputed {
     /// sent straight away than read twice.
     pub fn drop_from(&mut self, end: u64) {
         if self.chunk > 0 {
-            self.digests.truncate(end.div_ceil(self.chunk) as usize);
+            self.chunks.truncate(end.div_ceil(self.chunk) as usize);
         }
     }
 
@@ -55,19 +85,14 @@ impl Precomputed {
             let end = (i as u64 + 1) * c;
             end.min(assumed_size) == end.min(real_size)
         };
-        let keep = (0..self.digests.len()).take_while(|&i| same(i)).count();
-        self.digests.truncate(keep);
+        let keep = (0..self.chunks.len()).take_while(|&i| same(i)).count();
+        self.chunks.truncate(keep);
     }
 
     /// Digests of the blocks of the chunk starting at `offset` (only blocks the file held
     /// completely), if that chunk was hashed ahead.
     pub fn get(&self, offset: u64) -> Option<&[BlockInfo]> {
-        if self.chunk == 0 || !offset.is_multiple_of(self.chunk) {
-            return None;
-        }
-        self.digests
-            .get((offset / self.chunk) as usize)
-            .map(Vec::as_slice)
+        self.at(offset).map(|c| c.digests.as_slice())
     }
 }
 
@@ -112,10 +137,13 @@ impl Prehash {
                 else {
                     break; // the real pass will meet and report the error
                 };
-                out.read += n;
-                let info = hash_chunk(kind, &layout, index, &buf[..want], &holes);
-                entries += info.len();
-                out.digests.push(info);
+                let digests = hash_chunk(kind, &layout, index, &buf[..want], &holes);
+                entries += digests.len();
+                out.chunks.push(Ahead {
+                    digests,
+                    read: n,
+                    holes: holes.iter().filter(|&&h| h).count() as u64,
+                });
             }
             out
         });
@@ -160,7 +188,7 @@ mod tests {
             std::thread::yield_now();
         }
         let pre = pre.finish();
-        assert_eq!(pre.read, 10_000);
+        assert_eq!(pre.read(), 10_000);
         let first = pre.get(0).unwrap();
         assert_eq!(first.len(), 2);
         assert_eq!(
@@ -175,7 +203,11 @@ mod tests {
         assert!(pre.get(8192).is_some());
         pre.retain_matching(12_000, 20_000);
         assert!(pre.get(0).is_some() && pre.get(8192).is_none());
+        // What was dropped is read again by the sync, and counted there.
+        assert_eq!(pre.read(), 8192);
+        assert_eq!(pre.holes(0), Some(0));
         pre.drop_from(0);
         assert!(pre.get(0).is_none());
+        assert_eq!(pre.read(), 0);
     }
 }

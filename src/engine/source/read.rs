@@ -115,6 +115,9 @@ impl ReadThread<'_> {
         if let Some(ahead) = ahead.filter(|a| a.len() == nblocks) {
             let zeros: Vec<bool> = ahead.iter().map(|b| *b == BlockInfo::Zero).collect();
             count_zeros(r.stats, &zeros);
+            // Its holes were skipped when it was hashed ahead: still holes not read.
+            let holes = r.config.precomputed.as_ref().and_then(|p| p.holes(offset));
+            Stats::add(&r.stats.blocks_hole, holes.unwrap_or(0));
             return Some(Ok(Chunk::unread(index, zeros)));
         }
         // Blocks wholly in holes are zero without reading them.
