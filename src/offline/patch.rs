@@ -15,6 +15,7 @@ use crate::engine::Layout;
 use crate::error::{Error, Kind, Result, os_text};
 use crate::hash::BlockInfo;
 use crate::hash::HashKind;
+use crate::io::codec::{Rd, Short, put_text, put_u8, put_u16, put_u32, put_u64};
 use crate::io::target::{self, Target, TargetKind};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -25,6 +26,8 @@ const VERSION: u16 = 1;
 const R_END: u8 = 0;
 const R_DATA: u8 = 1;
 const R_ZERO: u8 = 2;
+/// Longest target name stored.
+const MAX_LABEL: usize = 8192;
 
 /// Reads a target chunk by chunk (holes not read) and hands each chunk's block states to
 /// `each`: digests cut to 128 bits, and at full strength when `full` (for the source's
@@ -152,15 +155,33 @@ pub fn digest(
 
 fn put_header(out: &mut Vec<u8>, h: &PatchHeader) {
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(h.hash.id());
+    put_u16(out, VERSION);
+    put_u8(out, h.hash.id());
     for v in [h.block, h.source_size, h.target_size] {
-        out.extend_from_slice(&v.to_le_bytes());
+        put_u64(out, v);
     }
     out.extend_from_slice(&h.expected);
-    let label = h.label.as_bytes();
-    out.extend_from_slice(&(label.len().min(8192) as u32).to_le_bytes());
-    out.extend_from_slice(&label[..label.len().min(8192)]);
+    put_text(out, &h.label, MAX_LABEL);
+}
+
+/// A data record: offset, raw length, codec (1: zstd at `level`, when that saves at least
+/// 1/16; 0: as is), stored length, bytes.
+fn put_data_record(rec: &mut Vec<u8>, at: u64, raw: &[u8], level: i32) {
+    put_u8(rec, R_DATA);
+    put_u64(rec, at);
+    put_u32(rec, raw.len() as u32);
+    match zstd::bulk::compress(raw, level) {
+        Ok(c) if level > 0 && c.len() < raw.len() - raw.len() / 16 => {
+            put_u8(rec, 1);
+            put_u32(rec, c.len() as u32);
+            rec.extend_from_slice(&c);
+        }
+        _ => {
+            put_u8(rec, 0);
+            put_u32(rec, raw.len() as u32);
+            rec.extend_from_slice(raw);
+        }
+    }
 }
 
 /// What a patch applies to and produces.
@@ -271,27 +292,12 @@ pub fn diff(src: &Target, against: &DigestFile, level: i32, out: impl Write) -> 
                 (j as u64 * block) as usize..(((j + 1) as u64 * block) as usize).min(data.len());
             let mut rec = Vec::new();
             if *mine == BlockInfo::Zero {
-                rec.push(R_ZERO);
-                rec.extend_from_slice(&at.to_le_bytes());
-                rec.extend_from_slice(&(r.len() as u64).to_le_bytes());
+                put_u8(&mut rec, R_ZERO);
+                put_u64(&mut rec, at);
+                put_u64(&mut rec, r.len() as u64);
                 stats.zero_blocks += 1;
             } else {
-                let raw = &data[r];
-                rec.push(R_DATA);
-                rec.extend_from_slice(&at.to_le_bytes());
-                rec.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-                match zstd::bulk::compress(raw, level) {
-                    Ok(c) if level > 0 && c.len() < raw.len() - raw.len() / 16 => {
-                        rec.push(1);
-                        rec.extend_from_slice(&(c.len() as u32).to_le_bytes());
-                        rec.extend_from_slice(&c);
-                    }
-                    _ => {
-                        rec.push(0);
-                        rec.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-                        rec.extend_from_slice(raw);
-                    }
-                }
+                put_data_record(&mut rec, at, &data[r], level);
                 stats.data_blocks += 1;
             }
             records += 1;
@@ -300,7 +306,7 @@ pub fn diff(src: &Target, against: &DigestFile, level: i32, out: impl Write) -> 
         Ok(())
     })?;
     let mut end = vec![R_END];
-    end.extend_from_slice(&records.to_le_bytes());
+    put_u64(&mut end, records);
     end.extend_from_slice(&whole.done());
     end.extend_from_slice(&untouched.done());
     w.write_all(&end).map_err(io_err)?;
@@ -440,29 +446,42 @@ fn tempfile_in_tmp() -> Result<File> {
     Ok(f)
 }
 
-fn read_header(r: &mut impl Read) -> Result<PatchHeader> {
-    let mut fixed = [0u8; 16 + 2 + 1 + 24 + 32 + 4];
-    r.read_exact(&mut fixed)
+/// The next `N` bytes of a patch; its end is an error.
+fn read_fixed<const N: usize>(r: &mut impl Read) -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b)
         .map_err(|_| bad_patch("the patch is truncated"))?;
-    let version = u16::from_le_bytes([fixed[16], fixed[17]]);
+    Ok(b)
+}
+
+/// A field of a part read whole with [`read_fixed`]: it lies inside, so it cannot fall
+/// short.
+fn field<T>(f: std::result::Result<T, Short>) -> T {
+    f.expect("inside the fixed part")
+}
+
+fn read_header(r: &mut impl Read) -> Result<PatchHeader> {
+    let fixed = read_fixed::<{ 16 + 2 + 1 + 24 + 32 + 4 }>(r)?;
+    let mut f = Rd(&fixed);
+    field(f.take(MAGIC.len())); // checked by Patch::open
+    let version = field(f.u16());
     if version != VERSION {
         return Err(bad_patch(&format!(
             "patch version {version}; this blocksync reads {VERSION}"
         )));
     }
     let hash =
-        HashKind::from_id(fixed[18]).ok_or_else(|| bad_patch("unknown hash in the patch"))?;
-    let num = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8"));
-    let (block, source_size, target_size) = (num(19), num(27), num(35));
+        HashKind::from_id(field(f.u8())).ok_or_else(|| bad_patch("unknown hash in the patch"))?;
+    let (block, source_size, target_size) = (field(f.u64()), field(f.u64()), field(f.u64()));
     if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&block)
         || source_size > i64::MAX as u64
         || target_size > i64::MAX as u64
     {
         return Err(bad_patch("the patch has an impossible block size or size"));
     }
-    let expected: [u8; 32] = fixed[43..75].try_into().expect("32");
-    let n = u32::from_le_bytes(fixed[75..79].try_into().expect("4")) as usize;
-    if n > 8192 {
+    let expected: [u8; 32] = field(f.array());
+    let n = field(f.u32()) as usize;
+    if n > MAX_LABEL {
         return Err(bad_patch("the patch has an oversized name"));
     }
     let mut label = vec![0u8; n];
@@ -495,43 +514,31 @@ enum Record {
 }
 
 fn read_record(r: &mut impl Read, h: &PatchHeader) -> Result<Record> {
-    let trunc = |_| bad_patch("the patch is truncated");
-    let mut tag = [0u8; 1];
-    r.read_exact(&mut tag).map_err(trunc)?;
-    let mut u64b = [0u8; 8];
-    let mut u32b = [0u8; 4];
-    match tag[0] {
+    let [tag] = read_fixed::<1>(r)?;
+    match tag {
         R_END => {
-            r.read_exact(&mut u64b).map_err(trunc)?;
-            let mut digest = [0u8; 32];
-            r.read_exact(&mut digest).map_err(trunc)?;
-            let mut untouched = [0u8; 32];
-            r.read_exact(&mut untouched).map_err(trunc)?;
+            let b = read_fixed::<{ 8 + 32 + 32 }>(r)?;
+            let mut f = Rd(&b);
             Ok(Record::End {
-                records: u64::from_le_bytes(u64b),
-                digest,
-                untouched,
+                records: field(f.u64()),
+                digest: field(f.array()),
+                untouched: field(f.array()),
             })
         }
         R_ZERO => {
-            r.read_exact(&mut u64b).map_err(trunc)?;
-            let offset = u64::from_le_bytes(u64b);
-            r.read_exact(&mut u64b).map_err(trunc)?;
-            let len = u64::from_le_bytes(u64b);
+            let b = read_fixed::<16>(r)?;
+            let mut f = Rd(&b);
+            let (offset, len) = (field(f.u64()), field(f.u64()));
             if len > h.block || offset.checked_add(len).is_none_or(|e| e > h.source_size) {
                 return Err(bad_patch("the patch has a zero range out of bounds"));
             }
             Ok(Record::Zero { offset, len })
         }
         R_DATA => {
-            r.read_exact(&mut u64b).map_err(trunc)?;
-            let offset = u64::from_le_bytes(u64b);
-            r.read_exact(&mut u32b).map_err(trunc)?;
-            let raw = u32::from_le_bytes(u32b) as u64;
-            let mut codec = [0u8; 1];
-            r.read_exact(&mut codec).map_err(trunc)?;
-            r.read_exact(&mut u32b).map_err(trunc)?;
-            let n = u32::from_le_bytes(u32b) as u64;
+            let b = read_fixed::<{ 8 + 4 + 1 + 4 }>(r)?;
+            let mut f = Rd(&b);
+            let (offset, raw) = (field(f.u64()), field(f.u32()) as u64);
+            let (codec, n) = (field(f.u8()), field(f.u32()) as u64);
             if raw > h.block
                 || n > h.block + 1024
                 || offset.checked_add(raw).is_none_or(|e| e > h.source_size)
@@ -539,8 +546,9 @@ fn read_record(r: &mut impl Read, h: &PatchHeader) -> Result<Record> {
                 return Err(bad_patch("the patch has a block out of bounds"));
             }
             let mut bytes = vec![0u8; n as usize];
-            r.read_exact(&mut bytes).map_err(trunc)?;
-            let data = match codec[0] {
+            r.read_exact(&mut bytes)
+                .map_err(|_| bad_patch("the patch is truncated"))?;
+            let data = match codec {
                 0 if n == raw => bytes,
                 1 => zstd::bulk::decompress(&bytes, raw as usize)
                     .ok()
