@@ -170,8 +170,10 @@ fn put_data_record(rec: &mut Vec<u8>, at: u64, raw: &[u8], level: i32) {
     put_u8(rec, R_DATA);
     put_u64(rec, at);
     put_u32(rec, raw.len() as u32);
-    match zstd::bulk::compress(raw, level) {
-        Ok(c) if level > 0 && c.len() < raw.len() - raw.len() / 16 => {
+    // Level 0 is off: not even tried (the result would be thrown away).
+    let packed = (level > 0).then(|| compress(raw, level));
+    match packed {
+        Some(Ok(c)) if c.len() < raw.len() - raw.len() / 16 => {
             put_u8(rec, 1);
             put_u32(rec, c.len() as u32);
             rec.extend_from_slice(&c);
@@ -182,6 +184,19 @@ fn put_data_record(rec: &mut Vec<u8>, at: u64, raw: &[u8], level: i32) {
             rec.extend_from_slice(raw);
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Blocks this thread compressed, so a test can tell that level 0 compresses none.
+    static COMPRESSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// `raw` compressed with zstd at `level`.
+fn compress(raw: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    #[cfg(test)]
+    COMPRESSED.with(|c| c.set(c.get() + 1));
+    zstd::bulk::compress(raw, level)
 }
 
 /// What a patch applies to and produces.
@@ -697,4 +712,34 @@ pub fn apply(p: &Patch, t: &Target) -> Result<ApplyStats> {
 /// Opens the target digest file for `diff`, with one-line errors.
 pub fn open_against(path: &Path) -> Result<DigestFile> {
     DigestFile::open(path).map_err(|m| Error::new(Kind::Usage, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `-C 0` means off: records go as they are and nothing is compressed only to be
+    /// thrown away (every block was, once).
+    #[test]
+    fn level_zero_writes_raw_records_without_compressing() {
+        let text: Vec<u8> = (0..65536).map(|i| b"patch "[i % 6]).collect();
+        let compressed = || COMPRESSED.with(|c| c.get());
+        let before = compressed();
+        let mut rec = Vec::new();
+        put_data_record(&mut rec, 4096, &text, 0);
+        assert_eq!(compressed(), before, "level 0 compressed a block");
+        let mut raw = vec![R_DATA];
+        raw.extend_from_slice(&4096u64.to_le_bytes());
+        raw.extend_from_slice(&65536u32.to_le_bytes());
+        raw.push(0);
+        raw.extend_from_slice(&65536u32.to_le_bytes());
+        raw.extend_from_slice(&text);
+        assert_eq!(rec, raw);
+        // A level above 0 still compresses what shrinks.
+        let mut rec = Vec::new();
+        put_data_record(&mut rec, 4096, &text, 3);
+        assert_eq!(compressed(), before + 1);
+        assert_eq!(rec[13], 1, "codec zstd");
+        assert!(rec.len() < raw.len() / 4);
+    }
 }
