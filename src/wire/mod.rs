@@ -6,4 +6,5 @@ pub(crate) mod frame;
 pub(crate) mod handshake;
 pub(crate) mod link;
 pub(crate) mod packer;
+pub(crate) mod session;
 pub(crate) mod stream;
