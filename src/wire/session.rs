@@ -157,7 +157,11 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
             let sender = s.spawn(move || send_to_source(from_dest, answers_rx, w, stats, peer));
             let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
             finished.store(true, Ordering::Relaxed);
-            let _ = sender.join();
+            // Done (or Failed) reaches the peer only through the sender: its failure is
+            // this side's, or a run the peer never heard confirmed would pass.
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(Error::new(Kind::Internal, "sending thread panicked")));
             if (last || written.is_err())
                 && let Some(f) = after.take()
             {
@@ -169,7 +173,9 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return written.and(Err(Error::new(Kind::Interrupted, "interrupted")));
             }
-            written.and(received)
+            // The peer's own account (an Abort's reason, a lost stream) before ours of
+            // failing to send to it, which usually follows from it.
+            written.and(received).and(sent)
         })
     }
 }
@@ -228,4 +234,77 @@ fn with_verify<A: FnOnce()>(
         f();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::messages::Counts;
+    use crate::engine::{Compare, Layout};
+    use crate::wire::frame::{Frame, write_frame};
+
+    /// A peer that only says Finish, for an empty range in a dry run: the destination
+    /// half's only message back is Done.
+    fn finish_only() -> Vec<u8> {
+        let mut input = Vec::new();
+        let finish = Frame::Finish {
+            size: 0,
+            counts: Counts::default(),
+        };
+        write_frame(&mut input, &finish).unwrap();
+        input
+    }
+
+    fn dest_config() -> Config {
+        let mut config = Config::new(Layout::new(0, 4096));
+        config.compare = Compare::Digest(crate::hash::HashKind::Blake3);
+        config.dry_run = true;
+        config
+    }
+
+    struct Failing;
+
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(libc::EPIPE))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Panicking;
+
+    impl Write for Panicking {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("a writer that panics");
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn run_dest(w: impl Write + Send) -> Result<()> {
+        let (stats, peer) = (Stats::default(), Peer("the test".into()));
+        let input = finish_only();
+        let link = Link {
+            r: &input[..],
+            w,
+            stats: &stats,
+            peer: &peer,
+        };
+        link.dest_over(None, &dest_config(), None, || {})
+    }
+
+    /// The run itself succeeds; only confirming it to the peer fails. That must not pass
+    /// for a confirmed sync (the peer never heard Done).
+    #[test]
+    fn a_destination_that_cannot_send_its_answer_fails() {
+        assert!(run_dest(Vec::new()).is_ok(), "the conversation is valid");
+        let e = run_dest(Failing).expect_err("Done was never sent");
+        assert_eq!(e.kind, Kind::Remote, "{e}");
+        assert!(e.message.contains("sending to the test"), "{e}");
+        let e = run_dest(Panicking).expect_err("the sending thread panicked");
+        assert_eq!(e.kind, Kind::Internal, "{e}");
+    }
 }
