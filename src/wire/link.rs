@@ -12,12 +12,39 @@ pub use crate::wire::session::{dest_over, source_over};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How far (in bytes of reports) the source side's receiving thread reads ahead.
 pub(crate) const LOOKAHEAD_BYTES: usize = 32 << 20;
 
 /// Write buffer per stream: big enough to batch small frames into few syscalls.
 const WRITE_BUFFER: usize = 256 << 10;
+
+/// Most questions (Refine, Check) a peer may have open on the destination side: asked,
+/// and the answer not sent yet. A blocksync source keeps at most 1024 refinements open
+/// (`MAX_PENDING` in engine/source.rs), and its few spot-checks before any; a peer past
+/// twice that is not reading its answers, which would pile up here without end (the
+/// answers channel never blocks the writer, so nothing else holds the questions back).
+pub const MAX_OPEN_QUESTIONS: usize = 2048;
+
+/// Questions the peer asked that this side has not answered yet: counted up by the
+/// receiving thread, down by the sending one.
+#[derive(Debug, Default)]
+pub struct Questions(AtomicUsize);
+
+impl Questions {
+    /// One more asked; how many are open now.
+    fn asked(&self) -> usize {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// One answered (sent).
+    fn answered(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
 
 /// Describes the peer in error messages, e.g. `backup (remote destination)`.
 #[derive(Debug, Clone)]
@@ -141,17 +168,22 @@ fn count(stats: &Stats, frame: &Frame, n: usize, sent: bool) {
 
 /// Destination side, outgoing: encodes [`ToSource`] messages (chunk reports from `rx`,
 /// answers and failures from `answers` first, then done or failed).
+/// Answers sent count down `open`.
 pub fn send_to_source(
     rx: Receiver<ToSource>,
     answers: Receiver<ToSource>,
     w: impl Write,
     stats: &Stats,
     peer: &Peer,
+    open: &Questions,
 ) -> Result<()> {
     pump(rx, Some(answers), w, stats, peer, |msg| match msg {
         ToSource::Digests { index, blocks } => Ok(Frame::Digests { index, blocks }),
         ToSource::Verify { index, blocks } => Ok(Frame::Verify { index, blocks }),
-        ToSource::Pieces { offset, pieces } => Ok(Frame::Pieces { offset, pieces }),
+        ToSource::Pieces { offset, pieces } => {
+            open.answered();
+            Ok(Frame::Pieces { offset, pieces })
+        }
         ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
         ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
         ToSource::Bytes { .. } => Err(Error::new(
@@ -274,13 +306,27 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
 /// Destination side, incoming: decodes writes for the destination half, checking each
 /// lies inside this stream's range. Returns `Ok` after the source's Finish; the source's
 /// Abort reason or a broken stream is the error. Either way the sender is dropped, which
-/// tells the destination half to flush and stop.
+/// tells the destination half to flush and stop. Every question counts as open: nothing
+/// answers them here (the destination side's run uses [`recv_questions_from_source`]).
 pub fn recv_from_source(
+    r: impl Read,
+    tx: Sender<ToDest>,
+    layout: Layout,
+    stats: &Stats,
+    peer: &Peer,
+) -> Result<()> {
+    recv_questions_from_source(r, tx, layout, stats, peer, &Questions::default())
+}
+
+/// [`recv_from_source`], counting each question in `open`; more than
+/// [`MAX_OPEN_QUESTIONS`] unanswered is a protocol error.
+pub fn recv_questions_from_source(
     mut r: impl Read,
     tx: Sender<ToDest>,
     layout: Layout,
     stats: &Stats,
     peer: &Peer,
+    open: &Questions,
 ) -> Result<()> {
     let mut buf = Vec::new();
     let recycler = Recycler::new(8);
@@ -288,6 +334,17 @@ pub fn recv_from_source(
         let (frame, n) =
             read_frame_with(&mut r, &mut buf, Some(&recycler)).map_err(|e| lost(peer, &e))?;
         count(stats, &frame, n, false);
+        if matches!(frame, Frame::Refine { .. } | Frame::Check { .. })
+            && open.asked() > MAX_OPEN_QUESTIONS
+        {
+            return Err(Error::new(
+                Kind::Protocol,
+                format!(
+                    "{} asked more than {MAX_OPEN_QUESTIONS} questions without reading the answers",
+                    peer.0
+                ),
+            ));
+        }
         let msg = match frame {
             Frame::Write { offset, data } => {
                 let bytes = data.unpack_with(Some(&recycler)).map_err(|d| {

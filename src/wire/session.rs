@@ -7,7 +7,8 @@ use crate::engine::{self, Config, REPORTS_IN_FLIGHT, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::Target;
 use crate::wire::link::{
-    LOOKAHEAD_BYTES, Peer, recv_from_dest, recv_from_source, send_to_dest, send_to_source,
+    LOOKAHEAD_BYTES, Peer, Questions, recv_from_dest, recv_questions_from_source, send_to_dest,
+    send_to_source,
 };
 use crossbeam_channel::bounded;
 use std::io::{Read, Write};
@@ -137,8 +138,11 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
         let (answers, answers_rx) = crossbeam_channel::unbounded();
         let finished = AtomicBool::new(false);
         let layout = config.layout;
+        // Bounds the answers queued for a peer that asks but does not read.
+        let open = &Questions::default();
         std::thread::scope(|s| {
-            let receiver = s.spawn(move || recv_from_source(r, to_dest, layout, stats, peer));
+            let receiver =
+                s.spawn(move || recv_questions_from_source(r, to_dest, layout, stats, peer, open));
             if let Some(cancel) = cancel {
                 let (finished, tx) = (&finished, answers.clone());
                 s.spawn(move || {
@@ -154,7 +158,8 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
                     }
                 });
             }
-            let sender = s.spawn(move || send_to_source(from_dest, answers_rx, w, stats, peer));
+            let sender =
+                s.spawn(move || send_to_source(from_dest, answers_rx, w, stats, peer, open));
             let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
             finished.store(true, Ordering::Relaxed);
             // Done (or Failed) reaches the peer only through the sender: its failure is
