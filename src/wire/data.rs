@@ -76,7 +76,7 @@ impl Data {
 }
 
 /// `raw` compressed at `level` if that saves at least 1/16; `None` (keep it as is) when
-/// it does not, and at level 0 (off) without trying. Patches use the same rule.
+/// it does not, and at level 0 (off) without trying.
 pub fn pack_bytes(raw: &[u8], level: i32) -> Option<Vec<u8>> {
     if level <= 0 {
         return None;

@@ -303,6 +303,32 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
     }
 }
 
+/// A range the peer names must lie inside this stream's; else a protocol error: the peer,
+/// then `what` it did.
+fn inside(
+    layout: &Layout,
+    offset: u64,
+    len: u64,
+    peer: &Peer,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    if offset < layout.start || offset.saturating_add(len) > layout.end {
+        return Err(Error::new(Kind::Protocol, format!("{} {}", peer.0, what())));
+    }
+    Ok(())
+}
+
+/// The remote source half's counters, from its Finish, join this side's for the summary.
+fn add_counts(stats: &Stats, counts: &crate::engine::messages::Counts) {
+    Stats::add(&stats.source_read, counts.read);
+    Stats::add(&stats.blocks_same, counts.same);
+    Stats::add(&stats.blocks_changed, counts.changed);
+    Stats::add(&stats.changed_bytes, counts.changed_bytes);
+    Stats::add(&stats.blocks_zero, counts.zero);
+    Stats::add(&stats.blocks_hole, counts.holes);
+    Stats::add(&stats.blocks_zeroed, counts.zeroed);
+}
+
 /// Destination side, incoming: decodes writes for the destination half, checking each
 /// lies inside this stream's range. Returns `Ok` after the source's Finish; the source's
 /// Abort reason or a broken stream is the error. Either way the sender is dropped, which
@@ -366,52 +392,34 @@ pub fn recv_questions_from_source(
                 }
             }
             Frame::Zero { offset, len } => {
-                if offset < layout.start || offset.saturating_add(len) > layout.end {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        format!(
-                            "{} sent a zero range at byte {offset}, outside the range {}..{}",
-                            peer.0, layout.start, layout.end
-                        ),
-                    ));
-                }
+                inside(&layout, offset, len, peer, || {
+                    format!(
+                        "sent a zero range at byte {offset}, outside the range {}..{}",
+                        layout.start, layout.end
+                    )
+                })?;
                 ToDest::Zero { offset, len }
             }
             Frame::Refine { offset, len } => {
-                if offset < layout.start || offset.saturating_add(len) > layout.end {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        format!("{} asked about a block outside its range", peer.0),
-                    ));
-                }
+                inside(&layout, offset, len, peer, || {
+                    "asked about a block outside its range".into()
+                })?;
                 ToDest::Refine { offset, len }
             }
             Frame::Check { offset, len } => {
-                if offset < layout.start || offset.saturating_add(len) > layout.end {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        format!("{} asked to check a block outside its range", peer.0),
-                    ));
-                }
+                inside(&layout, offset, len, peer, || {
+                    "asked to check a block outside its range".into()
+                })?;
                 ToDest::Check { offset, len }
             }
             Frame::Finding { kind, offset, len } => {
-                if offset < layout.start || offset.saturating_add(len) > layout.end {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        format!("{} reported a range outside its own", peer.0),
-                    ));
-                }
+                inside(&layout, offset, len, peer, || {
+                    "reported a range outside its own".into()
+                })?;
                 ToDest::Finding { kind, offset, len }
             }
             Frame::Finish { size, counts } => {
-                Stats::add(&stats.source_read, counts.read);
-                Stats::add(&stats.blocks_same, counts.same);
-                Stats::add(&stats.blocks_changed, counts.changed);
-                Stats::add(&stats.changed_bytes, counts.changed_bytes);
-                Stats::add(&stats.blocks_zero, counts.zero);
-                Stats::add(&stats.blocks_hole, counts.holes);
-                Stats::add(&stats.blocks_zeroed, counts.zeroed);
+                add_counts(stats, &counts);
                 if size != layout.size {
                     return Err(Error::new(
                         Kind::Protocol,
