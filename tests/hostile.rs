@@ -41,6 +41,14 @@ struct Ended {
 /// reading would block it on a full pipe, which is not what is tested here), and returns
 /// how it ended. Fails the test on a hang or a death by signal.
 fn serve(input: &[u8], dir: &Path) -> Ended {
+    serve_with(input, dir, false)
+}
+
+/// [`serve`], with `keep_open`: the input stays open after `input` until the server has
+/// written its last frame (a peer that is still there but says nothing more, so no end
+/// of input races what the server makes of the frames before it).
+fn serve_with(input: &[u8], dir: &Path, keep_open: bool) -> Ended {
+    let (said_all, until_said) = std::sync::mpsc::channel::<()>();
     let mut child = Command::new(bin())
         .arg("--server")
         .current_dir(dir)
@@ -55,11 +63,21 @@ fn serve(input: &[u8], dir: &Path) -> Ended {
     // The server may stop reading at the first bad frame: a failed write is expected.
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
+        if keep_open {
+            let _ = until_said.recv();
+        }
     });
     let mut stdout = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out);
+        let mut chunk = [0u8; 64 * K];
+        let mut said_all = Some(said_all);
+        while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+            out.extend_from_slice(&chunk[..n]);
+            if said_all.is_some() && has_last_frame(&out) {
+                said_all = None; // dropped: the input closes
+            }
+        }
         out
     });
     let mut stderr = child.stderr.take().expect("piped");
@@ -95,6 +113,23 @@ fn serve(input: &[u8], dir: &Path) -> Ended {
         stdout,
         stderr,
     }
+}
+
+/// Whether the server's output so far holds a frame that ends a conversation.
+fn has_last_frame(out: &[u8]) -> bool {
+    let Some(mut r) = out.strip_prefix(&GREETING[..]) else {
+        return false;
+    };
+    let mut buf = Vec::new();
+    while let Ok((frame, _)) = read_frame(&mut r, &mut buf) {
+        if matches!(
+            frame,
+            Frame::Abort { .. } | Frame::Failed { .. } | Frame::Done { .. }
+        ) {
+            return true;
+        }
+    }
+    false
 }
 
 fn input_len(writer: &std::thread::JoinHandle<()>) -> &'static str {
@@ -903,4 +938,152 @@ fn garbage_after_a_tracked_no_read_push_handshake_is_refused() {
         scene.assert_unchanged(&what);
         assert_no_stale_id(&scene, &what);
     }
+}
+
+/// A field of /proc/PID/status (e.g. "VmHWM" in kB, "Threads"); `None` once it is gone.
+fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{field}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A peer that asks and asks (refinements) but never reads the answers: the server
+/// must call that a protocol error once more are open than a blocksync source ever has,
+/// instead of queuing answers without end (a flood took a server to 473 MB in 15 s).
+#[test]
+fn a_flood_of_questions_never_read_is_a_protocol_error_in_bounded_memory() {
+    use std::os::fd::AsRawFd;
+    const FLOOD: usize = 40_000;
+    const BIG_BLOCK: u64 = 64 * K as u64;
+    let scene = Scene::new();
+    let mut hello = scene.hello(Role::Dest);
+    // Each answer is 128 piece digests: what piles up is large.
+    (hello.block, hello.refine, hello.source_size) = (BIG_BLOCK, 512, DEST_SIZE as u64);
+    let mut input = wire(&[Frame::Hello(hello), go(DEST_SIZE as u64)]);
+    for i in 0..FLOOD {
+        let offset = (i as u64 % (DEST_SIZE as u64 / BIG_BLOCK)) * BIG_BLOCK;
+        let refine = Frame::Refine {
+            offset,
+            len: BIG_BLOCK,
+        };
+        write_frame(&mut input, &refine).unwrap();
+    }
+    let mut child = Command::new(bin())
+        .arg("--server")
+        .current_dir(scene.dir.path())
+        .env("XDG_STATE_HOME", scene.dir.path().join("state"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start blocksync --server");
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("piped");
+    // The whole flood fits in the pipe, so it is all sent whether or not the server
+    // reads; its answers stay unread.
+    // SAFETY: fcntl on a pipe descriptor we own; no memory is passed.
+    let sized = unsafe { libc::fcntl(stdin.as_raw_fd(), libc::F_SETPIPE_SZ, 2 << 20) };
+    assert!(sized as usize >= input.len(), "pipe of {sized} bytes");
+    stdin.write_all(&input).unwrap();
+    let handshake = input.len() - FLOOD * 21;
+    let started = Instant::now();
+    let waiting = |what: &str| {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = Command::new("kill").arg(pid.to_string()).output();
+            panic!("the server never {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // First until it has read more questions than any source keeps open (bytes still in
+    // the pipe: FIONREAD on its writing end)...
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, which `queued` is.
+        let ok = unsafe { libc::ioctl(stdin.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        assert_eq!(ok, 0, "FIONREAD");
+        if input.len() - queued as usize > handshake + 2048 * 21 {
+            break;
+        }
+        waiting("read the flood");
+    }
+    // ...then, its input ended, until it is done with it (read to the end, or refused):
+    // only the main thread and the one sending answers, blocked on the full stdout pipe,
+    // are left.
+    drop(stdin);
+    while proc_status(pid, "Threads").is_some_and(|n| n > 2) {
+        waiting("finished with its input");
+    }
+    let peak = proc_status(pid, "VmHWM").unwrap_or(0);
+    // Now read, so the server can say why and exit.
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let ended = Ended {
+        code: status.code().expect("no death by a signal"),
+        stdout: reader.join().unwrap(),
+        stderr,
+    };
+    // What the client is told, in the server's last Failed frame.
+    let said = answers(&ended).into_iter().rev().find_map(|f| match f {
+        Frame::Failed { message, .. } => Some(message),
+        _ => None,
+    });
+    eprintln!("flood: peak RSS {peak} kB, exit {}: {said:?}", ended.code);
+    assert_eq!(
+        ended.code,
+        Kind::Protocol.exit_code(),
+        "not a protocol error: {said:?} {}",
+        ended.stderr
+    );
+    assert!(
+        said.as_ref().is_some_and(|m| m.contains("without reading")),
+        "{said:?}"
+    );
+    assert!(peak < 64 << 10, "the server grew to {peak} kB");
+    scene.assert_unchanged("a flood of questions");
+}
+
+/// Piece digests for a block the source never asked about (here it asks about none: no
+/// refinement) are a protocol error on the source side.
+#[test]
+fn answers_never_asked_for_are_a_protocol_error() {
+    let scene = Scene::new();
+    let hello = scene.hello(Role::Source);
+    let digest = BlockInfo::Digest(HashKind::Blake3.block_digest(b"x"));
+    let input = wire(&[
+        Frame::Hello(hello),
+        go(DEST_SIZE as u64),
+        Frame::Pieces {
+            offset: 0,
+            pieces: vec![digest],
+        },
+    ]);
+    let ended = serve_with(&input, scene.dir.path(), true);
+    assert_refused(&ended, "unasked pieces");
+    assert_eq!(
+        ended.code,
+        Kind::Protocol.exit_code(),
+        "not a protocol error: {}",
+        ended.stderr
+    );
+    let said = answers(&ended).into_iter().find_map(|f| match f {
+        Frame::Failed { message, .. } => Some(message),
+        _ => None,
+    });
+    assert!(
+        said.as_ref().is_some_and(|m| m.contains("not asked")),
+        "{said:?}"
+    );
+    scene.assert_unchanged("unasked pieces");
 }

@@ -9,6 +9,7 @@
 
 use crate::hash::BlockInfo;
 use crate::hash::{BLOCK_DIGEST, Digest, HashKind, MAX_DIGEST};
+use crate::io::codec::{Rd, put_text, put_u8, put_u16, put_u64};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -49,15 +50,13 @@ impl Header {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(self.hash.id());
+        put_u16(&mut out, VERSION);
+        put_u8(&mut out, self.hash.id());
         for v in [self.block, self.size, self.target_size] {
-            out.extend_from_slice(&v.to_le_bytes());
+            put_u64(&mut out, v);
         }
         out.extend_from_slice(&self.sync_id);
-        let label = &self.label.as_bytes()[..self.label.len().min(MAX_LABEL)];
-        out.extend_from_slice(&(label.len() as u32).to_le_bytes());
-        out.extend_from_slice(label);
+        put_text(&mut out, &self.label, MAX_LABEL);
         out
     }
 
@@ -65,25 +64,32 @@ impl Header {
         let mut fixed = [0u8; 16 + 2 + 1 + 24 + 16 + 4];
         r.read_exact(&mut fixed)
             .map_err(|_| "too short to be a digest file".to_string())?;
-        if &fixed[..16] != MAGIC {
+        // Every field below lies inside `fixed`: reading them cannot fall short.
+        let mut f = Rd(&fixed);
+        let whole = |_| "too short to be a digest file".to_string();
+        if f.take(MAGIC.len()).map_err(whole)? != MAGIC {
             return Err("not a blocksync digest file".into());
         }
-        let version = u16::from_le_bytes([fixed[16], fixed[17]]);
+        let version = f.u16().map_err(whole)?;
         if version != VERSION {
             return Err(format!(
                 "digest file version {version}; this blocksync reads {VERSION}"
             ));
         }
-        let hash = HashKind::from_id(fixed[18]).ok_or("unknown hash in digest file")?;
-        let num = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8"));
-        let (block, size, target_size) = (num(19), num(27), num(35));
+        let hash =
+            HashKind::from_id(f.u8().map_err(whole)?).ok_or("unknown hash in digest file")?;
+        let (block, size, target_size) = (
+            f.u64().map_err(whole)?,
+            f.u64().map_err(whole)?,
+            f.u64().map_err(whole)?,
+        );
         if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&block)
             || size > i64::MAX as u64
         {
             return Err("digest file has an impossible block size or size".into());
         }
-        let sync_id: [u8; 16] = fixed[43..59].try_into().expect("16");
-        let n = u32::from_le_bytes(fixed[59..63].try_into().expect("4")) as usize;
+        let sync_id: [u8; 16] = f.array().map_err(whole)?;
+        let n = f.u32().map_err(whole)? as usize;
         if n > MAX_LABEL {
             return Err("digest file has an oversized name".into());
         }

@@ -99,7 +99,8 @@ pub enum ToDest {
         len: u64,
     },
     /// Stop early: flush what was written, leave the size alone, answer
-    /// [`ToSource::Done`]. Carries why, so a destination on another machine can report it.
+    /// [`ToSource::Failed`] (never Done: a stopped run must not pass for a complete one).
+    /// Carries why, so a destination on another machine can report it.
     Abort {
         /// Exit-code kind of the cause.
         kind: Kind,

@@ -1,5 +1,10 @@
 //! Disk I/O: opening and checking files and block devices, reading and writing them
-//! (O_DIRECT, holes, zeroing), and the recycled buffers the pipelines read into.
+//! (O_DIRECT, holes, zeroing), the recycled buffers the pipelines read into, and the
+//! little-endian codec the on-disk and wire formats share.
 
+pub(crate) mod codec;
+pub(crate) mod outfile;
+pub(crate) mod policy;
 pub(crate) mod pool;
+pub(crate) mod raw;
 pub(crate) mod target;

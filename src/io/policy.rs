@@ -1,0 +1,133 @@
+//! The checks on a destination device before anything is written: is it the source's
+//! data (same inode or device, or a loop device over the other's file), is it mounted,
+//! swap, or held by LVM/md/dm (from /proc/self/mountinfo, /proc/swaps and sysfs).
+
+use crate::error::{Error, Kind, Result};
+use crate::io::target::{Existing, Identity};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// `"MAJ:MIN"` of a device number, as /proc and /sys spell it.
+fn dev_name(rdev: u64) -> String {
+    format!("{}:{}", libc::major(rdev), libc::minor(rdev))
+}
+
+/// The file a loop device reads from, if `rdev` is a bound loop device.
+pub fn loop_backing_file(rdev: u64) -> Option<PathBuf> {
+    let p = format!("/sys/dev/block/{}/loop/backing_file", dev_name(rdev));
+    let text = std::fs::read_to_string(p).ok()?;
+    let t = text.trim_end_matches('\n');
+    (!t.is_empty()).then(|| PathBuf::from(t))
+}
+
+/// Whether two identities are the same data: same inode, same device, or a loop device
+/// over the other's file.
+pub fn same_data(a: &Identity, b: &Identity) -> bool {
+    if a.dev == b.dev && a.ino == b.ino {
+        return true;
+    }
+    if let (Some(x), Some(y)) = (a.rdev, b.rdev)
+        && x == y
+    {
+        return true;
+    }
+    let backs = |dev: &Identity, file: &Identity| -> bool {
+        let Some(rdev) = dev.rdev else { return false };
+        let Some(backing) = loop_backing_file(rdev) else {
+            return false;
+        };
+        std::fs::metadata(backing)
+            .map(|m| m.dev() == file.dev && m.ino() == file.ino)
+            .unwrap_or(false)
+    };
+    backs(a, b) || backs(b, a)
+}
+
+/// Device numbers of `rdev` and its partitions.
+fn device_and_partitions(rdev: u64) -> Vec<(String, u64)> {
+    let mut out = vec![(dev_name(rdev), rdev)];
+    let dir = format!("/sys/dev/block/{}", dev_name(rdev));
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path().join("dev")) else {
+                continue;
+            };
+            if e.path().join("partition").exists()
+                && let Some((ma, mi)) = text.trim().split_once(':')
+                && let (Ok(ma), Ok(mi)) = (ma.parse::<u32>(), mi.parse::<u32>())
+            {
+                out.push((text.trim().to_string(), libc::makedev(ma, mi)));
+            }
+        }
+    }
+    out
+}
+
+/// Why a block device is in use (mounted, swap, held by LVM/md/dm), or `None` when free.
+pub fn device_in_use(rdev: u64) -> Option<String> {
+    let devs = device_and_partitions(rdev);
+    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in info.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() > 4
+                && let Some((name, _)) = devs.iter().find(|(n, _)| n == f[2])
+            {
+                return Some(format!("device {name} is mounted on {}", f[4]));
+            }
+        }
+    }
+    if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
+        for line in swaps.lines().skip(1) {
+            let Some(p) = line.split_whitespace().next() else {
+                continue;
+            };
+            if let Ok(m) = std::fs::metadata(p)
+                && m.file_type().is_block_device()
+                && devs.iter().any(|(_, d)| *d == m.rdev())
+            {
+                return Some(format!("it is in use as swap ({p})"));
+            }
+        }
+    }
+    for (name, _) in &devs {
+        if let Ok(mut holders) = std::fs::read_dir(format!("/sys/dev/block/{name}/holders"))
+            && let Some(Ok(h)) = holders.next()
+        {
+            return Some(format!(
+                "device {name} is held by {} (LVM, md, dm or similar)",
+                h.file_name().to_string_lossy()
+            ));
+        }
+    }
+    None
+}
+
+/// Refuses a destination device smaller than `source_size`, or (unless `force_mounted`)
+/// one that is mounted or in use.
+pub fn check_device(
+    path: &Path,
+    existing: &Existing,
+    source_size: u64,
+    force_mounted: bool,
+) -> Result<()> {
+    if existing.size < source_size {
+        return Err(Error::new(
+            Kind::TooSmall,
+            format!(
+                "destination device {} holds {} bytes, less than the {source_size} bytes of the source; use a device at least as large",
+                path.display(),
+                existing.size,
+            ),
+        ));
+    }
+    if !force_mounted && let Some(why) = existing.id.rdev.and_then(device_in_use) {
+        return Err(Error::new(
+            Kind::Busy,
+            format!(
+                "destination {} is in use: {why}; unmount or release it first, or pass --force-mounted",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The handshake: the client's Hello, the server's Reply and the client's Go, with the
+//! greeting and version that tell blocksync apart from anything else on the stream.
+
+use crate::hash::HashKind;
+use crate::io::codec::{Rd, put_u8, put_u16, put_u32, put_u64};
+use crate::wire::frame::{DecodeError, MAX_DIGESTS, MAX_SIZE, put_text, text};
+
+/// What the server writes before anything else: tells blocksync apart from a login banner
+/// or a shell error.
+pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
+/// Protocol version; a mismatch ends the handshake with a clear error on both sides.
+pub const VERSION: u16 = 4;
+
+/// Hello flag: report only, write nothing.
+pub const FLAG_DRY_RUN: u32 = 1;
+/// Hello flag: write to a device even if it is mounted.
+pub const FLAG_FORCE_MOUNTED: u32 = 2;
+/// Hello flag: drop read pages from the cache on the server.
+pub const FLAG_DROP_CACHE: u32 = 4;
+/// Hello flag: write real zeros, never punch holes (`--no-sparse`).
+pub const FLAG_NO_SPARSE: u32 = 8;
+/// Hello flag: zero device ranges with BLKZEROOUT (`--discard`).
+pub const FLAG_DISCARD: u32 = 16;
+/// Hello flag: after the sync, a `--verify` pass over the same stream.
+pub const FLAG_VERIFY: u32 = 32;
+/// Hello flag: leave the destination's old bytes where the source is unreadable.
+pub const FLAG_KEEP_UNREADABLE: u32 = 64;
+/// Hello flag: the destination reports its sync id, forgets it before writing, and
+/// records the Go's id once the sync completed and is flushed (for `--digest-file`).
+pub const FLAG_TRACK_ID: u32 = 128;
+/// Hello flag: the destination does not read itself (the source has its digests in a
+/// digest file); it only answers `ToDest::Check` spot-checks.
+pub const FLAG_NO_READ: u32 = 256;
+
+/// Which half the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The server reads and sends blocks (pull).
+    Source,
+    /// The server receives and writes blocks (push).
+    Dest,
+}
+
+/// The client's opening message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The server's half.
+    pub role: Role,
+    /// The path on the server.
+    pub path: String,
+    /// Block size.
+    pub block: u64,
+    /// Block digest.
+    pub hash: HashKind,
+    /// zstd level the source compresses written blocks with; 0 = off.
+    pub compress: i32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Sleep after each block, in ms.
+    pub pause_ms: u64,
+    /// For a destination server: the source size, to refuse a too-small device early.
+    pub source_size: u64,
+    /// Bandwidth limit for the source's sending, bytes per second; 0 = none.
+    pub bwlimit: u64,
+    /// Sub-block size for refining changed blocks; 0 = send changed blocks whole.
+    pub refine: u64,
+    /// For a source server: give up after this many unreadable ranges (`--max-errors`);
+    /// `u64::MAX` = never.
+    pub max_errors: u64,
+}
+
+/// The server's answer to [`Hello`] once its checks passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// The size of the server's file or device (0 for a missing destination).
+    pub size: u64,
+    /// 0 missing, 1 file, 2 block device.
+    pub kind: u8,
+    /// With [`FLAG_TRACK_ID`]: the id of the last sync completed onto the destination
+    /// (zeros: none).
+    pub sync_id: [u8; 16],
+}
+
+/// The client's go-ahead (or not) after the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Go {
+    /// False: the user declined; the server exits without writing.
+    pub proceed: bool,
+    /// The source size.
+    pub size: u64,
+    /// The byte range this stream syncs.
+    pub start: u64,
+    /// End of that range (exclusive).
+    pub end: u64,
+    /// With [`FLAG_TRACK_ID`]: the id the destination records once this sync completes.
+    pub sync_id: [u8; 16],
+    /// The destination need not read itself: the source compares against a digest file.
+    pub no_read: bool,
+}
+
+fn version(r: &mut Rd) -> Result<(), DecodeError> {
+    match r.u16()? {
+        VERSION => Ok(()),
+        v => Err(DecodeError::Version(v)),
+    }
+}
+
+impl Hello {
+    pub(crate) fn encode(&self, p: &mut Vec<u8>) {
+        p.extend_from_slice(GREETING);
+        put_u16(p, VERSION);
+        put_u8(
+            p,
+            match self.role {
+                Role::Source => 1,
+                Role::Dest => 2,
+            },
+        );
+        put_text(p, &self.path);
+        put_u64(p, self.block);
+        put_u8(p, self.hash.id());
+        put_u32(p, self.compress as u32);
+        put_u32(p, self.flags);
+        for v in [
+            self.pause_ms,
+            self.source_size,
+            self.bwlimit,
+            self.refine,
+            self.max_errors,
+        ] {
+            put_u64(p, v);
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Rd) -> Result<Hello, DecodeError> {
+        if r.take(GREETING.len())? != GREETING {
+            return Err(DecodeError::BadMagic);
+        }
+        version(r)?;
+        let role = match r.u8()? {
+            1 => Role::Source,
+            2 => Role::Dest,
+            x => return Err(DecodeError::Unknown("role", x.into())),
+        };
+        let path = text(r)?;
+        let block = r.u64()?;
+        if !(crate::size::MIN_BLOCK..=crate::size::MAX_BLOCK).contains(&block) {
+            return Err(DecodeError::TooLarge("block size"));
+        }
+        let h = r.u8()?;
+        let hash = HashKind::from_id(h).ok_or(DecodeError::Unknown("hash", h.into()))?;
+        let compress = r.u32()? as i32;
+        Ok(Hello {
+            role,
+            path,
+            block,
+            hash,
+            compress,
+            flags: r.u32()?,
+            pause_ms: r.u64()?,
+            source_size: r.u64()?,
+            bwlimit: r.u64()?,
+            refine: match r.u64()? {
+                0 => 0,
+                x if x >= crate::size::MIN_BLOCK && block.div_ceil(x) <= MAX_DIGESTS as u64 => x,
+                _ => return Err(DecodeError::TooLarge("refinement")),
+            },
+            max_errors: r.u64()?,
+        })
+    }
+}
+
+impl Reply {
+    pub(crate) fn encode(&self, p: &mut Vec<u8>) {
+        put_u16(p, VERSION);
+        put_u64(p, self.size);
+        put_u8(p, self.kind);
+        p.extend_from_slice(&self.sync_id);
+    }
+
+    pub(crate) fn decode(r: &mut Rd) -> Result<Reply, DecodeError> {
+        version(r)?;
+        let size = r.u64()?;
+        if size > MAX_SIZE {
+            return Err(DecodeError::TooLarge("size"));
+        }
+        let kind = r.u8()?;
+        if kind > 2 {
+            return Err(DecodeError::Unknown("target kind", kind.into()));
+        }
+        Ok(Reply {
+            size,
+            kind,
+            sync_id: r.array()?,
+        })
+    }
+}
+
+impl Go {
+    pub(crate) fn encode(&self, p: &mut Vec<u8>) {
+        put_u8(p, self.proceed as u8 | (self.no_read as u8) << 1);
+        for v in [self.size, self.start, self.end] {
+            put_u64(p, v);
+        }
+        p.extend_from_slice(&self.sync_id);
+    }
+
+    pub(crate) fn decode(r: &mut Rd) -> Result<Go, DecodeError> {
+        let bits = r.u8()?;
+        let (proceed, no_read) = (bits & 1 != 0, bits & 2 != 0);
+        let (size, start, end) = (r.u64()?, r.u64()?, r.u64()?);
+        if size > MAX_SIZE {
+            return Err(DecodeError::TooLarge("size"));
+        }
+        if start > end || end > size {
+            return Err(DecodeError::Unknown("range end", end));
+        }
+        Ok(Go {
+            proceed,
+            size,
+            start,
+            end,
+            sync_id: r.array()?,
+            no_read,
+        })
+    }
+}
