@@ -131,8 +131,9 @@ fn fifty_random_kills_over_ssh_then_an_exact_copy() {
         } else {
             [&remote_src, s(&pulled)]
         };
-        // Slowed (1 ms per block, about 0.2 s a pass) so kills land inside a run.
-        let mut child = spawn(&base(&["-p", "1", ends[0], ends[1]]));
+        // Slowed (3 ms per block, about 0.6 s a pass) so kills land inside a run, also
+        // on a machine where ssh logs in fast.
+        let mut child = spawn(&base(&["-p", "3", ends[0], ends[1]]));
         let pid = child.id();
         std::thread::sleep(Duration::from_millis(rng.below(700)));
         let how = rng.below(4);

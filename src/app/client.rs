@@ -19,7 +19,8 @@ use crate::wire::frame::{
     FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame,
     write_frame,
 };
-use crate::wire::link::{self, Peer};
+use crate::wire::link::Peer;
+use crate::wire::session::{Link, Pace};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -559,10 +560,14 @@ fn push_stream(
     } = conn;
     let peer = Peer(format!("{host} (remote destination)"));
     let reap_it = || reap(&mut child);
-    link::source_over(
-        src, config, reader, writer, level, bwlimit, stats, cancel, &peer, reap_it,
-    )
-    .map_err(|e| with_stderr(e, &stderr))
+    let link = Link {
+        r: reader,
+        w: writer,
+        stats,
+        peer: &peer,
+    };
+    link.source_over(src, config, Pace { level, bwlimit }, cancel, reap_it)
+        .map_err(|e| with_stderr(e, &stderr))
 }
 
 fn pull_stream(
@@ -581,15 +586,12 @@ fn pull_stream(
     } = conn;
     let peer = Peer(format!("{host} (remote source)"));
     let reap_it = || reap(&mut child);
-    link::dest_over(
-        dest,
-        config,
-        reader,
-        writer,
+    let link = Link {
+        r: reader,
+        w: writer,
         stats,
-        Some(cancel),
-        &peer,
-        reap_it,
-    )
-    .map_err(|e| with_stderr(e, &stderr))
+        peer: &peer,
+    };
+    link.dest_over(dest, config, Some(cancel), reap_it)
+        .map_err(|e| with_stderr(e, &stderr))
 }

@@ -10,7 +10,8 @@ use crate::wire::frame::{
     FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Go, Hello,
     ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
-use crate::wire::link::{self, Peer};
+use crate::wire::link::Peer;
+use crate::wire::session::{Link, Pace};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -175,16 +176,13 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     };
     let stats = Stats::default();
     let peer = Peer("the client".into());
-    link::dest_over(
-        dest.as_ref(),
-        &config,
-        input,
-        output,
-        &stats,
-        None,
-        &peer,
-        || {},
-    )
+    let link = Link {
+        r: input,
+        w: output,
+        stats: &stats,
+        peer: &peer,
+    };
+    link.dest_over(dest.as_ref(), &config, None, || {})
 }
 
 fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
@@ -214,18 +212,14 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
     // Nobody presses Ctrl-C here: the client stops us by closing the stream.
     let cancel = AtomicBool::new(false);
     let (level, bw) = (hello.compress, hello.bwlimit);
-    link::source_over(
-        &src,
-        &config,
-        input,
-        output,
-        level,
-        bw,
-        &stats,
-        &cancel,
-        &peer,
-        || {},
-    )
+    let link = Link {
+        r: input,
+        w: output,
+        stats: &stats,
+        peer: &peer,
+    };
+    let pace = Pace { level, bwlimit: bw };
+    link.source_over(&src, &config, pace, &cancel, || {})
 }
 
 fn lost_client(e: std::io::Error) -> Error {

@@ -3,7 +3,7 @@
 //! time the remote side answers is not read or hashed again for comparison.
 
 use super::Layout;
-use super::blockhash::hash_chunk;
+use super::blockhash::{hash_chunk, read_chunk};
 use crate::hash::BlockInfo;
 use crate::hash::HashKind;
 use crate::io::target;
@@ -95,12 +95,6 @@ impl Precomputed {
         self.at(offset).map(|c| c.digests.as_slice())
     }
 }
-
-/// The old paths of the block-hashing helpers, which `offline::patch` still imports; to
-/// go once it imports them from [`super::blockhash`].
-pub(crate) use super::blockhash::{
-    hash_blocks as infos_at, hash_blocks_par as infos_par, read_chunk,
-};
 
 /// A background pass hashing a file from the start until stopped.
 pub struct Prehash {

@@ -42,7 +42,7 @@ pub fn scan(
     target::advise(&t.file, 0, 0, target::Advice::Sequential);
     for index in 0..layout.chunks() {
         let (offset, len) = layout.chunk_at(index);
-        let (have, holes, n) = crate::engine::prehash::read_chunk(
+        let (have, holes, n) = crate::engine::blockhash::read_chunk(
             &t.file,
             extents.as_mut(),
             &layout,
@@ -62,9 +62,16 @@ pub fn scan(
         read += n;
         let data = &buf[..have];
         let infos = if full {
-            crate::engine::prehash::infos_at(kind, data, len, block as usize, &holes, true)
+            crate::engine::blockhash::hash_blocks(kind, data, len, block as usize, &holes, true)
         } else {
-            crate::engine::prehash::infos_par(kind, data, len, block as usize, &holes, &|_| true)
+            crate::engine::blockhash::hash_blocks_par(
+                kind,
+                data,
+                len,
+                block as usize,
+                &holes,
+                &|_| true,
+            )
         };
         each(offset, data, &infos)?;
     }

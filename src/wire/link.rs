@@ -8,7 +8,6 @@ use crate::error::{Error, Kind, Result};
 use crate::io::pool::Recycler;
 use crate::wire::frame::{Frame, ReadError, read_frame, read_frame_with, write_frame};
 use crate::wire::packer::{Counted, Packer, WriteLog};
-pub use crate::wire::session::{dest_over, source_over};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::AsFd;

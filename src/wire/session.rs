@@ -185,41 +185,6 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
     }
 }
 
-/// [`Link::source_over`] with its parts spelled out, as app/ calls it. Kept so callers
-/// compile unchanged; new code builds a [`Link`].
-#[allow(clippy::too_many_arguments)]
-pub fn source_over(
-    src: &Target,
-    config: &Config,
-    r: impl Read + Send,
-    w: impl Write + AsFd + Send,
-    level: i32,
-    bwlimit: u64,
-    stats: &Stats,
-    cancel: &AtomicBool,
-    peer: &Peer,
-    after: impl FnOnce(),
-) -> Result<()> {
-    let link = Link { r, w, stats, peer };
-    link.source_over(src, config, Pace { level, bwlimit }, cancel, after)
-}
-
-/// [`Link::dest_over`] with its parts spelled out, as app/ calls it. Kept so callers
-/// compile unchanged; new code builds a [`Link`].
-#[allow(clippy::too_many_arguments)]
-pub fn dest_over(
-    dest: Option<&Target>,
-    config: &Config,
-    r: impl Read + Send,
-    w: impl Write + Send,
-    stats: &Stats,
-    cancel: Option<&AtomicBool>,
-    peer: &Peer,
-    after: impl FnOnce(),
-) -> Result<()> {
-    Link { r, w, stats, peer }.dest_over(dest, config, cancel, after)
-}
-
 /// Runs `pass` for the sync and, with `--verify`, once more for the verify pass over the
 /// same stream. `after` runs once: inside the last pass (or the first that fails), where
 /// the pass calls it, or here if no pass did.
@@ -261,7 +226,7 @@ mod tests {
     }
 
     fn dest_config() -> Config {
-        let mut config = Config::new(Layout::new(0, 4096));
+        let mut config = Config::build(Layout::new(0, 4096), &Default::default());
         config.compare = Compare::Digest(crate::hash::HashKind::Blake3);
         config.dry_run = true;
         config
