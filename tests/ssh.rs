@@ -468,3 +468,47 @@ fn counters_tell_what_a_push_read() {
     assert_eq!(j["blocks_hole"], 60, "{j}");
     assert_eq!(j["bytes_read_source"], 4 * M, "{j}");
 }
+
+/// Ctrl-C in a push: the remote destination flushes what it wrote and says how much,
+/// so the summary does not claim nothing was written.
+#[test]
+fn an_interrupted_push_counts_what_the_remote_wrote() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let content = data(16 * M, 63);
+    fs::write(&src, &content).unwrap();
+    let target = format!("testhost:{}", s(&dst));
+    let mut args = via(&sshd);
+    args.extend(["-b", "64K", "-p", "5", s(&src), &target].map(String::from));
+    let mut child = std::process::Command::new(bin())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Drain::new(child.stdout.take().unwrap());
+    let stderr_pipe = Drain::new(child.stderr.take().unwrap());
+    let first = &content[..64 * 1024];
+    wait_while_running(
+        &mut child,
+        "the remote wrote the first block",
+        std::time::Duration::from_secs(30),
+        || file_holds(&dst, 0, first),
+    );
+    // Only blocksync, not ssh: the remote side hears of it through the stream.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    let (out, err) = (stdout.finish(), stderr_pipe.finish());
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!(status.code(), Some(130), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out).expect("one JSON summary");
+    assert_eq!(j["status"], "interrupted", "{j}");
+    let written = j["bytes_written"].as_u64().unwrap();
+    assert!(
+        written >= first.len() as u64 && written < content.len() as u64,
+        "{j}"
+    );
+}

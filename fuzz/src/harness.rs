@@ -166,6 +166,8 @@ pub enum Ty {
     Finish,
     /// [`Frame::Abort`]
     Abort,
+    /// [`Frame::Tally`]
+    Tally,
     /// [`Frame::Done`]
     Done,
     /// [`Frame::Failed`]
@@ -173,7 +175,7 @@ pub enum Ty {
 }
 
 /// Every frame type.
-pub const ALL_TYPES: [Ty; 15] = [
+pub const ALL_TYPES: [Ty; 16] = [
     Ty::Hello,
     Ty::Reply,
     Ty::Go,
@@ -187,6 +189,7 @@ pub const ALL_TYPES: [Ty; 15] = [
     Ty::Zero,
     Ty::Finish,
     Ty::Abort,
+    Ty::Tally,
     Ty::Done,
     Ty::Failed,
 ];
@@ -436,6 +439,10 @@ pub fn examples(ty: Ty) -> Vec<Frame> {
                 message: String::new(),
             },
         ],
+        Ty::Tally => vec![Frame::Tally {
+            written: 75,
+            read: 76,
+        }],
         Ty::Done => vec![Frame::Done {
             written: 77,
             read: 78,
@@ -503,7 +510,7 @@ pub fn check_frame(f: &Frame) {
         Frame::Abort { message, .. } | Frame::Failed { message, .. } => {
             assert!(message.len() <= MAX_TEXT)
         }
-        Frame::Finish { .. } | Frame::Done { .. } => {}
+        Frame::Finish { .. } | Frame::Tally { .. } | Frame::Done { .. } => {}
     }
 }
 
@@ -733,6 +740,7 @@ fn stream_from_dest(r: &mut &[u8]) {
             }
             ToSource::Pieces { pieces, .. } => assert!(pieces.len() <= MAX_DIGESTS),
             ToSource::Done { .. } => {}
+            ToSource::Tally { .. } => panic!("a tally is counted, never passed on"),
             ToSource::Failed { message, .. } => {
                 assert!(
                     message.len() <= MAX_TEXT + 512,
@@ -1096,6 +1104,7 @@ decoder!(decode_write, Write);
 decoder!(decode_zero, Zero);
 decoder!(decode_finish, Finish);
 decoder!(decode_abort, Abort);
+decoder!(decode_tally, Tally);
 decoder!(decode_done, Done);
 decoder!(decode_failed, Failed);
 
@@ -1129,6 +1138,7 @@ pub const TARGETS: &[Target] = &[
     decoder_target!(decode_zero, Zero),
     decoder_target!(decode_finish, Finish),
     decoder_target!(decode_abort, Abort),
+    decoder_target!(decode_tally, Tally),
     decoder_target!(decode_done, Done),
     decoder_target!(decode_failed, Failed),
     Target {

@@ -77,7 +77,12 @@ pub fn run(
         // The reader may be waiting for buffers that unread reports hold: stop it.
         stop.store(true, Ordering::Relaxed);
         if let Err(e) = &result {
-            // Ahead of any queued reports, on the channel that never blocks.
+            // Ahead of any queued reports, on the channel that never blocks: what was
+            // written (a remote source reports it), then why it stopped.
+            let _ = answers.send(ToSource::Tally {
+                written: Stats::get(&stats.written),
+                read: Stats::get(&stats.dest_read),
+            });
             let _ = answers.send(failed(e.kind, e.message.clone()));
         }
         result
@@ -354,7 +359,12 @@ impl<'a> Writer<'a> {
                 format!("zeroing destination {} at byte {offset}", d.path.display()),
                 e,
             )
-        })
+        })?;
+        // Bytes of the destination changed, as much as a data write's (the summary's
+        // blocks "as zeros" tell them apart).
+        self.written += len;
+        Stats::add(&self.stats.written, len);
+        Ok(())
     }
 
     /// What the destination holds at `offset`, in pieces of `piece` bytes.
@@ -459,6 +469,11 @@ fn write_dest(
             read,
         }
     } else {
+        // What was written still counts (a remote source reports it).
+        let _ = to_source.send(ToSource::Tally {
+            written: w.written,
+            read,
+        });
         // Flushed, but not complete: never let this pass for the end of a good run.
         failed(
             Kind::Protocol,

@@ -144,6 +144,14 @@ pub enum ToSource {
         /// One per sub-block.
         pieces: Vec<BlockInfo>,
     },
+    /// What the destination half wrote and read: sent just before its failure when it
+    /// stopped early, so a remote destination's counters still reach the summary.
+    Tally {
+        /// Bytes written by the destination half.
+        written: u64,
+        /// Bytes read by the destination half.
+        read: u64,
+    },
     /// Everything written is on stable storage.
     Done {
         /// Bytes written by the destination half.

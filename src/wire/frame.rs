@@ -57,6 +57,7 @@ const T_PIECES: u8 = 24;
 const T_VERIFY: u8 = 25;
 const T_FINDING: u8 = 26;
 const T_CHECK: u8 = 27;
+const T_TALLY: u8 = 28;
 
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +139,13 @@ pub enum Frame {
         kind: Kind,
         /// The cause.
         message: String,
+    },
+    /// What the destination wrote and read, before its Failed when it stopped early.
+    Tally {
+        /// Bytes written.
+        written: u64,
+        /// Bytes read.
+        read: u64,
     },
     /// Everything is flushed.
     Done {
@@ -361,6 +369,11 @@ impl Frame {
                 put_u64(&mut p, *read);
                 T_DONE
             }
+            Frame::Tally { written, read } => {
+                put_u64(&mut p, *written);
+                put_u64(&mut p, *read);
+                T_TALLY
+            }
             Frame::Failed { kind, message } => {
                 put_kind_and_text(&mut p, *kind, message);
                 T_FAILED
@@ -426,6 +439,10 @@ impl Frame {
                 Frame::Abort { kind, message }
             }
             T_DONE => Frame::Done {
+                written: r.u64()?,
+                read: r.u64()?,
+            },
+            T_TALLY => Frame::Tally {
                 written: r.u64()?,
                 read: r.u64()?,
             },

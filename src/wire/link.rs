@@ -184,6 +184,7 @@ pub fn send_to_source(
             Ok(Frame::Pieces { offset, pieces })
         }
         ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
+        ToSource::Tally { written, read } => Ok(Frame::Tally { written, read }),
         ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
         ToSource::Bytes { .. } => Err(Error::new(
             Kind::Internal,
@@ -269,6 +270,13 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                         Stats::add(&stats.dest_read, read);
                         Stats::add(&stats.written, written);
                         ToSource::Done { written, read }
+                    }
+                    Frame::Tally { written, read } => {
+                        // The same, from a remote half that stopped early; its failure
+                        // follows. Only the counters need it: nothing to pass on.
+                        Stats::add(&stats.dest_read, read);
+                        Stats::add(&stats.written, written);
+                        continue;
                     }
                     Frame::Failed { kind, message } => ToSource::Failed {
                         kind: remote_kind(kind),

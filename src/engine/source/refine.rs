@@ -159,6 +159,8 @@ impl<'a> Refiner<'a> {
                 Ok(None)
             }
             ToSource::Failed { kind, message } => Err(Error::new(kind, message)),
+            // Counters of a destination about to fail (see its failure next).
+            ToSource::Tally { .. } => Ok(None),
             other => Ok(Some(other)),
         }
     }
