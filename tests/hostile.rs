@@ -12,7 +12,8 @@ mod common;
 use blocksync::error::Kind;
 use blocksync::testing::{
     BlockInfo, Counts, Data, FLAG_NO_READ, FLAG_TRACK_ID, Frame, GREETING, Go, HashKind, Hello,
-    MAX_FRAME, Reply, Role, Slice, VERSION, read_frame, write_frame, write_raw_frame,
+    MAX_FRAME, Reply, Role, Slice, ToDest, ToSource, VERSION, read_frame, write_frame,
+    write_raw_frame,
 };
 use common::{bin, data};
 use std::io::{Read, Write};
@@ -124,7 +125,9 @@ fn has_last_frame(out: &[u8]) -> bool {
     while let Ok((frame, _)) = read_frame(&mut r, &mut buf) {
         if matches!(
             frame,
-            Frame::Abort { .. } | Frame::Failed { .. } | Frame::Done { .. }
+            Frame::Dest(ToDest::Abort { .. })
+                | Frame::Source(ToSource::Failed { .. })
+                | Frame::Source(ToSource::Done { .. })
         ) {
             return true;
         }
@@ -158,10 +161,10 @@ fn assert_refused(ended: &Ended, what: &str) {
     let mut reason = String::new();
     while let Ok((frame, _)) = read_frame(&mut r, &mut buf) {
         assert!(
-            !matches!(frame, Frame::Done { .. }),
+            !matches!(frame, Frame::Source(ToSource::Done { .. })),
             "{what}: the server confirmed a sync"
         );
-        if let Frame::Failed { message, .. } = frame {
+        if let Frame::Source(ToSource::Failed { message, .. }) = frame {
             reason = message;
         }
     }
@@ -306,7 +309,7 @@ fn a_wrong_magic_or_version_is_refused_with_a_reason() {
         // The client hears why, as a Failed frame after the greeting.
         let mut r = &ended.stdout[GREETING.len()..];
         let (frame, _) = read_frame(&mut r, &mut Vec::new()).expect("a Failed frame");
-        let Frame::Failed { kind, message } = frame else {
+        let Frame::Source(ToSource::Failed { kind, message }) = frame else {
             panic!("{what}: answered with {frame:?}")
         };
         assert_eq!(kind, Kind::Protocol, "{what}: {message}");
@@ -332,26 +335,26 @@ fn valid_push(scene: &Scene) -> Push {
     for (offset, frame, bytes) in [
         (
             0,
-            Frame::Write {
+            Frame::Dest(ToDest::Write {
                 offset: 0,
                 data: Data::Raw(Slice::owned(raw.clone())),
-            },
+            }),
             raw,
         ),
         (
             8 * BLOCK,
-            Frame::Write {
+            Frame::Dest(ToDest::Write {
                 offset: 8 * BLOCK,
                 data: Data::pack(&Slice::owned(packed.clone()), 1),
-            },
+            }),
             packed,
         ),
         (
             16 * BLOCK,
-            Frame::Zero {
+            Frame::Dest(ToDest::Zero {
                 offset: 16 * BLOCK,
                 len: BLOCK,
-            },
+            }),
             vec![0; BLOCK as usize],
         ),
     ] {
@@ -360,10 +363,10 @@ fn valid_push(scene: &Scene) -> Push {
     }
     write_frame(
         &mut input,
-        &Frame::Finish {
+        &Frame::Dest(ToDest::Finish {
             size: SOURCE_SIZE,
             counts: Counts::default(),
-        },
+        }),
     )
     .unwrap();
     Push { input, changes }
@@ -433,70 +436,70 @@ fn garbage_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
     let mut frame = |what: &str, f: Frame| cases.push((what.into(), wire(&[f])));
     frame(
         "a block past the end",
-        Frame::Write {
+        Frame::Dest(ToDest::Write {
             offset: SOURCE_SIZE,
             data: Data::Raw(Slice::owned(vec![1; 512])),
-        },
+        }),
     );
     frame(
         "a block across the end",
-        Frame::Write {
+        Frame::Dest(ToDest::Write {
             offset: SOURCE_SIZE - 100,
             data: Data::Raw(Slice::owned(vec![1; 512])),
-        },
+        }),
     );
     frame(
         "a block at the last offset",
-        Frame::Write {
+        Frame::Dest(ToDest::Write {
             offset: u64::MAX,
             data: Data::Raw(Slice::owned(vec![1; 2])),
-        },
+        }),
     );
     frame(
         "a zero range past the end",
-        Frame::Zero {
+        Frame::Dest(ToDest::Zero {
             offset: 0,
             len: SOURCE_SIZE + 1,
-        },
+        }),
     );
     frame(
         "a refine past the end",
-        Frame::Refine {
+        Frame::Dest(ToDest::Refine {
             offset: SOURCE_SIZE,
             len: BLOCK,
-        },
+        }),
     );
     frame(
         "a Finish of another size",
-        Frame::Finish {
+        Frame::Dest(ToDest::Finish {
             size: SOURCE_SIZE + 1,
             counts: Counts::default(),
-        },
+        }),
     );
     frame(
         "a spot-check past the end",
-        Frame::Check {
+        Frame::Dest(ToDest::Check {
             offset: SOURCE_SIZE,
             len: BLOCK,
-        },
+        }),
     );
     frame(
         "a spot-check across the end",
-        Frame::Check {
+        Frame::Dest(ToDest::Check {
             offset: SOURCE_SIZE - 100,
             len: BLOCK,
-        },
+        }),
     );
     frame(
         "a spot-check of nothing",
-        Frame::Check { offset: 0, len: 0 },
+        Frame::Dest(ToDest::Check { offset: 0, len: 0 }),
     );
     frame(
         "a spot-check longer than a block",
-        Frame::Check {
+        Frame::Dest(ToDest::Check {
             offset: 0,
             len: 2 * BLOCK,
-        },
+        }),
     );
     frame("a second hello", Frame::Hello(hello.clone()));
     frame(
@@ -510,30 +513,30 @@ fn garbage_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
     frame("a second go", go(SOURCE_SIZE));
     frame(
         "a Digests frame",
-        Frame::Digests {
+        Frame::Source(ToSource::Digests {
             index: 0,
             blocks: vec![BlockInfo::Zero],
-        },
+        }),
     );
     frame(
         "a Done frame",
-        Frame::Done {
+        Frame::Source(ToSource::Done {
             written: 0,
             read: 0,
-        },
+        }),
     );
     // A zstd block whose bytes are not zstd, and one that claims more than it holds.
-    let mut bad = wire(&[Frame::Write {
+    let mut bad = wire(&[Frame::Dest(ToDest::Write {
         offset: 0,
         data: Data::pack(&Slice::owned(vec![0; BLOCK as usize]), 1),
-    }]);
+    })]);
     let n = bad.len();
     bad[n - 6..].fill(0xee);
     cases.push(("a corrupt zstd block".into(), bad));
-    let mut long = wire(&[Frame::Write {
+    let mut long = wire(&[Frame::Dest(ToDest::Write {
         offset: 0,
         data: Data::pack(&Slice::owned(vec![0; BLOCK as usize]), 1),
-    }]);
+    })]);
     // Length prefix (4), type (1), offset (8), codec (1), then the stated size.
     long[14..18].copy_from_slice(&(BLOCK as u32 + 1).to_le_bytes());
     cases.push(("a zstd block shorter than stated".into(), long));
@@ -582,38 +585,38 @@ fn garbage_after_a_valid_pull_handshake_is_refused() {
     for (what, f) in [
         (
             "digests of a chunk past the end",
-            Frame::Digests {
+            Frame::Source(ToSource::Digests {
                 index: u64::MAX,
                 blocks: vec![digest],
-            },
+            }),
         ),
         (
             "more digests than the chunk has blocks",
-            Frame::Digests {
+            Frame::Source(ToSource::Digests {
                 index: 0,
                 blocks: vec![BlockInfo::Zero; 8192],
-            },
+            }),
         ),
         (
             "piece digests nobody asked for",
-            Frame::Pieces {
+            Frame::Source(ToSource::Pieces {
                 offset: u64::MAX - 1,
                 pieces: vec![digest; 16],
-            },
+            }),
         ),
         (
             "verify digests outside a verify pass",
-            Frame::Verify {
+            Frame::Source(ToSource::Verify {
                 index: 0,
                 blocks: vec![digest],
-            },
+            }),
         ),
         (
             "a Finish (the wrong direction)",
-            Frame::Finish {
+            Frame::Dest(ToDest::Finish {
                 size,
                 counts: Counts::default(),
-            },
+            }),
         ),
     ] {
         cases.push((what.into(), wire(&[f])));
@@ -789,26 +792,26 @@ fn tracked_push(scene: &Scene, id: [u8; 16]) -> (Vec<u8>, usize) {
     let mut input = wire(&[
         Frame::Hello(scene.tracked_hello()),
         tracked_go(id),
-        Frame::Check {
+        Frame::Dest(ToDest::Check {
             offset: 0,
             len: BLOCK,
-        },
-        Frame::Check {
+        }),
+        Frame::Dest(ToDest::Check {
             offset: SOURCE_SIZE - BLOCK,
             len: BLOCK,
-        },
-        Frame::Write {
+        }),
+        Frame::Dest(ToDest::Write {
             offset: 2 * BLOCK,
             data: Data::Raw(Slice::owned(vec![0x42; BLOCK as usize])),
-        },
+        }),
     ]);
     let after_block = input.len();
     write_frame(
         &mut input,
-        &Frame::Finish {
+        &Frame::Dest(ToDest::Finish {
             size: SOURCE_SIZE,
             counts: Counts::default(),
-        },
+        }),
     )
     .unwrap();
     (input, after_block)
@@ -842,7 +845,7 @@ fn a_tracked_push_without_reading_answers_spot_checks_and_records_its_id() {
     let pieces: Vec<_> = frames
         .iter()
         .filter_map(|f| match f {
-            Frame::Pieces { offset, pieces } => Some((*offset, pieces.clone())),
+            Frame::Source(ToSource::Pieces { offset, pieces }) => Some((*offset, pieces.clone())),
             _ => None,
         })
         .collect();
@@ -854,11 +857,13 @@ fn a_tracked_push_without_reading_answers_spot_checks_and_records_its_id() {
         ]
     );
     assert!(
-        !frames.iter().any(|f| matches!(f, Frame::Digests { .. })),
+        !frames
+            .iter()
+            .any(|f| matches!(f, Frame::Source(ToSource::Digests { .. }))),
         "a no-read destination sent digests: {frames:?}"
     );
     assert!(
-        matches!(frames.last(), Some(Frame::Done { .. })),
+        matches!(frames.last(), Some(Frame::Source(ToSource::Done { .. }))),
         "{frames:?}"
     );
     let mut expect = scene.before.clone();
@@ -962,10 +967,10 @@ fn a_flood_of_questions_never_read_is_a_protocol_error_in_bounded_memory() {
     let mut input = wire(&[Frame::Hello(hello), go(DEST_SIZE as u64)]);
     for i in 0..FLOOD {
         let offset = (i as u64 % (DEST_SIZE as u64 / BIG_BLOCK)) * BIG_BLOCK;
-        let refine = Frame::Refine {
+        let refine = Frame::Dest(ToDest::Refine {
             offset,
             len: BIG_BLOCK,
-        };
+        });
         write_frame(&mut input, &refine).unwrap();
     }
     let mut child = Command::new(bin())
@@ -1036,7 +1041,7 @@ fn a_flood_of_questions_never_read_is_a_protocol_error_in_bounded_memory() {
     };
     // What the client is told, in the server's last Failed frame.
     let said = answers(&ended).into_iter().rev().find_map(|f| match f {
-        Frame::Failed { message, .. } => Some(message),
+        Frame::Source(ToSource::Failed { message, .. }) => Some(message),
         _ => None,
     });
     eprintln!("flood: peak RSS {peak} kB, exit {}: {said:?}", ended.code);
@@ -1064,10 +1069,10 @@ fn answers_never_asked_for_are_a_protocol_error() {
     let input = wire(&[
         Frame::Hello(hello),
         go(DEST_SIZE as u64),
-        Frame::Pieces {
+        Frame::Source(ToSource::Pieces {
             offset: 0,
             pieces: vec![digest],
-        },
+        }),
     ]);
     let ended = serve_with(&input, scene.dir.path(), true);
     assert_refused(&ended, "unasked pieces");
@@ -1078,7 +1083,7 @@ fn answers_never_asked_for_are_a_protocol_error() {
         ended.stderr
     );
     let said = answers(&ended).into_iter().find_map(|f| match f {
-        Frame::Failed { message, .. } => Some(message),
+        Frame::Source(ToSource::Failed { message, .. }) => Some(message),
         _ => None,
     });
     assert!(

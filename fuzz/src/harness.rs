@@ -330,94 +330,96 @@ pub fn examples(ty: Ty) -> Vec<Frame> {
             }),
         ],
         Ty::Digests => vec![
-            Frame::Digests {
+            Frame::Source(ToSource::Digests {
                 index: 7,
                 blocks: infos(5),
-            },
-            Frame::Digests {
+            }),
+            Frame::Source(ToSource::Digests {
                 index: 0,
                 blocks: vec![],
-            },
-            Frame::Digests {
+            }),
+            Frame::Source(ToSource::Digests {
                 index: 1,
                 blocks: infos(64),
-            },
+            }),
         ],
         Ty::Verify => vec![
-            Frame::Verify {
+            Frame::Source(ToSource::Verify {
                 index: 3,
                 blocks: full_infos(5),
-            },
-            Frame::Verify {
+            }),
+            Frame::Source(ToSource::Verify {
                 index: 0,
                 blocks: vec![],
-            },
+            }),
         ],
         Ty::Finding => FindingKind::ALL
             .iter()
-            .map(|&kind| Frame::Finding {
-                kind,
-                offset: 512,
-                len: 4096,
+            .map(|&kind| {
+                Frame::Dest(ToDest::Finding {
+                    kind,
+                    offset: 512,
+                    len: 4096,
+                })
             })
             .collect(),
         Ty::Pieces => vec![
-            Frame::Pieces {
+            Frame::Source(ToSource::Pieces {
                 offset: 1 << 20,
                 pieces: infos(4),
-            },
-            Frame::Pieces {
+            }),
+            Frame::Source(ToSource::Pieces {
                 offset: 0,
                 pieces: vec![],
-            },
+            }),
         ],
         Ty::Refine => vec![
-            Frame::Refine {
+            Frame::Dest(ToDest::Refine {
                 offset: 1 << 20,
                 len: 1 << 20,
-            },
-            Frame::Refine {
+            }),
+            Frame::Dest(ToDest::Refine {
                 offset: 0,
                 len: MAX_BLOCK,
-            },
+            }),
         ],
         Ty::Check => vec![
-            Frame::Check {
+            Frame::Dest(ToDest::Check {
                 offset: 1 << 20,
                 len: 4096,
-            },
-            Frame::Check { offset: 0, len: 0 },
-            Frame::Check {
+            }),
+            Frame::Dest(ToDest::Check { offset: 0, len: 0 }),
+            Frame::Dest(ToDest::Check {
                 offset: u64::MAX - MAX_BLOCK,
                 len: MAX_BLOCK,
-            },
+            }),
         ],
         Ty::Write => vec![
-            Frame::Write {
+            Frame::Dest(ToDest::Write {
                 offset: 1 << 40,
                 data: Data::Raw(Slice::owned(vec![1, 2, 3])),
-            },
-            Frame::Write {
+            }),
+            Frame::Dest(ToDest::Write {
                 offset: 0,
                 data: Data::Raw(Slice::owned(vec![])),
-            },
-            Frame::Write {
+            }),
+            Frame::Dest(ToDest::Write {
                 offset: 4096,
                 data: Data::pack(&Slice::owned(vec![0u8; 65536]), 3),
-            },
-            Frame::Write {
+            }),
+            Frame::Dest(ToDest::Write {
                 offset: 8192,
                 data: Data::pack(&Slice::owned(text(8192)), 1),
-            },
+            }),
         ],
         Ty::Zero => vec![
-            Frame::Zero {
+            Frame::Dest(ToDest::Zero {
                 offset: 1 << 30,
                 len: 1 << 20,
-            },
-            Frame::Zero { offset: 0, len: 0 },
+            }),
+            Frame::Dest(ToDest::Zero { offset: 0, len: 0 }),
         ],
-        Ty::Finish => vec![Frame::Finish {
+        Ty::Finish => vec![Frame::Dest(ToDest::Finish {
             size: 5,
             counts: Counts {
                 read: 1,
@@ -428,34 +430,34 @@ pub fn examples(ty: Ty) -> Vec<Frame> {
                 holes: 6,
                 zeroed: 7,
             },
-        }],
+        })],
         Ty::Abort => vec![
-            Frame::Abort {
+            Frame::Dest(ToDest::Abort {
                 kind: Kind::Io,
                 message: "reading source: EIO".into(),
-            },
-            Frame::Abort {
+            }),
+            Frame::Dest(ToDest::Abort {
                 kind: last_kind,
                 message: String::new(),
-            },
+            }),
         ],
-        Ty::Tally => vec![Frame::Tally {
+        Ty::Tally => vec![Frame::Source(ToSource::Tally {
             written: 75,
             read: 76,
-        }],
-        Ty::Done => vec![Frame::Done {
+        })],
+        Ty::Done => vec![Frame::Source(ToSource::Done {
             written: 77,
             read: 78,
-        }],
+        })],
         Ty::Failed => vec![
-            Frame::Failed {
+            Frame::Source(ToSource::Failed {
                 kind: Kind::TooSmall,
                 message: "déjà vu".into(),
-            },
-            Frame::Failed {
+            }),
+            Frame::Source(ToSource::Failed {
                 kind: Kind::Internal,
                 message: "x".repeat(300),
-            },
+            }),
         ],
     }
 }
@@ -493,24 +495,32 @@ pub fn check_frame(f: &Frame) {
                 "{g:?}"
             )
         }
-        Frame::Digests { blocks, .. } | Frame::Verify { blocks, .. } => {
+        Frame::Source(ToSource::Digests { blocks, .. })
+        | Frame::Source(ToSource::Verify { blocks, .. }) => {
             assert!(blocks.len() <= MAX_DIGESTS)
         }
-        Frame::Finding { offset, len, .. } => assert!(offset.checked_add(*len).is_some()),
-        Frame::Pieces { pieces, .. } => assert!(pieces.len() <= MAX_DIGESTS),
-        Frame::Refine { offset, len } | Frame::Check { offset, len } => {
+        Frame::Dest(ToDest::Finding { offset, len, .. }) => {
+            assert!(offset.checked_add(*len).is_some())
+        }
+        Frame::Source(ToSource::Pieces { pieces, .. }) => assert!(pieces.len() <= MAX_DIGESTS),
+        Frame::Dest(ToDest::Refine { offset, len })
+        | Frame::Dest(ToDest::Check { offset, len }) => {
             assert!(*len <= MAX_BLOCK && offset.checked_add(*len).is_some())
         }
-        Frame::Zero { offset, len } => assert!(offset.checked_add(*len).is_some()),
-        Frame::Write { data, .. } => {
+        Frame::Dest(ToDest::Zero { offset, len }) => assert!(offset.checked_add(*len).is_some()),
+        Frame::Dest(ToDest::Write { data, .. }) => {
             if let Data::Zstd { len, .. } = data {
                 assert!(*len as usize <= MAX_FRAME);
             }
         }
-        Frame::Abort { message, .. } | Frame::Failed { message, .. } => {
+        Frame::Dest(ToDest::Abort { message, .. })
+        | Frame::Source(ToSource::Failed { message, .. }) => {
             assert!(message.len() <= MAX_TEXT)
         }
-        Frame::Finish { .. } | Frame::Tally { .. } | Frame::Done { .. } => {}
+        Frame::Dest(ToDest::Finish { .. })
+        | Frame::Source(ToSource::Tally { .. })
+        | Frame::Source(ToSource::Done { .. }) => {}
+        Frame::Source(ToSource::Bytes { data, .. }) => match *data {},
     }
 }
 
@@ -586,7 +596,8 @@ pub fn unpack(data: &[u8]) {
     payload.push(1); // codec: zstd
     payload.extend_from_slice(data);
     // Only what the frame decoder lets through can reach unpack.
-    let Ok(Frame::Write { data: packed, .. }) = Frame::decode(type_byte(Ty::Write), &payload)
+    let Ok(Frame::Dest(ToDest::Write { data: packed, .. })) =
+        Frame::decode(type_byte(Ty::Write), &payload)
     else {
         return;
     };
@@ -887,39 +898,39 @@ fn server_seeds() -> Vec<Vec<u8>> {
         no_read: true,
     });
     let pull = Frame::Hello(hello(Role::Source, "/tmp/x", 4096, HashKind::Xxh3, 512));
-    let finish = Frame::Finish {
+    let finish = Frame::Dest(ToDest::Finish {
         size,
         counts: Counts::default(),
-    };
+    });
     vec![
         conversation(&[
             push.clone(),
             go.clone(),
-            Frame::Write {
+            Frame::Dest(ToDest::Write {
                 offset: 0,
                 data: Data::Raw(Slice::owned(vec![7; 100])),
-            },
-            Frame::Write {
+            }),
+            Frame::Dest(ToDest::Write {
                 offset: 4096,
                 data: Data::pack(&Slice::owned(text(4096)), 1),
-            },
-            Frame::Zero {
+            }),
+            Frame::Dest(ToDest::Zero {
                 offset: 8192,
                 len: 4096,
-            },
-            Frame::Refine {
+            }),
+            Frame::Dest(ToDest::Refine {
                 offset: 0,
                 len: 4096,
-            },
+            }),
             finish,
         ]),
         conversation(&[
             push.clone(),
             go.clone(),
-            Frame::Abort {
+            Frame::Dest(ToDest::Abort {
                 kind: Kind::Io,
                 message: "EIO".into(),
-            },
+            }),
         ]),
         conversation(&[
             push,
@@ -935,31 +946,31 @@ fn server_seeds() -> Vec<Vec<u8>> {
         conversation(&[
             Frame::Hello(tracked.clone()),
             no_read_go,
-            Frame::Check {
+            Frame::Dest(ToDest::Check {
                 offset: 0,
                 len: 4096,
-            },
-            Frame::Check {
+            }),
+            Frame::Dest(ToDest::Check {
                 offset: size - 4096,
                 len: 4096,
-            },
-            Frame::Write {
+            }),
+            Frame::Dest(ToDest::Write {
                 offset: 4096,
                 data: Data::Raw(Slice::owned(vec![7; 4096])),
-            },
-            Frame::Zero {
+            }),
+            Frame::Dest(ToDest::Zero {
                 offset: 8192,
                 len: 4096,
-            },
-            Frame::Finish {
+            }),
+            Frame::Dest(ToDest::Finish {
                 size,
                 counts: Counts::default(),
-            },
+            }),
             // The verify pass the Hello asks for.
-            Frame::Finish {
+            Frame::Dest(ToDest::Finish {
                 size,
                 counts: Counts::default(),
-            },
+            }),
         ]),
         conversation(&[
             Frame::Hello(tracked),
@@ -971,38 +982,38 @@ fn server_seeds() -> Vec<Vec<u8>> {
                 sync_id: SYNC_ID,
                 no_read: true,
             }),
-            Frame::Check {
+            Frame::Dest(ToDest::Check {
                 offset: size / 2,
                 len: 4096,
-            },
-            Frame::Abort {
+            }),
+            Frame::Dest(ToDest::Abort {
                 kind: Kind::Io,
                 message: "EIO".into(),
-            },
+            }),
         ]),
         conversation(&[
             pull.clone(),
             go.clone(),
-            Frame::Digests {
+            Frame::Source(ToSource::Digests {
                 index: 0,
                 blocks: infos(8),
-            },
-            Frame::Pieces {
+            }),
+            Frame::Source(ToSource::Pieces {
                 offset: 0,
                 pieces: infos(8),
-            },
-            Frame::Done {
+            }),
+            Frame::Source(ToSource::Done {
                 written: 1,
                 read: 2,
-            },
+            }),
         ]),
         conversation(&[
             pull,
             go,
-            Frame::Failed {
+            Frame::Source(ToSource::Failed {
                 kind: Kind::Destination,
                 message: "no space".into(),
-            },
+            }),
         ]),
     ]
 }
@@ -1027,52 +1038,52 @@ fn client_seeds() -> Vec<Vec<u8>> {
     vec![
         greeted(&[
             reply.clone(),
-            Frame::Digests {
+            Frame::Source(ToSource::Digests {
                 index: 0,
                 blocks: infos(8),
-            },
-            Frame::Pieces {
+            }),
+            Frame::Source(ToSource::Pieces {
                 offset: 0,
                 pieces: infos(8),
-            },
-            Frame::Done {
+            }),
+            Frame::Source(ToSource::Done {
                 written: 1,
                 read: 2,
-            },
+            }),
         ]),
         greeted(&[
             reply,
-            Frame::Write {
+            Frame::Dest(ToDest::Write {
                 offset: 0,
                 data: Data::Raw(Slice::owned(vec![7; 100])),
-            },
-            Frame::Zero {
+            }),
+            Frame::Dest(ToDest::Zero {
                 offset: 4096,
                 len: 4096,
-            },
-            Frame::Finish {
+            }),
+            Frame::Dest(ToDest::Finish {
                 size: 1 << 20,
                 counts: Counts::default(),
-            },
+            }),
         ]),
-        greeted(&[Frame::Failed {
+        greeted(&[Frame::Source(ToSource::Failed {
             kind: Kind::Destination,
             message: "refused".into(),
-        }]),
+        })]),
         greeted(&[
             tracked,
-            Frame::Pieces {
+            Frame::Source(ToSource::Pieces {
                 offset: 0,
                 pieces: infos(1),
-            },
-            Frame::Pieces {
+            }),
+            Frame::Source(ToSource::Pieces {
                 offset: (1 << 20) - 4096,
                 pieces: infos(3)[2..].to_vec(),
-            },
-            Frame::Done {
+            }),
+            Frame::Source(ToSource::Done {
                 written: 4096,
                 read: 8192,
-            },
+            }),
         ]),
         greeted(&[Frame::Reply(Reply {
             size: 0,

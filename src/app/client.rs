@@ -9,6 +9,7 @@ use super::report::Reporter;
 use super::settings::{RemoteSettings, Settings};
 use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::trust;
+use crate::engine::messages::ToSource;
 use crate::engine::prehash::{Precomputed, Prehash};
 use crate::engine::{Compare, Config, Layout, RunOptions, Stats};
 use crate::error::{Error, Kind, Result};
@@ -39,7 +40,7 @@ fn handshake(opts: &SshOptions, host: &str, hello: &Hello) -> Result<Stream> {
     let answer = read_frame(&mut conn.reader, &mut buf);
     match (sent, answer) {
         (_, Ok((Frame::Reply(reply), _))) => Ok(Stream { conn, reply }),
-        (_, Ok((Frame::Failed { kind, message }, _))) => {
+        (_, Ok((Frame::Source(ToSource::Failed { kind, message }), _))) => {
             let _ = conn.child.wait();
             Err(Error::new(kind, format!("on {host}: {message}")))
         }

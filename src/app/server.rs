@@ -2,6 +2,7 @@
 //! on stdin/stdout, runs the source or destination half the client asks for, and makes
 //! the same checks as a local run before writing anything.
 
+use crate::engine::messages::ToSource;
 use crate::engine::{Compare, Config, Layout, RunOptions, Salvage, Stats, VerifyLog};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
@@ -40,10 +41,10 @@ pub fn main() -> i32 {
             // The client prints it; stderr helps when even that fails.
             let _ = write_frame(
                 &mut output,
-                &Frame::Failed {
+                &Frame::Source(ToSource::Failed {
                     kind: e.kind,
                     message: e.message.clone(),
-                },
+                }),
             );
             e.kind.exit_code()
         }

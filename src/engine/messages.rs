@@ -47,14 +47,16 @@ impl FindingKind {
     ];
 }
 
-/// From the source half to the destination half.
-pub enum ToDest {
+/// From the source half to the destination half; `D` is a written block's bytes: a
+/// shared buffer in this process, a packed payload on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToDest<D = Slice> {
     /// Write `data` at byte `offset` of the destination.
     Write {
         /// Byte offset in the destination.
         offset: u64,
         /// The bytes to write (one or more whole blocks, or the partial last block).
-        data: Slice,
+        data: D,
     },
     /// Every changed block has been sent: make a file destination exactly `size` bytes,
     /// flush everything to stable storage, then answer [`ToSource::Done`].
@@ -109,8 +111,10 @@ pub enum ToDest {
     },
 }
 
-/// From the destination half to the source half.
-pub enum ToSource {
+/// From the destination half to the source half; `B` is the destination's raw bytes,
+/// which only a half in the same process receives ([`Unsendable`] on the wire).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToSource<B = Buf> {
     /// The destination's own bytes for chunk `index`, shorter (or empty) where the
     /// destination ends. Only in one process, where moving a buffer costs nothing:
     /// comparing bytes directly is cheaper than hashing both sides.
@@ -119,7 +123,7 @@ pub enum ToSource {
         index: u64,
         /// The destination bytes of that chunk that exist; the bytes of blocks marked in
         /// `zeros` may not have been read and must not be looked at.
-        data: Buf,
+        data: B,
         /// Per block of the chunk: known zero (a hole, or past the end of a sparse file).
         zeros: Vec<bool>,
     },
@@ -166,4 +170,58 @@ pub enum ToSource {
         /// One line naming the path and the cause.
         message: String,
     },
+}
+
+/// What stands for [`ToSource::Bytes`]' buffer on the wire: no value, so a frame can never
+/// carry one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsendable {}
+
+impl<D> ToDest<D> {
+    /// The same message with a written block's bytes turned by `f` (packed for the wire,
+    /// or unpacked from it); every other message as it is.
+    pub fn try_map<E, X>(self, f: impl FnOnce(D) -> Result<E, X>) -> Result<ToDest<E>, X> {
+        Ok(match self {
+            ToDest::Write { offset, data } => ToDest::Write {
+                offset,
+                data: f(data)?,
+            },
+            ToDest::Finish { size, counts } => ToDest::Finish { size, counts },
+            ToDest::Zero { offset, len } => ToDest::Zero { offset, len },
+            ToDest::Refine { offset, len } => ToDest::Refine { offset, len },
+            ToDest::Check { offset, len } => ToDest::Check { offset, len },
+            ToDest::Finding { kind, offset, len } => ToDest::Finding { kind, offset, len },
+            ToDest::Abort { kind, message } => ToDest::Abort { kind, message },
+        })
+    }
+}
+
+impl<B> ToSource<B> {
+    /// The same message with the destination's raw bytes turned by `f`; every other
+    /// message as it is.
+    pub fn try_map<C, X>(self, f: impl FnOnce(B) -> Result<C, X>) -> Result<ToSource<C>, X> {
+        Ok(match self {
+            ToSource::Bytes { index, data, zeros } => ToSource::Bytes {
+                index,
+                data: f(data)?,
+                zeros,
+            },
+            ToSource::Digests { index, blocks } => ToSource::Digests { index, blocks },
+            ToSource::Verify { index, blocks } => ToSource::Verify { index, blocks },
+            ToSource::Pieces { offset, pieces } => ToSource::Pieces { offset, pieces },
+            ToSource::Tally { written, read } => ToSource::Tally { written, read },
+            ToSource::Done { written, read } => ToSource::Done { written, read },
+            ToSource::Failed { kind, message } => ToSource::Failed { kind, message },
+        })
+    }
+}
+
+impl ToSource<Unsendable> {
+    /// A message off the wire, for a half in this process.
+    pub fn received(self) -> ToSource {
+        match self.try_map(|never: Unsendable| -> Result<Buf, Unsendable> { match never {} }) {
+            Ok(m) => m,
+            Err(never) => match never {},
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! [`crate::wire::handshake`], block payloads in [`crate::wire::data`], reading and
 //! writing frames on a stream in [`crate::wire::stream`] (all re-exported here).
 
-use crate::engine::messages::{Counts, FindingKind};
+use crate::engine::messages::{Counts, FindingKind, ToDest, ToSource, Unsendable};
 use crate::error::Kind;
 use crate::hash::{BLOCK_DIGEST, BlockInfo, Digest, MAX_DIGEST};
 use crate::io::codec::{Rd, Short, put_u8, put_u64};
@@ -59,7 +59,7 @@ const T_FINDING: u8 = 26;
 const T_CHECK: u8 = 27;
 const T_TALLY: u8 = 28;
 
-/// One decoded frame.
+/// One decoded frame: the handshake, or an engine message as it crosses the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// See [`Hello`].
@@ -68,99 +68,10 @@ pub enum Frame {
     Reply(Reply),
     /// See [`Go`].
     Go(Go),
-    /// What the destination holds in each block of a chunk.
-    Digests {
-        /// Chunk number in the stream's range.
-        index: u64,
-        /// One per block.
-        blocks: Vec<BlockInfo>,
-    },
-    /// Zero a range.
-    Zero {
-        /// Byte offset.
-        offset: u64,
-        /// Length.
-        len: u64,
-    },
-    /// Ask for a block's sub-block digests.
-    Refine {
-        /// Byte offset.
-        offset: u64,
-        /// Length.
-        len: u64,
-    },
-    /// `--verify`: full-strength digests of a chunk's blocks.
-    Verify {
-        /// Chunk number in the stream's range.
-        index: u64,
-        /// One per block.
-        blocks: Vec<BlockInfo>,
-    },
-    /// Spot-check a block.
-    Check {
-        /// Byte offset.
-        offset: u64,
-        /// Length.
-        len: u64,
-    },
-    /// A byte range the user must hear about.
-    Finding {
-        /// What was found.
-        kind: FindingKind,
-        /// Byte offset.
-        offset: u64,
-        /// Length.
-        len: u64,
-    },
-    /// A block's sub-block digests.
-    Pieces {
-        /// Byte offset of the block.
-        offset: u64,
-        /// One per sub-block.
-        pieces: Vec<BlockInfo>,
-    },
-    /// Bytes to write at an offset.
-    Write {
-        /// Byte offset.
-        offset: u64,
-        /// The bytes.
-        data: Data,
-    },
-    /// All sent; resize, flush, confirm.
-    Finish {
-        /// Source size.
-        size: u64,
-        /// The source half's counters.
-        counts: Counts,
-    },
-    /// Stop early; flush, confirm.
-    Abort {
-        /// Exit-code kind of the cause.
-        kind: Kind,
-        /// The cause.
-        message: String,
-    },
-    /// What the destination wrote and read, before its Failed when it stopped early.
-    Tally {
-        /// Bytes written.
-        written: u64,
-        /// Bytes read.
-        read: u64,
-    },
-    /// Everything is flushed.
-    Done {
-        /// Bytes written.
-        written: u64,
-        /// Bytes read.
-        read: u64,
-    },
-    /// The peer failed.
-    Failed {
-        /// Exit-code kind.
-        kind: Kind,
-        /// One line.
-        message: String,
-    },
+    /// From the source half; written blocks as packed for the wire.
+    Dest(ToDest<Data>),
+    /// From the destination half; its raw bytes never cross machines.
+    Source(ToSource<Unsendable>),
 }
 
 /// A frame that could not be decoded.
@@ -310,42 +221,42 @@ impl Frame {
                 g.encode(&mut p);
                 T_GO
             }
-            Frame::Digests { index, blocks } => {
+            Frame::Source(ToSource::Digests { index, blocks }) => {
                 put_infos(&mut p, *index, blocks, BLOCK_DIGEST);
                 T_DIGESTS
             }
-            Frame::Verify { index, blocks } => {
+            Frame::Source(ToSource::Verify { index, blocks }) => {
                 put_infos(&mut p, *index, blocks, MAX_DIGEST);
                 T_VERIFY
             }
-            Frame::Finding { kind, offset, len } => {
+            Frame::Dest(ToDest::Finding { kind, offset, len }) => {
                 let k = FindingKind::ALL.iter().position(|x| x == kind);
                 put_u8(&mut p, k.expect("listed") as u8);
                 put_u64(&mut p, *offset);
                 put_u64(&mut p, *len);
                 T_FINDING
             }
-            Frame::Pieces { offset, pieces } => {
+            Frame::Source(ToSource::Pieces { offset, pieces }) => {
                 put_infos(&mut p, *offset, pieces, BLOCK_DIGEST);
                 T_PIECES
             }
-            Frame::Refine { offset, len }
-            | Frame::Check { offset, len }
-            | Frame::Zero { offset, len } => {
+            Frame::Dest(ToDest::Refine { offset, len })
+            | Frame::Dest(ToDest::Check { offset, len })
+            | Frame::Dest(ToDest::Zero { offset, len }) => {
                 put_u64(&mut p, *offset);
                 put_u64(&mut p, *len);
                 match self {
-                    Frame::Refine { .. } => T_REFINE,
-                    Frame::Check { .. } => T_CHECK,
+                    Frame::Dest(ToDest::Refine { .. }) => T_REFINE,
+                    Frame::Dest(ToDest::Check { .. }) => T_CHECK,
                     _ => T_ZERO,
                 }
             }
-            Frame::Write { offset, data } => {
+            Frame::Dest(ToDest::Write { offset, data }) => {
                 p.extend_from_slice(&write_header(*offset, data));
                 p.extend_from_slice(data.bytes());
                 T_WRITE
             }
-            Frame::Finish { size, counts } => {
+            Frame::Dest(ToDest::Finish { size, counts }) => {
                 for v in [
                     *size,
                     counts.read,
@@ -360,24 +271,25 @@ impl Frame {
                 }
                 T_FINISH
             }
-            Frame::Abort { kind, message } => {
+            Frame::Dest(ToDest::Abort { kind, message }) => {
                 put_kind_and_text(&mut p, *kind, message);
                 T_ABORT
             }
-            Frame::Done { written, read } => {
+            Frame::Source(ToSource::Done { written, read }) => {
                 put_u64(&mut p, *written);
                 put_u64(&mut p, *read);
                 T_DONE
             }
-            Frame::Tally { written, read } => {
+            Frame::Source(ToSource::Tally { written, read }) => {
                 put_u64(&mut p, *written);
                 put_u64(&mut p, *read);
                 T_TALLY
             }
-            Frame::Failed { kind, message } => {
+            Frame::Source(ToSource::Failed { kind, message }) => {
                 put_kind_and_text(&mut p, *kind, message);
                 T_FAILED
             }
+            Frame::Source(ToSource::Bytes { data, .. }) => match *data {},
         };
         (t, p)
     }
@@ -391,11 +303,11 @@ impl Frame {
             T_GO => Frame::Go(Go::decode(&mut r)?),
             T_DIGESTS => {
                 let (index, blocks) = infos(&mut r, BLOCK_DIGEST)?;
-                Frame::Digests { index, blocks }
+                Frame::Source(ToSource::Digests { index, blocks })
             }
             T_VERIFY => {
                 let (index, blocks) = infos(&mut r, MAX_DIGEST)?;
-                Frame::Verify { index, blocks }
+                Frame::Source(ToSource::Verify { index, blocks })
             }
             T_FINDING => {
                 let k = r.u8()?;
@@ -403,26 +315,26 @@ impl Frame {
                     .get(k as usize)
                     .ok_or(DecodeError::Unknown("finding", k.into()))?;
                 let (offset, len) = range(&mut r, None, "finding range")?;
-                Frame::Finding { kind, offset, len }
+                Frame::Dest(ToDest::Finding { kind, offset, len })
             }
             T_PIECES => {
                 let (offset, pieces) = infos(&mut r, BLOCK_DIGEST)?;
-                Frame::Pieces { offset, pieces }
+                Frame::Source(ToSource::Pieces { offset, pieces })
             }
             T_REFINE => {
                 let (offset, len) = range(&mut r, Some(crate::size::MAX_BLOCK), "refined block")?;
-                Frame::Refine { offset, len }
+                Frame::Dest(ToDest::Refine { offset, len })
             }
             T_CHECK => {
                 let (offset, len) = range(&mut r, Some(crate::size::MAX_BLOCK), "checked block")?;
-                Frame::Check { offset, len }
+                Frame::Dest(ToDest::Check { offset, len })
             }
             T_WRITE => decode_write(&mut r)?,
             T_ZERO => {
                 let (offset, len) = range(&mut r, None, "zero range")?;
-                Frame::Zero { offset, len }
+                Frame::Dest(ToDest::Zero { offset, len })
             }
-            T_FINISH => Frame::Finish {
+            T_FINISH => Frame::Dest(ToDest::Finish {
                 size: r.u64()?,
                 counts: Counts {
                     read: r.u64()?,
@@ -433,22 +345,22 @@ impl Frame {
                     holes: r.u64()?,
                     zeroed: r.u64()?,
                 },
-            },
+            }),
             T_ABORT => {
                 let (kind, message) = kind_and_text(&mut r)?;
-                Frame::Abort { kind, message }
+                Frame::Dest(ToDest::Abort { kind, message })
             }
-            T_DONE => Frame::Done {
+            T_DONE => Frame::Source(ToSource::Done {
                 written: r.u64()?,
                 read: r.u64()?,
-            },
-            T_TALLY => Frame::Tally {
+            }),
+            T_TALLY => Frame::Source(ToSource::Tally {
                 written: r.u64()?,
                 read: r.u64()?,
-            },
+            }),
             T_FAILED => {
                 let (kind, message) = kind_and_text(&mut r)?;
-                Frame::Failed { kind, message }
+                Frame::Source(ToSource::Failed { kind, message })
             }
             x => return Err(DecodeError::Unknown("frame type", x.into())),
         };
@@ -473,7 +385,7 @@ fn decode_write(r: &mut Rd) -> Result<Frame, DecodeError> {
         }
         x => return Err(DecodeError::Unknown("codec", x.into())),
     };
-    Ok(Frame::Write { offset, data })
+    Ok(Frame::Dest(ToDest::Write { offset, data }))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use crate::engine::messages::{ToDest, ToSource};
 use crate::engine::{Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::pool::Recycler;
+use crate::wire::data::Data;
 use crate::wire::frame::{Frame, ReadError, read_frame, read_frame_with, write_frame};
 use crate::wire::packer::{Counted, Packer, WriteLog};
 use crossbeam_channel::{Receiver, Sender};
@@ -124,22 +125,13 @@ pub fn send_to_dest(
         if let ToDest::Write { data, .. } = &msg {
             sent += data.len() as u64;
         }
-        Ok(match msg {
-            ToDest::Write { offset, data } => {
-                let q = queued();
-                packer.wrote(log.take(), q);
-                Frame::Write {
-                    offset,
-                    data: packer.pack(&data, q),
-                }
-            }
-            ToDest::Zero { offset, len } => Frame::Zero { offset, len },
-            ToDest::Refine { offset, len } => Frame::Refine { offset, len },
-            ToDest::Finding { kind, offset, len } => Frame::Finding { kind, offset, len },
-            ToDest::Check { offset, len } => Frame::Check { offset, len },
-            ToDest::Finish { size, counts } => Frame::Finish { size, counts },
-            ToDest::Abort { kind, message } => Frame::Abort { kind, message },
-        })
+        // A written block is packed for the link; everything else crosses as it is.
+        let packed = msg.try_map(|data| -> Result<Data> {
+            let q = queued();
+            packer.wrote(log.take(), q);
+            Ok(packer.pack(&data, q))
+        })?;
+        Ok(Frame::Dest(packed))
     })
 }
 
@@ -157,10 +149,10 @@ fn count(stats: &Stats, frame: &Frame, n: usize, sent: bool) {
     };
     Stats::add(all, n);
     match frame {
-        Frame::Write { .. } => Stats::add(data, n),
-        Frame::Digests { .. } | Frame::Pieces { .. } | Frame::Verify { .. } => {
-            Stats::add(digests, n)
-        }
+        Frame::Dest(ToDest::Write { .. }) => Stats::add(data, n),
+        Frame::Source(ToSource::Digests { .. })
+        | Frame::Source(ToSource::Pieces { .. })
+        | Frame::Source(ToSource::Verify { .. }) => Stats::add(digests, n),
         _ => {}
     }
 }
@@ -176,20 +168,17 @@ pub fn send_to_source(
     peer: &Peer,
     open: &Questions,
 ) -> Result<()> {
-    pump(rx, Some(answers), w, stats, peer, |msg| match msg {
-        ToSource::Digests { index, blocks } => Ok(Frame::Digests { index, blocks }),
-        ToSource::Verify { index, blocks } => Ok(Frame::Verify { index, blocks }),
-        ToSource::Pieces { offset, pieces } => {
+    pump(rx, Some(answers), w, stats, peer, |msg| {
+        if matches!(msg, ToSource::Pieces { .. }) {
             open.answered();
-            Ok(Frame::Pieces { offset, pieces })
         }
-        ToSource::Done { written, read } => Ok(Frame::Done { written, read }),
-        ToSource::Tally { written, read } => Ok(Frame::Tally { written, read }),
-        ToSource::Failed { kind, message } => Ok(Frame::Failed { kind, message }),
-        ToSource::Bytes { .. } => Err(Error::new(
-            Kind::Internal,
-            "raw destination bytes cannot cross machines",
-        )),
+        let sendable = msg.try_map(|_| {
+            Err(Error::new(
+                Kind::Internal,
+                "raw destination bytes cannot cross machines",
+            ))
+        })?;
+        Ok(Frame::Source(sendable))
     })
 }
 
@@ -243,7 +232,10 @@ fn pump<M>(
         let frame = encode(msg)?;
         let last = matches!(
             frame,
-            Frame::Finish { .. } | Frame::Abort { .. } | Frame::Done { .. } | Frame::Failed { .. }
+            Frame::Dest(ToDest::Finish { .. })
+                | Frame::Dest(ToDest::Abort { .. })
+                | Frame::Source(ToSource::Done { .. })
+                | Frame::Source(ToSource::Failed { .. })
         );
         let n = write_frame(&mut w, &frame).map_err(|e| write_failed(peer, e))?;
         count(stats, &frame, n, true);
@@ -262,26 +254,25 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
             Ok((frame, n)) => {
                 count(stats, &frame, n, false);
                 match frame {
-                    Frame::Digests { index, blocks } => ToSource::Digests { index, blocks },
-                    Frame::Verify { index, blocks } => ToSource::Verify { index, blocks },
-                    Frame::Pieces { offset, pieces } => ToSource::Pieces { offset, pieces },
-                    Frame::Done { written, read } => {
+                    Frame::Source(ToSource::Done { written, read }) => {
                         // The remote half's counters join ours for the summary.
                         Stats::add(&stats.dest_read, read);
                         Stats::add(&stats.written, written);
                         ToSource::Done { written, read }
                     }
-                    Frame::Tally { written, read } => {
+                    Frame::Source(ToSource::Tally { written, read }) => {
                         // The same, from a remote half that stopped early; its failure
                         // follows. Only the counters need it: nothing to pass on.
                         Stats::add(&stats.dest_read, read);
                         Stats::add(&stats.written, written);
                         continue;
                     }
-                    Frame::Failed { kind, message } => ToSource::Failed {
+                    Frame::Source(ToSource::Failed { kind, message }) => ToSource::Failed {
                         kind: remote_kind(kind),
                         message: format!("{}: {message}", peer.0),
                     },
+                    // Chunk reports and answers, for the source half.
+                    Frame::Source(report) => report.received(),
                     other => ToSource::Failed {
                         kind: Kind::Protocol,
                         message: format!("{} sent an unexpected {other:?}", peer.0),
@@ -323,6 +314,35 @@ fn inside(
         return Err(Error::new(Kind::Protocol, format!("{} {}", peer.0, what())));
     }
     Ok(())
+}
+
+/// Checks that what the remote source half sends stays inside this stream's range.
+fn within(msg: &ToDest, layout: &Layout, peer: &Peer) -> Result<()> {
+    let range = |offset: u64| {
+        format!(
+            "at byte {offset}, outside the range {}..{}",
+            layout.start, layout.end
+        )
+    };
+    match msg {
+        // (An end past u64::MAX saturates, so it is outside too.)
+        ToDest::Write { offset, data } => inside(layout, *offset, data.len() as u64, peer, || {
+            format!("sent a block {}", range(*offset))
+        }),
+        ToDest::Zero { offset, len } => inside(layout, *offset, *len, peer, || {
+            format!("sent a zero range {}", range(*offset))
+        }),
+        ToDest::Refine { offset, len } => inside(layout, *offset, *len, peer, || {
+            "asked about a block outside its range".into()
+        }),
+        ToDest::Check { offset, len } => inside(layout, *offset, *len, peer, || {
+            "asked to check a block outside its range".into()
+        }),
+        ToDest::Finding { offset, len, .. } => inside(layout, *offset, *len, peer, || {
+            "reported a range outside its own".into()
+        }),
+        ToDest::Finish { .. } | ToDest::Abort { .. } => Ok(()),
+    }
 }
 
 /// The remote source half's counters, from its Finish, join this side's for the summary.
@@ -367,8 +387,10 @@ pub fn recv_questions_from_source(
         let (frame, n) =
             read_frame_with(&mut r, &mut buf, Some(&recycler)).map_err(|e| lost(peer, &e))?;
         count(stats, &frame, n, false);
-        if matches!(frame, Frame::Refine { .. } | Frame::Check { .. })
-            && open.asked() > MAX_OPEN_QUESTIONS
+        if matches!(
+            frame,
+            Frame::Dest(ToDest::Refine { .. }) | Frame::Dest(ToDest::Check { .. })
+        ) && open.asked() > MAX_OPEN_QUESTIONS
         {
             return Err(Error::new(
                 Kind::Protocol,
@@ -379,53 +401,7 @@ pub fn recv_questions_from_source(
             ));
         }
         let msg = match frame {
-            Frame::Write { offset, data } => {
-                let bytes = data.unpack_with(Some(&recycler)).map_err(|d| {
-                    Error::new(Kind::Protocol, format!("{} sent a bad block: {d}", peer.0))
-                })?;
-                let end = offset.checked_add(bytes.len() as u64);
-                if offset < layout.start || end.is_none_or(|e| e > layout.end) {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        format!(
-                            "{} sent a block at byte {offset}, outside the range {}..{}",
-                            peer.0, layout.start, layout.end
-                        ),
-                    ));
-                }
-                ToDest::Write {
-                    offset,
-                    data: bytes,
-                }
-            }
-            Frame::Zero { offset, len } => {
-                inside(&layout, offset, len, peer, || {
-                    format!(
-                        "sent a zero range at byte {offset}, outside the range {}..{}",
-                        layout.start, layout.end
-                    )
-                })?;
-                ToDest::Zero { offset, len }
-            }
-            Frame::Refine { offset, len } => {
-                inside(&layout, offset, len, peer, || {
-                    "asked about a block outside its range".into()
-                })?;
-                ToDest::Refine { offset, len }
-            }
-            Frame::Check { offset, len } => {
-                inside(&layout, offset, len, peer, || {
-                    "asked to check a block outside its range".into()
-                })?;
-                ToDest::Check { offset, len }
-            }
-            Frame::Finding { kind, offset, len } => {
-                inside(&layout, offset, len, peer, || {
-                    "reported a range outside its own".into()
-                })?;
-                ToDest::Finding { kind, offset, len }
-            }
-            Frame::Finish { size, counts } => {
+            Frame::Dest(ToDest::Finish { size, counts }) => {
                 add_counts(stats, &counts);
                 if size != layout.size {
                     return Err(Error::new(
@@ -436,7 +412,7 @@ pub fn recv_questions_from_source(
                 let _ = tx.send(ToDest::Finish { size, counts });
                 return Ok(());
             }
-            Frame::Abort { kind, message } => {
+            Frame::Dest(ToDest::Abort { kind, message }) => {
                 let _ = tx.send(ToDest::Abort {
                     kind,
                     message: message.clone(),
@@ -445,6 +421,15 @@ pub fn recv_questions_from_source(
                     remote_kind(kind),
                     format!("{}: {message}", peer.0),
                 ));
+            }
+            Frame::Dest(m) => {
+                let m = m.try_map(|data| {
+                    data.unpack_with(Some(&recycler)).map_err(|d| {
+                        Error::new(Kind::Protocol, format!("{} sent a bad block: {d}", peer.0))
+                    })
+                })?;
+                within(&m, &layout, peer)?;
+                m
             }
             other => {
                 return Err(Error::new(
@@ -458,7 +443,11 @@ pub fn recv_questions_from_source(
             // source is never stuck sending to us before it hears of the failure.
             loop {
                 match read_frame(&mut r, &mut buf) {
-                    Ok((Frame::Finish { .. } | Frame::Abort { .. }, _)) | Err(_) => break,
+                    Ok((
+                        Frame::Dest(ToDest::Finish { .. }) | Frame::Dest(ToDest::Abort { .. }),
+                        _,
+                    ))
+                    | Err(_) => break,
                     Ok(_) => {}
                 }
             }

@@ -209,7 +209,7 @@ fn with_verify<A: FnOnce()>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::messages::Counts;
+    use crate::engine::messages::{Counts, ToDest};
     use crate::engine::{Compare, Layout};
     use crate::wire::frame::{Frame, write_frame};
 
@@ -217,10 +217,10 @@ mod tests {
     /// half's only message back is Done.
     fn finish_only() -> Vec<u8> {
         let mut input = Vec::new();
-        let finish = Frame::Finish {
+        let finish = Frame::Dest(ToDest::Finish {
             size: 0,
             counts: Counts::default(),
-        };
+        });
         write_frame(&mut input, &finish).unwrap();
         input
     }

@@ -2,6 +2,7 @@
 //! reading them with a bounded allocation, raw blocks landing page-aligned in recycled
 //! buffers so the destination can write them with O_DIRECT as they are.
 
+use crate::engine::messages::ToDest;
 use crate::io::pool::{Buf, Recycler, Slice};
 use crate::wire::data::Data;
 use crate::wire::frame::{DecodeError, Frame, MAX_FRAME, PRESIZE, T_WRITE, write_header};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 /// Writes one frame; returns the bytes written. Block data is written from its buffer
 /// directly, not copied into the frame first.
 pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<usize> {
-    if let Frame::Write { offset, data } = frame {
+    if let Frame::Dest(ToDest::Write { offset, data }) = frame {
         let header = write_header(*offset, data);
         let body = data.bytes();
         let len = (1 + header.len() + body.len()) as u32;
@@ -82,7 +83,7 @@ pub fn read_frame_with(
             r.read_exact(&mut v[at..at + n])?;
             let whole = Arc::new(Buf::recycled(v, rc));
             let data = Data::Raw(Slice::new(whole, at..at + n));
-            return Ok((Frame::Write { offset, data }, len + 4));
+            return Ok((Frame::Dest(ToDest::Write { offset, data }), len + 4));
         }
         buf.extend_from_slice(&head);
     }
@@ -105,7 +106,7 @@ pub fn read_frame_with(
             None => Buf::detached(taken),
         });
         let data = Data::Raw(Slice::new(whole, RAW_DATA..len));
-        return Ok((Frame::Write { offset, data }, len + 4));
+        return Ok((Frame::Dest(ToDest::Write { offset, data }), len + 4));
     }
     let frame = Frame::decode(buf[0], &buf[1..])?;
     Ok((frame, len + 4))

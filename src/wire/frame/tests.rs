@@ -24,10 +24,10 @@ fn samples() -> Vec<Frame> {
             kind: 2,
             sync_id: [3; 16],
         }),
-        Frame::Check {
+        Frame::Dest(ToDest::Check {
             offset: 1 << 20,
             len: 4096,
-        },
+        }),
         Frame::Go(Go {
             proceed: true,
             size: 100,
@@ -36,7 +36,7 @@ fn samples() -> Vec<Frame> {
             sync_id: [9; 16],
             no_read: true,
         }),
-        Frame::Digests {
+        Frame::Source(ToSource::Digests {
             index: 7,
             blocks: vec![
                 BlockInfo::Digest(HashKind::Blake3.block_digest(b"a")),
@@ -44,43 +44,43 @@ fn samples() -> Vec<Frame> {
                 BlockInfo::Missing,
                 BlockInfo::Digest(HashKind::Xxh3.block_digest(b"b")),
             ],
-        },
-        Frame::Verify {
+        }),
+        Frame::Source(ToSource::Verify {
             index: 3,
             blocks: vec![
                 BlockInfo::Digest(HashKind::Blake3.digest(b"full")),
                 BlockInfo::Zero,
             ],
-        },
-        Frame::Finding {
+        }),
+        Frame::Dest(ToDest::Finding {
             kind: FindingKind::SourceChanged,
             offset: 512,
             len: 4096,
-        },
-        Frame::Zero {
+        }),
+        Frame::Dest(ToDest::Zero {
             offset: 1 << 30,
             len: 1 << 20,
-        },
-        Frame::Refine {
+        }),
+        Frame::Dest(ToDest::Refine {
             offset: 1 << 20,
             len: 1 << 20,
-        },
-        Frame::Pieces {
+        }),
+        Frame::Source(ToSource::Pieces {
             offset: 1 << 20,
             pieces: vec![
                 BlockInfo::Zero,
                 BlockInfo::Digest(HashKind::Blake3.block_digest(b"c")),
             ],
-        },
-        Frame::Write {
+        }),
+        Frame::Dest(ToDest::Write {
             offset: 1 << 40,
             data: Data::Raw(Slice::owned(vec![1, 2, 3])),
-        },
-        Frame::Write {
+        }),
+        Frame::Dest(ToDest::Write {
             offset: 4096,
             data: Data::pack(&Slice::owned(vec![0u8; 65536]), 3),
-        },
-        Frame::Finish {
+        }),
+        Frame::Dest(ToDest::Finish {
             size: 5,
             counts: Counts {
                 read: 1,
@@ -91,19 +91,19 @@ fn samples() -> Vec<Frame> {
                 holes: 6,
                 zeroed: 7,
             },
-        },
-        Frame::Abort {
+        }),
+        Frame::Dest(ToDest::Abort {
             kind: Kind::Io,
             message: "reading source: EIO".into(),
-        },
-        Frame::Done {
+        }),
+        Frame::Source(ToSource::Done {
             written: 77,
             read: 78,
-        },
-        Frame::Failed {
+        }),
+        Frame::Source(ToSource::Failed {
             kind: Kind::TooSmall,
             message: "déjà vu".into(),
-        },
+        }),
     ]
 }
 
@@ -140,19 +140,19 @@ fn raw_blocks_arrive_page_aligned_for_direct_writes() {
     let mut noise = vec![0u8; 300 << 10];
     blake3::Hasher::new().finalize_xof().fill(&mut noise);
     let frames = [
-        Frame::Write {
+        Frame::Dest(ToDest::Write {
             offset: 4096,
             data: Data::Raw(Slice::owned(noise.clone())),
-        },
-        Frame::Zero { offset: 0, len: 9 },
-        Frame::Write {
+        }),
+        Frame::Dest(ToDest::Zero { offset: 0, len: 9 }),
+        Frame::Dest(ToDest::Write {
             offset: 1 << 20,
             data: Data::Raw(Slice::owned(noise[..5].to_vec())),
-        },
-        Frame::Refine {
+        }),
+        Frame::Dest(ToDest::Refine {
             offset: 1 << 20,
             len: 1 << 16,
-        },
+        }),
     ];
     let wire: Vec<u8> = frames.iter().flat_map(bytes).collect();
     let mut r = &wire[..];
@@ -160,9 +160,9 @@ fn raw_blocks_arrive_page_aligned_for_direct_writes() {
     for want in &frames {
         let (got, _) = read_frame_with(&mut r, &mut buf, Some(&recycler)).unwrap();
         assert_eq!(&got, want);
-        if let Frame::Write {
+        if let Frame::Dest(ToDest::Write {
             data: Data::Raw(d), ..
-        } = &got
+        }) = &got
         {
             assert!(
                 d.as_ptr()
@@ -201,10 +201,10 @@ fn every_truncation_is_an_error() {
 
 #[test]
 fn trailing_bytes_oversize_and_unknowns_are_rejected() {
-    let (t, mut p) = Frame::Done {
+    let (t, mut p) = Frame::Source(ToSource::Done {
         written: 1,
         read: 2,
-    }
+    })
     .encode();
     p.push(0);
     assert_eq!(Frame::decode(t, &p), Err(DecodeError::Trailing(1)));
@@ -226,13 +226,13 @@ fn trailing_bytes_oversize_and_unknowns_are_rejected() {
         Err(DecodeError::TooLarge("digest count"))
     );
     // A zstd payload that claims more than it holds.
-    let (t, mut w) = Frame::Write {
+    let (t, mut w) = Frame::Dest(ToDest::Write {
         offset: 0,
         data: Data::pack(&Slice::owned(vec![0u8; 65536]), 3),
-    }
+    })
     .encode();
     w[9..13].copy_from_slice(&65537u32.to_le_bytes());
-    let Frame::Write { data, .. } = Frame::decode(t, &w).unwrap() else {
+    let Frame::Dest(ToDest::Write { data, .. }) = Frame::decode(t, &w).unwrap() else {
         panic!()
     };
     assert_eq!(data.unpack(), Err(DecodeError::BadCompression));
@@ -301,7 +301,8 @@ fn random_and_mutated_input_never_panics() {
                 _ => w.insert(i, next() as u8),
             }
         }
-        if let Ok((Frame::Write { data, .. }, _)) = read_frame(&mut &w[..], &mut buf) {
+        if let Ok((Frame::Dest(ToDest::Write { data, .. }), _)) = read_frame(&mut &w[..], &mut buf)
+        {
             let _ = data.unpack();
         }
     }
