@@ -2,9 +2,11 @@
 //! ProxyJump and known_hosts apply) running the same blocksync binary in server mode on
 //! the remote side, found on its PATH, given with `-S`, or copied there on first use.
 
+use super::deploy::{DEPLOY_MARK, LAUNCHER, local_platform, self_id};
+use super::quote::quote;
 use crate::error::{Error, Kind, Result};
 use crate::wire::frame::GREETING;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -43,124 +45,6 @@ pub struct Connection {
     pub host: String,
 }
 
-/// Splits a command line shell-style: whitespace separates words, single and double
-/// quotes group, backslash escapes (outside single quotes).
-pub fn split_shell(text: &str) -> std::result::Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(x) => cur.push(x),
-                        None => return Err(format!("unclosed ' in {text:?}")),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(x @ ('"' | '\\' | '$' | '`')) => cur.push(x),
-                            Some(x) => {
-                                cur.push('\\');
-                                cur.push(x)
-                            }
-                            None => return Err(format!("unclosed \" in {text:?}")),
-                        },
-                        Some(x) => cur.push(x),
-                        None => return Err(format!("unclosed \" in {text:?}")),
-                    }
-                }
-            }
-            '\\' => {
-                in_word = true;
-                match chars.next() {
-                    Some(x) => cur.push(x),
-                    None => return Err(format!("trailing \\ in {text:?}")),
-                }
-            }
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            c => {
-                in_word = true;
-                cur.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    Ok(words)
-}
-
-/// Quotes `s` for a POSIX shell.
-pub fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// Printed by the launcher when the remote has no blocksync to run.
-const DEPLOY_MARK: &str = "#BSDEPLOY";
-
-/// Finds a blocksync on the remote and runs it in server mode: `-S` path, else one on the
-/// PATH, else our own copy in the per-user cache; otherwise asks for a deploy.
-const LAUNCHER: &str = r##"c="${XDG_CACHE_HOME:-$HOME/.cache}/blocksync/blocksync-$1"
-if [ -n "$3" ]; then b="$3"
-elif command -v blocksync >/dev/null 2>&1; then b=blocksync
-elif [ -x "$c" ]; then b="$c"
-else echo "#BSDEPLOY $(uname -sm)"; exit 0; fi
-if [ "$2" = 1 ]; then exec sudo -n "$b" --server; else exec "$b" --server; fi"##;
-
-/// Stores stdin as the cached binary: private directory, temp file, size check, atomic
-/// rename, so a partial copy is never run and nobody else can change it.
-const INSTALLER: &str = r#"set -e
-umask 077
-d="${XDG_CACHE_HOME:-$HOME/.cache}/blocksync"
-mkdir -p "$d"
-chmod 700 "$d"
-t=$(mktemp "$d/.incoming.XXXXXX")
-trap 'rm -f "$t"' EXIT
-cat >"$t"
-[ "$(wc -c <"$t")" -eq "$2" ]
-chmod 700 "$t"
-mv -f "$t" "$d/blocksync-$1"
-trap - EXIT"#;
-
-/// A short identity of this executable (its BLAKE3, hex), naming the cached remote copy.
-fn self_id() -> Result<(String, Vec<u8>)> {
-    let exe = std::fs::read("/proc/self/exe").map_err(|e| {
-        Error::new(
-            Kind::Internal,
-            format!("reading own executable: {}", crate::error::os_text(&e)),
-        )
-    })?;
-    let hex: String = blake3::hash(&exe).as_bytes()[..10]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((hex, exe))
-}
-
-fn local_platform() -> String {
-    let u = rustix::system::uname();
-    format!(
-        "{} {}",
-        u.sysname().to_string_lossy(),
-        u.machine().to_string_lossy()
-    )
-}
-
 impl SshOptions {
     fn command(&self, host: &str, remote: &str) -> Result<Command> {
         let (mut cmd, default_ssh) = match &self.pass_env {
@@ -197,7 +81,12 @@ impl SshOptions {
         Ok(cmd)
     }
 
-    fn spawn(&self, host: &str, remote: &str, stdin: Stdio) -> Result<(Child, Arc<Mutex<String>>)> {
+    pub(super) fn spawn(
+        &self,
+        host: &str,
+        remote: &str,
+        stdin: Stdio,
+    ) -> Result<(Child, Arc<Mutex<String>>)> {
         let mut cmd = self.command(host, remote)?;
         cmd.stdin(stdin)
             .stdout(Stdio::piped())
@@ -311,33 +200,6 @@ impl SshOptions {
             format!("{host}: the deployed blocksync did not start"),
         ))
     }
-
-    fn deploy_to(&self, host: &str, id: &str, exe: &[u8]) -> Result<()> {
-        let install = format!("sh -c {} blocksync {} {}", quote(INSTALLER), id, exe.len());
-        let (mut child, stderr) = self.spawn(host, &install, Stdio::piped())?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let wrote = stdin.write_all(exe);
-        drop(stdin);
-        let status = child.wait().map_err(|e| {
-            Error::new(
-                Kind::Remote,
-                format!("waiting for ssh: {}", crate::error::os_text(&e)),
-            )
-        })?;
-        if wrote.is_err() || !status.success() {
-            let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
-            return Err(Error::new(
-                Kind::Remote,
-                format!(
-                    "copying blocksync to {host} failed{}; install it there and give -S",
-                    last_line(&err)
-                        .map(|l| format!(": {l}"))
-                        .unwrap_or_default()
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {
@@ -353,7 +215,7 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {
     got
 }
 
-fn last_line(text: &str) -> Option<&str> {
+pub(super) fn last_line(text: &str) -> Option<&str> {
     text.lines().map(str::trim).rfind(|l| !l.is_empty())
 }
 
@@ -408,33 +270,4 @@ const PIPE_SIZE: usize = 1 << 20;
 /// side. A hint: `fd` may be no pipe (a socket from sshd), or the limit lower.
 pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
     let _ = rustix::pipe::fcntl_setpipe_size(fd, PIPE_SIZE);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_like_a_shell() {
-        assert_eq!(
-            split_shell(r#"-o "StrictHostKeyChecking no" -p 22 'a b'\ c"#).unwrap(),
-            vec!["-o", "StrictHostKeyChecking no", "-p", "22", "a b c"]
-        );
-        assert_eq!(split_shell("  ").unwrap(), Vec::<String>::new());
-        assert_eq!(split_shell("''").unwrap(), vec![""]);
-        assert!(split_shell("'open").is_err());
-        assert!(split_shell("\"open").is_err());
-    }
-
-    #[test]
-    fn quoting_survives_a_shell() {
-        for s in ["plain", "a b", "it's", "$(rm -rf /)", "\"q\"\\"] {
-            let out = Command::new("sh")
-                .arg("-c")
-                .arg(format!("printf %s {}", quote(s)))
-                .output()
-                .unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout), s);
-        }
-    }
 }
