@@ -144,6 +144,7 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(self.dir.path()).output();
     }
 }
+pub mod fakepeer;
 pub mod faultyfs;
 pub mod sshd;
 
