@@ -1,5 +1,5 @@
 //! A failing source disk, for real: a FUSE file that answers EIO at chosen sectors
-//! (tests/common/faultyfs.rs), read directly, through a loop device, and over ssh. Every
+//! (tests/common/faultyfs/), read directly, through a loop device, and over ssh. Every
 //! readable byte must arrive, the unreadable ones must be exactly those injected, and the
 //! `--bad-blocks` map must say so.
 

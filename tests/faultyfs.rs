@@ -1,4 +1,4 @@
-//! The failing-disk harness itself (tests/common/faultyfs.rs): good sectors read back
+//! The failing-disk harness itself (tests/common/faultyfs/): good sectors read back
 //! exactly, bad ones fail with EIO at the granularity its module doc promises, through
 //! the file and through a loop device, the delay slows reads, and nothing stays mounted.
 

@@ -1,4 +1,4 @@
-//! Destination faults on a real (FUSE) disk, tests/common/faultyfs.rs in its writable
+//! Destination faults on a real (FUSE) disk, tests/common/faultyfs/ in its writable
 //! mode: a destination that vanishes mid-run, as a file, as a block device and over ssh,
 //! must end the run at once with the cause and the path (exit 10 locally, 11 remote),
 //! never hang; and a disk that acknowledges writes it drops is caught by `--verify`.
