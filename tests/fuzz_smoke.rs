@@ -3,8 +3,9 @@
 //! frames, deterministic so a failure reproduces. `BLOCKSYNC_FUZZ_ITERS=N` runs N inputs
 //! per target instead of the default.
 
-#[allow(dead_code)]
-#[path = "../fuzz/src/harness.rs"]
+// What only the libFuzzer targets use (and the re-exports of it) is unused here.
+#[allow(dead_code, unused_imports)]
+#[path = "../fuzz/src/harness/mod.rs"]
 mod harness;
 
 /// Inputs per target: a few seconds for all of them in a release build.

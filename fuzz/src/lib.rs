@@ -1,5 +1,5 @@
 //! Fuzz targets for blocksync's protocol decoders and handshake. The checks live in
-//! `harness.rs`, shared with the bounded CI run in `tests/fuzz_smoke.rs`; this crate adds
+//! `harness/`, shared with the bounded CI run in `tests/fuzz_smoke.rs`; this crate adds
 //! the libFuzzer glue. Run `./run.sh [SECONDS_PER_TARGET]`.
 
 mod harness;
