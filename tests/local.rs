@@ -456,3 +456,32 @@ fn a_closed_or_full_stdout_does_not_fail_a_good_sync() {
         assert_eq!(fs::read(&full).unwrap(), content);
     }
 }
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// A new destination file is no more readable than its source: the source file's
+/// permission bits (never setuid/setgid), owner-only for a copy of a device.
+#[test]
+fn a_new_destination_file_gets_the_sources_permission_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let content = data(M + 5, 71);
+    for (i, mode) in [0o600, 0o640, 0o4755].into_iter().enumerate() {
+        let src = dir.path().join(format!("src{i}"));
+        fs::write(&src, &content).unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(mode)).unwrap();
+        let dst = dir.path().join(format!("dst{i}"));
+        let out = run(&["-q", s(&src), s(&dst)]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        // The test runs with the usual umask 022, which leaves these bits alone.
+        assert_eq!(mode_of(&dst), mode & 0o777, "source mode {mode:o}");
+    }
+    let disk = LoopDev::new(M as u64, &content[..M]);
+    let copy = dir.path().join("disk.img");
+    let out = run(&["-q", s(&disk.dev), s(&copy)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode_of(&copy), 0o600, "a copy of a device");
+}

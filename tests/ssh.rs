@@ -512,3 +512,24 @@ fn an_interrupted_push_counts_what_the_remote_wrote() {
         "{j}"
     );
 }
+
+/// Over ssh too, a new destination file gets the source's permission bits, whichever
+/// side creates it.
+#[test]
+fn new_files_over_ssh_get_the_sources_permission_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 72)).unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o600)).unwrap();
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let pushed = dir.path().join("pushed");
+    let out = run_with(&via(&sshd), &[s(&src), &format!("testhost:{}", s(&pushed))]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode(&pushed), 0o600, "push");
+    let pulled = dir.path().join("pulled");
+    let out = run_with(&via(&sshd), &[&format!("testhost:{}", s(&src)), s(&pulled)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode(&pulled), 0o600, "pull");
+}

@@ -195,6 +195,7 @@ fn hello_for(settings: &Settings, remote: &RemoteSettings, to: &Remote, here: &H
         bwlimit: remote.bwlimit / settings.workers as u64,
         refine: settings.refine,
         max_errors: settings.salvage.max_errors,
+        source_mode: here.source().map_or(0, target::copy_mode),
     }
 }
 
@@ -379,7 +380,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let prepared = (|| {
         let existing = check_sides(settings, reporter, to, &here, &reply, size)?;
         let dest = match here.probe() {
-            Some(p) => open_dest_for_run(settings, p)?,
+            Some(p) => open_dest_for_run(settings, p, reply.mode)?,
             None => None,
         };
         let cached = prepare_digests(settings, to, &here, existing, &reply, streams.len())?;

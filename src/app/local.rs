@@ -49,7 +49,7 @@ pub(crate) fn run(
     }
 
     // Every check has passed: only now is the destination opened for writing or created.
-    let dest = open_dest_for_run(settings, &probe)?;
+    let dest = open_dest_for_run(settings, &probe, target::copy_mode(&src))?;
 
     let layout = Layout::new(src.size, settings.block);
     let mut config = Config::build(layout, &settings.run_options(Compare::Bytes));
@@ -122,8 +122,13 @@ pub(crate) fn note_busy_source(reporter: &Reporter, src: &Target) {
 }
 
 /// Opens the local destination once every check has passed: read-only (or not at all
-/// when missing) in a dry run, else for writing, creating a missing file.
-pub(crate) fn open_dest_for_run(settings: &Settings, probe: &DestProbe) -> Result<Option<Target>> {
+/// when missing) in a dry run, else for writing, creating a missing file with permission
+/// bits `mode` (the source's: see [`target::copy_mode`]).
+pub(crate) fn open_dest_for_run(
+    settings: &Settings,
+    probe: &DestProbe,
+    mode: u32,
+) -> Result<Option<Target>> {
     if settings.dry_run {
         match &probe.existing {
             Some(_) => Ok(Some(target::open_read(
@@ -137,6 +142,7 @@ pub(crate) fn open_dest_for_run(settings: &Settings, probe: &DestProbe) -> Resul
         Ok(Some(target::open_destination(
             probe,
             settings.force_mounted,
+            mode,
         )?))
     }
 }

@@ -136,7 +136,8 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
             a.force_mounted,
         )?;
     }
-    let t = target::open_destination(&probe, a.force_mounted)?;
+    // An existing target only (checked above): the mode is not used.
+    let t = target::open_destination(&probe, a.force_mounted, 0o600)?;
     let started = std::time::Instant::now();
     let s = crate::offline::patch::apply(&patch, &t)?;
     let secs = started.elapsed().as_secs_f64();

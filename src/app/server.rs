@@ -156,6 +156,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
             Some(e) if track => crate::digestfile::syncid::load_of(path, &e.id),
             _ => [0; 16],
         },
+        mode: 0,
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;
@@ -173,6 +174,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         Some(target::open_destination(
             &probe,
             force_mounted || go.start > 0,
+            hello.source_mode,
         )?)
     };
     let stats = Stats::default();
@@ -192,6 +194,7 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
         size: src.size,
         kind: kind_byte(src.kind),
         sync_id: [0; 16],
+        mode: target::copy_mode(&src),
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;

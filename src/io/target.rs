@@ -259,7 +259,21 @@ pub fn probe_destination(path: &Path) -> Result<DestProbe> {
 /// Opens (and for a missing file, creates) the destination for reading and writing.
 /// Block devices are opened with O_EXCL unless `force_mounted`, which the kernel refuses
 /// while the device is mounted or claimed, and which keeps others from claiming it meanwhile.
-pub fn open_destination(probe: &DestProbe, force_mounted: bool) -> Result<Target> {
+/// The permission bits a new destination file gets when `t` is its source: the source
+/// file's own (never setuid, setgid or sticky), or owner-only for a device, whose copy
+/// holds a whole disk. The umask still applies.
+pub fn copy_mode(t: &Target) -> u32 {
+    match t.kind {
+        TargetKind::BlockDevice => 0o600,
+        TargetKind::File => t.file.metadata().map_or(0o600, |m| {
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777
+        }),
+    }
+}
+
+/// Opens (or creates, with permission bits `mode`) the destination once every check has
+/// passed.
+pub fn open_destination(probe: &DestProbe, force_mounted: bool, mode: u32) -> Result<Target> {
     let path = &probe.path;
     let mut opts = OpenOptions::new();
     opts.read(true).write(true);
@@ -270,7 +284,7 @@ pub fn open_destination(probe: &DestProbe, force_mounted: bool) -> Result<Target
     }
     if probe.existing.is_none() {
         // Not create_new: parallel streams may race to create it; nothing is truncated.
-        opts.create(true).mode(0o644);
+        opts.create(true).mode(mode);
     }
     let file = opts.open(path).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {

@@ -67,6 +67,9 @@ pub struct Hello {
     /// For a source server: give up after this many unreadable ranges (`--max-errors`);
     /// `u64::MAX` = never.
     pub max_errors: u64,
+    /// For a destination server: the permission bits a new destination file gets (the
+    /// source's; see `Target::copy_mode`).
+    pub source_mode: u32,
 }
 
 /// The server's answer to [`Hello`] once its checks passed.
@@ -79,6 +82,8 @@ pub struct Reply {
     /// With [`FLAG_TRACK_ID`]: the id of the last sync completed onto the destination
     /// (zeros: none).
     pub sync_id: [u8; 16],
+    /// From a source server: the permission bits a new destination file gets.
+    pub mode: u32,
 }
 
 /// The client's go-ahead (or not) after the reply.
@@ -96,6 +101,14 @@ pub struct Go {
     pub sync_id: [u8; 16],
     /// The destination need not read itself: the source compares against a digest file.
     pub no_read: bool,
+}
+
+/// Permission bits of a new file: nothing past 0o777 (no setuid, setgid or sticky).
+fn mode(r: &mut Rd) -> Result<u32, DecodeError> {
+    match r.u32()? {
+        m if m <= 0o777 => Ok(m),
+        m => Err(DecodeError::Unknown("file mode", m.into())),
+    }
 }
 
 fn version(r: &mut Rd) -> Result<(), DecodeError> {
@@ -130,6 +143,7 @@ impl Hello {
         ] {
             put_u64(p, v);
         }
+        put_u32(p, self.source_mode);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Hello, DecodeError> {
@@ -166,6 +180,7 @@ impl Hello {
                 _ => return Err(DecodeError::TooLarge("refinement")),
             },
             max_errors: r.u64()?,
+            source_mode: mode(r)?,
         })
     }
 }
@@ -176,6 +191,7 @@ impl Reply {
         put_u64(p, self.size);
         put_u8(p, self.kind);
         p.extend_from_slice(&self.sync_id);
+        put_u32(p, self.mode);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Reply, DecodeError> {
@@ -192,6 +208,7 @@ impl Reply {
             size,
             kind,
             sync_id: r.array()?,
+            mode: mode(r)?,
         })
     }
 }

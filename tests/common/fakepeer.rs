@@ -194,6 +194,7 @@ impl Scene {
             bwlimit: 0,
             refine: 0,
             max_errors: u64::MAX,
+            source_mode: 0o600,
         }
     }
 
@@ -389,6 +390,7 @@ fn out_of_place_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
             size: 1,
             kind: 1,
             sync_id: [0; 16],
+            mode: 0o644,
         }),
     );
     frame("a second go", go(SOURCE_SIZE));

@@ -94,6 +94,7 @@ pub(super) fn hello(role: Role, path: &str, block: u64, hash: HashKind, refine: 
         bwlimit: 0,
         refine,
         max_errors: u64::MAX,
+        source_mode: 0o600,
     }
 }
 
@@ -165,16 +166,19 @@ fn handshake_examples(ty: Ty) -> Vec<Frame> {
                 size: 0,
                 kind: 0,
                 sync_id: NO_ID,
+                mode: 0o644,
             }),
             Frame::Reply(Reply {
                 size: 99,
                 kind: 1,
                 sync_id: SYNC_ID,
+                mode: 0o644,
             }),
             Frame::Reply(Reply {
                 size: 1 << 40,
                 kind: 2,
                 sync_id: [0xff; 16],
+                mode: 0o644,
             }),
         ],
         Ty::Go => vec![

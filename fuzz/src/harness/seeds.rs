@@ -193,12 +193,14 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
         size: 1 << 20,
         kind: 1,
         sync_id: NO_ID,
+        mode: 0o644,
     });
     // A destination that recorded a sync (asked with FLAG_TRACK_ID), answering spot-checks.
     let tracked = Frame::Reply(Reply {
         size: 1 << 20,
         kind: 2,
         sync_id: SYNC_ID,
+        mode: 0o644,
     });
     vec![
         greeted(&[
@@ -254,6 +256,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
             size: 0,
             kind: 0,
             sync_id: NO_ID,
+            mode: 0o644,
         })]),
     ]
 }

@@ -18,11 +18,13 @@ fn samples() -> Vec<Frame> {
             bwlimit: 1 << 20,
             refine: 4096,
             max_errors: u64::MAX,
+            source_mode: 0o640,
         }),
         Frame::Reply(Reply {
             size: 99,
             kind: 2,
             sync_id: [3; 16],
+            mode: 0o600,
         }),
         Frame::Dest(ToDest::Check {
             offset: 1 << 20,
@@ -247,6 +249,7 @@ fn sizes_past_off_t_are_rejected() {
             size,
             kind: 1,
             sync_id: [0; 16],
+            mode: 0o644,
         };
         Frame::Reply(r).encode().1
     };
@@ -306,4 +309,24 @@ fn random_and_mutated_input_never_panics() {
             let _ = data.unpack();
         }
     }
+}
+
+#[test]
+fn file_modes_past_the_permission_bits_are_rejected() {
+    let reply = |mode: u32| {
+        let r = Reply {
+            size: 1,
+            kind: 1,
+            sync_id: [0; 16],
+            mode,
+        };
+        let (t, p) = Frame::Reply(r).encode();
+        Frame::decode(t, &p)
+    };
+    assert!(reply(0o777).is_ok());
+    // A hostile peer must not get a setuid file created on this side.
+    assert_eq!(
+        reply(0o4755),
+        Err(DecodeError::Unknown("file mode", 0o4755))
+    );
 }
