@@ -485,3 +485,30 @@ fn a_new_destination_file_gets_the_sources_permission_bits() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(mode_of(&copy), 0o600, "a copy of a device");
 }
+
+/// An image file that backs a mounted loop device is refused like the mounted device:
+/// writing under a mounted filesystem would damage it. A loop device nobody uses is fine.
+#[test]
+fn a_file_backing_a_mounted_loop_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(8 * M, 73)).unwrap();
+    let mounted = Mounted::new(LoopDev::new(8 * M as u64, &[]));
+    let image = mounted.dev.backing.clone();
+    let before = fs::read(&image).unwrap();
+    let out = run(&["-f", s(&src), s(&image)]);
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("backs loop device") && err.contains("mounted"),
+        "{err}"
+    );
+    assert!(err.contains(s(&image)), "{err}");
+    assert!(fs::read(&image).unwrap() == before, "the image was written");
+
+    // Bound to a loop device but not mounted: nothing uses it, the sync goes ahead.
+    let idle = LoopDev::new(8 * M as u64, &[]);
+    let out = run(&["-f", s(&src), s(&idle.backing)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&idle.backing).unwrap(), fs::read(&src).unwrap());
+}

@@ -280,9 +280,7 @@ fn check_sides(
         }
         Here::Dest(probe) => {
             if let Some(existing) = &probe.existing {
-                if existing.kind == TargetKind::BlockDevice {
-                    target::check_device(to.local, existing, size, settings.force_mounted)?;
-                }
+                target::check_destination(to.local, existing, size, settings.force_mounted)?;
                 let change = Change {
                     destination: &local_name,
                     kind: existing.kind.name(),

@@ -33,9 +33,7 @@ pub(crate) fn run(
                 ),
             ));
         }
-        if existing.kind == TargetKind::BlockDevice {
-            target::check_device(dst_path, existing, src.size, settings.force_mounted)?;
-        }
+        target::check_destination(dst_path, existing, src.size, settings.force_mounted)?;
     }
     note_busy_source(reporter, &src);
     if let Some(existing) = &probe.existing {

@@ -4,7 +4,7 @@
 use crate::app::cli::{ApplyArgs, DiffArgs, DigestArgs};
 use crate::error::{Error, Kind, Result};
 use crate::hash::HashKind;
-use crate::io::target::{self, TargetKind};
+use crate::io::target;
 use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -128,14 +128,12 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
             ),
         ));
     };
-    if existing.kind == TargetKind::BlockDevice {
-        target::check_device(
-            &a.target,
-            &existing,
-            patch.header.source_size,
-            a.force_mounted,
-        )?;
-    }
+    target::check_destination(
+        &a.target,
+        &existing,
+        patch.header.source_size,
+        a.force_mounted,
+    )?;
     // An existing target only (checked above): the mode is not used.
     let t = target::open_destination(&probe, a.force_mounted, 0o600)?;
     let started = std::time::Instant::now();

@@ -143,10 +143,8 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     let path = Path::new(&hello.path);
     let probe = target::probe_destination(path)?;
     let force_mounted = hello.flags & FLAG_FORCE_MOUNTED != 0;
-    if let Some(existing) = &probe.existing
-        && existing.kind == TargetKind::BlockDevice
-    {
-        target::check_device(path, existing, hello.source_size, force_mounted)?;
+    if let Some(existing) = &probe.existing {
+        target::check_destination(path, existing, hello.source_size, force_mounted)?;
     }
     let track = hello.flags & FLAG_TRACK_ID != 0;
     let reply = Reply {

@@ -3,7 +3,7 @@
 //! swap, or held by LVM/md/dm (from /proc/self/mountinfo, /proc/swaps and sysfs).
 
 use crate::error::{Error, Kind, Result};
-use crate::io::target::{Existing, Identity};
+use crate::io::target::{Existing, Identity, TargetKind};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -102,14 +102,59 @@ pub fn device_in_use(rdev: u64) -> Option<String> {
     None
 }
 
-/// Refuses a destination device smaller than `source_size`, or (unless `force_mounted`)
-/// one that is mounted or in use.
-pub fn check_device(
+/// The loop devices (their device numbers) that read from the file `file`.
+fn loop_devices_over(file: &Identity) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(rdev) = std::fs::read_to_string(e.path().join("dev"))
+            .ok()
+            .and_then(|t| {
+                let (ma, mi) = t.trim().split_once(':')?;
+                Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
+            })
+        else {
+            continue;
+        };
+        let backs = loop_backing_file(rdev)
+            .and_then(|b| std::fs::metadata(b).ok())
+            .is_some_and(|m| m.dev() == file.dev && m.ino() == file.ino);
+        if backs {
+            out.push(rdev);
+        }
+    }
+    out
+}
+
+/// Refuses a destination that is in use (unless `force_mounted`): a device mounted, swap
+/// or held, or a file that backs such a loop device (writing under a mounted filesystem
+/// damages it); and a destination device smaller than `source_size`.
+pub fn check_destination(
     path: &Path,
     existing: &Existing,
     source_size: u64,
     force_mounted: bool,
 ) -> Result<()> {
+    if existing.kind == TargetKind::File {
+        if force_mounted {
+            return Ok(());
+        }
+        for rdev in loop_devices_over(&existing.id) {
+            if let Some(why) = device_in_use(rdev) {
+                return Err(Error::new(
+                    Kind::Busy,
+                    format!(
+                        "destination {} backs loop device /dev/block/{}, which is in use: {why}; unmount or detach it first (losetup -d), or pass --force-mounted",
+                        path.display(),
+                        dev_name(rdev)
+                    ),
+                ));
+            }
+        }
+        return Ok(());
+    }
     if existing.size < source_size {
         return Err(Error::new(
             Kind::TooSmall,

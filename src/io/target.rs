@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub use crate::io::outfile::{check_writable, write_atomically};
-pub use crate::io::policy::{check_device, device_in_use, same_data};
+pub use crate::io::policy::{check_destination, device_in_use, same_data};
 pub use crate::io::raw::{
     Advice, DIRECT_ALIGN, Extents, advise, direct_fits, hole_blocks, is_zero, punch_hole,
     read_blocks_at, read_full_at, reopen_direct, start_writeback, write_full_at, write_zeros,
