@@ -512,3 +512,34 @@ fn a_file_backing_a_mounted_loop_device_is_refused() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(fs::read(&idle.backing).unwrap(), fs::read(&src).unwrap());
 }
+
+/// A destination given as a symlink is resolved once: its target is checked and synced,
+/// the link left as it is; a dangling one is refused, and nothing is created.
+#[test]
+fn destination_symlinks_are_resolved_once_and_dangling_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(M + 9, 74);
+    fs::write(&src, &content).unwrap();
+    let real = dir.path().join("real.img");
+    fs::write(&real, data(M, 75)).unwrap();
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let out = run(&["-f", "-q", s(&src), s(&link)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&real).unwrap(), content);
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+
+    let dangling = dir.path().join("dangling.img");
+    let nowhere = dir.path().join("nowhere.img");
+    std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+    let out = run(&["-f", "-q", s(&src), s(&dangling)]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("symlink"), "{}", stderr(&out));
+    assert!(!nowhere.exists(), "the link's target was created");
+}

@@ -533,3 +533,65 @@ fn new_files_over_ssh_get_the_sources_permission_bits() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(mode(&pulled), 0o600, "pull");
 }
+
+/// A symlink planted at a new destination's path while ssh logs in (after blocksync
+/// checked the path) is never followed: the pull refuses, the victim is untouched.
+#[test]
+fn a_symlink_planted_during_the_login_is_not_followed() {
+    use std::os::unix::fs::PermissionsExt;
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 76)).unwrap();
+    let victim = dir.path().join("victim.txt");
+    fs::write(&victim, b"precious").unwrap();
+    let new = dir.path().join("new.img");
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    // Holds the login until the test has planted the link.
+    let wrapper = dir.path().join("slow-ssh");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.01; done\nexec {} \"$@\"\n",
+            s(&started),
+            s(&go),
+            sshd.rsh()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let remote = format!("testhost:{}", s(&src));
+    let args = ["-e", s(&wrapper), "-S", bin(), "-f", &remote, s(&new)];
+    std::thread::scope(|sc| {
+        let run = sc.spawn(|| run_within(&args, 60));
+        wait_until(
+            "blocksync checked the destination and started ssh",
+            std::time::Duration::from_secs(30),
+            || started.exists() || run.is_finished(),
+        );
+        std::os::unix::fs::symlink(&victim, &new).unwrap();
+        fs::write(&go, b"").unwrap();
+        let out = run.join().unwrap();
+        assert_eq!(code(&out), 4, "{}", stderr(&out));
+        assert!(stderr(&out).contains(s(&new)), "{}", stderr(&out));
+    });
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert!(fs::symlink_metadata(&new).unwrap().file_type().is_symlink());
+}
+
+/// Parallel streams of one push create a new destination file together.
+#[test]
+fn parallel_streams_create_a_new_file() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(9 * M + 3, 77);
+    fs::write(&src, &content).unwrap();
+    let dst = dir.path().join("dst");
+    let out = run_with(
+        &via(&sshd),
+        &["-w", "3", s(&src), &format!("testhost:{}", s(&dst))],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read(&dst).unwrap(), content);
+}

@@ -201,7 +201,7 @@ fn hello_for(settings: &Settings, remote: &RemoteSettings, to: &Remote, here: &H
 
 /// While ssh logs in, hashes the local side (see `engine::prehash`); returns the size it
 /// assumed, to check against the real one once known.
-fn start_prehash(settings: &Settings, to: &Remote, here: &Here) -> Option<(Prehash, u64)> {
+fn start_prehash(settings: &Settings, here: &Here) -> Option<(Prehash, u64)> {
     let (block, hash) = (settings.block, settings.hash);
     match here {
         Here::Source(s) => {
@@ -211,7 +211,13 @@ fn start_prehash(settings: &Settings, to: &Remote, here: &Here) -> Option<(Preha
         }
         Here::Dest(p) => {
             let e = p.existing?;
-            let f = std::fs::File::open(to.local).ok()?;
+            // The probed object itself, or nothing: digests of another file would
+            // make changed blocks look the same.
+            let f = std::fs::File::open(&p.path).ok()?;
+            let now = target::Identity::of(&f.metadata().ok()?);
+            if !e.id.same_object(&now) {
+                return None;
+            }
             let layout = Layout::new(e.size, block);
             Some((Prehash::start(f, e.kind, e.size, layout, hash), e.size))
         }
@@ -368,7 +374,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         Here::Dest(target::probe_destination(to.local)?)
     };
     let hello = hello_for(settings, remote, to, &here);
-    let prehash = start_prehash(settings, to, &here);
+    let prehash = start_prehash(settings, &here);
     let connected = connect_all(settings, &remote.ssh, to.host, &hello);
     let mut precomputed = prehash.map(|(p, assumed)| (p.finish(), assumed));
     let mut streams = connected?;

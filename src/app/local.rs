@@ -137,10 +137,11 @@ pub(crate) fn open_dest_for_run(
             None => Ok(None),
         }
     } else {
-        Ok(Some(target::open_destination(
-            probe,
-            settings.force_mounted,
+        let how = target::OpenDest {
+            force_mounted: settings.force_mounted,
             mode,
-        )?))
+            shared: false,
+        };
+        Ok(Some(target::open_destination(probe, how)?))
     }
 }

@@ -134,8 +134,13 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
         patch.header.source_size,
         a.force_mounted,
     )?;
-    // An existing target only (checked above): the mode is not used.
-    let t = target::open_destination(&probe, a.force_mounted, 0o600)?;
+    let how = target::OpenDest {
+        force_mounted: a.force_mounted,
+        // An existing target only (checked above): never created.
+        mode: 0o600,
+        shared: false,
+    };
+    let t = target::open_destination(&probe, how)?;
     let started = std::time::Instant::now();
     let s = crate::offline::patch::apply(&patch, &t)?;
     let secs = started.elapsed().as_secs_f64();

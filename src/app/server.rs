@@ -169,11 +169,13 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         }
     } else {
         // Only the first of parallel streams claims a device exclusively.
-        Some(target::open_destination(
-            &probe,
-            force_mounted || go.start > 0,
-            hello.source_mode,
-        )?)
+        let how = target::OpenDest {
+            force_mounted: force_mounted || go.start > 0,
+            mode: hello.source_mode,
+            // With -w N, each stream may find the file another one created.
+            shared: go.start > 0 || go.end < go.size,
+        };
+        Some(target::open_destination(&probe, how)?)
     };
     let stats = Stats::default();
     let peer = Peer("the client".into());

@@ -49,7 +49,14 @@ pub struct Identity {
 }
 
 impl Identity {
-    fn of(meta: &Metadata) -> Self {
+    /// Whether `other` is the same inode, and for a device the same device number: the
+    /// object probed is the object opened.
+    pub fn same_object(&self, other: &Identity) -> bool {
+        self.dev == other.dev && self.ino == other.ino && self.rdev == other.rdev
+    }
+
+    /// The identity `meta` (an fstat or stat) describes.
+    pub fn of(meta: &Metadata) -> Self {
         Identity {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -177,6 +184,10 @@ pub fn open_read(path: &Path, what: &str, kind: Kind) -> Result<Target> {
 
 /// Looks at the destination without changing anything: exists or not, kind, size.
 pub fn probe_destination(path: &Path) -> Result<DestProbe> {
+    // A symlink given (/dev/disk/by-id/..., /dev/vg/lv) is resolved once, here: what is
+    // checked and then opened is its target, whatever the link points to later.
+    let resolved = resolve_link(path)?;
+    let path = resolved.as_path();
     match std::fs::metadata(path) {
         Ok(meta) => {
             let kind = kind_of(&meta, "destination", path, Kind::Destination)?;
@@ -271,22 +282,82 @@ pub fn copy_mode(t: &Target) -> u32 {
     }
 }
 
-/// Opens (or creates, with permission bits `mode`) the destination once every check has
-/// passed.
-pub fn open_destination(probe: &DestProbe, force_mounted: bool, mode: u32) -> Result<Target> {
+/// `path`, or the file a symlink there points to; a dangling symlink is refused (its
+/// target would be created wherever it points).
+fn resolve_link(path: &Path) -> Result<PathBuf> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return Ok(path.to_path_buf());
+    }
+    std::fs::canonicalize(path).map_err(|e| {
+        let to = std::fs::read_link(path).map_or(String::new(), |t| t.display().to_string());
+        Error::new(
+            Kind::Destination,
+            format!(
+                "destination {} is a symlink to {to}, which cannot be followed ({}); give the path of the file or device itself",
+                path.display(),
+                crate::error::os_text(&e)
+            ),
+        )
+    })
+}
+
+/// How the destination is opened once every check has passed.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenDest {
+    /// Write to a device even if it is in use: no `O_EXCL` on it.
+    pub force_mounted: bool,
+    /// Permission bits of a new file (see [`copy_mode`]).
+    pub mode: u32,
+    /// Another stream of this run may have created the file already (a later `-w`
+    /// stream on the server side): an existing regular file is then not an error.
+    pub shared: bool,
+}
+
+/// Opens (or creates) the destination once every check has passed, and makes sure what
+/// was opened is what was checked: a new file is created, never found (`O_EXCL`, which
+/// also never follows a symlink); an existing one must be the same file or device as
+/// probed.
+pub fn open_destination(probe: &DestProbe, how: OpenDest) -> Result<Target> {
+    let OpenDest {
+        force_mounted,
+        mode,
+        shared,
+    } = how;
     let path = &probe.path;
     let mut opts = OpenOptions::new();
     opts.read(true).write(true);
     let excl_device =
         matches!(probe.existing, Some(e) if e.kind == TargetKind::BlockDevice) && !force_mounted;
-    if excl_device {
-        opts.custom_flags(libc::O_EXCL);
-    }
+    // The path was resolved by the probe: a symlink found now was planted since.
+    opts.custom_flags(libc::O_NOFOLLOW | if excl_device { libc::O_EXCL } else { 0 });
     if probe.existing.is_none() {
-        // Not create_new: parallel streams may race to create it; nothing is truncated.
-        opts.create(true).mode(mode);
+        opts.create_new(true).mode(mode);
     }
-    let file = opts.open(path).map_err(|e| {
+    let mut opened = opts.open(path);
+    if shared && matches!(&opened, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+        // Created by the first stream of this run (O_NOFOLLOW: never through a link).
+        opened = opts.create_new(false).create(true).open(path);
+    }
+    let file = opened.map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            return Error::new(
+                Kind::Destination,
+                format!(
+                    "destination {} appeared after it was checked (created meanwhile, maybe a symlink); nothing was written: check what it is and run again",
+                    path.display()
+                ),
+            );
+        }
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return Error::new(
+                Kind::Destination,
+                format!(
+                    "destination {} became a symlink after it was checked; nothing was written: check what it is and run again",
+                    path.display()
+                ),
+            );
+        }
         if e.raw_os_error() == Some(libc::EBUSY) {
             Error::new(
                 Kind::Busy,
@@ -302,6 +373,17 @@ pub fn open_destination(probe: &DestProbe, force_mounted: bool, mode: u32) -> Re
     let meta = file
         .metadata()
         .map_err(|e| Error::io(Kind::Destination, "destination", path, &e, ""))?;
+    if let Some(e) = &probe.existing
+        && !e.id.same_object(&Identity::of(&meta))
+    {
+        return Err(Error::new(
+            Kind::Destination,
+            format!(
+                "destination {} is another file or device than the one checked (it was replaced meanwhile); nothing was written: check what it is and run again",
+                path.display()
+            ),
+        ));
+    }
     let kind = kind_of(&meta, "destination", path, Kind::Destination)?;
     let size = size_of(&file, kind, &meta).map_err(|e| {
         Error::io(
