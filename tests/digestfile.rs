@@ -398,3 +398,60 @@ fn a_run_that_cannot_forget_the_sync_id_fails_before_writing() {
     );
     assert_eq!(fs::read(&dst).unwrap(), before, "written after all");
 }
+
+/// A device destination written by another program since the last run (dd of 4 KiB) is
+/// noticed: its write counter moved, so the digest file is refused as stale instead of
+/// reporting the block the same. Untouched, the file is trusted run after run.
+#[test]
+fn a_device_written_behind_the_digest_files_back_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (src, dig) = (dir.path().join("src"), dir.path().join("digests"));
+    let mut content = data(8 * M, 81);
+    fs::write(&src, &content).unwrap();
+    let disk = LoopDev::new(8 * M as u64, &[]);
+    let dev = s(&disk.dev);
+    let args = [
+        "-f",
+        "--json",
+        "-b",
+        "64K",
+        "--digest-file",
+        s(&dig),
+        s(&src),
+        dev,
+    ];
+    let out = run_state(&state, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Trusted while nobody else writes: only the 8 spot-checked blocks are read.
+    change(&src, &mut content, 2, 82);
+    let out = run_state(&state, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let j = json(&out);
+    assert!(
+        j["bytes_read_destination"].as_u64().unwrap() <= 8 * 65536,
+        "{j}"
+    );
+    assert_eq!(disk.read(), content);
+
+    // Another program writes 4 KiB straight to the device.
+    sh(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={dev}"),
+            "bs=4096",
+            "count=1",
+            "seek=77",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let out = run_state(&state, &args);
+    assert_eq!(code(&out), 15, "{}", stderr(&out));
+    let mut rebuild = args.to_vec();
+    rebuild.insert(0, "--digest-rebuild");
+    let out = run_state(&state, &rebuild);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(disk.read(), content, "the rebuild put the block back");
+}

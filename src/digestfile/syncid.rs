@@ -86,7 +86,7 @@ fn state_of(path: &std::path::Path, id: &Identity) -> String {
         Some(r) => {
             let (maj, min) = (libc::major(r), libc::minor(r));
             let sys = format!("/sys/dev/block/{maj}:{min}");
-            let mut out = String::new();
+            let mut out = device_writes(&sys);
             for f in [
                 "size",
                 "device/wwid",
@@ -106,6 +106,34 @@ fn state_of(path: &std::path::Path, id: &Identity) -> String {
             out
         }
     }
+}
+
+/// What tells that a device was written since: the sectors written to it (field 7 of its
+/// sysfs stat, which every write of any program moves once it reaches the device) in
+/// this boot, and for a loop device its backing file's size and change times. A device
+/// written to by someone else, or a machine rebooted (the counters start over), has no
+/// record, so its digest file is refused as stale and read once with --digest-rebuild.
+fn device_writes(sys: &str) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let written = std::fs::read_to_string(format!("{sys}/stat"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(6).map(str::to_string))
+        .unwrap_or_default();
+    let mut out = format!("boot={};written={written};", boot.trim());
+    if let Ok(b) = std::fs::read_to_string(format!("{sys}/loop/backing_file"))
+        && let Ok(m) = std::fs::metadata(b.trim_end_matches('\n'))
+    {
+        use std::os::unix::fs::MetadataExt;
+        out.push_str(&format!(
+            "backing={} {}.{} {}.{};",
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ));
+    }
+    out
 }
 
 /// The id of the last completed sync onto `t`, or zeros.
