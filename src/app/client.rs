@@ -14,7 +14,7 @@ use crate::engine::prehash::{Precomputed, Prehash};
 use crate::engine::{Compare, Config, Layout, RunOptions, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
-use crate::ssh::connect::{Connection, SshOptions};
+use crate::ssh::connect::{Connection, SshOptions, last_line};
 use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
     FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame,
@@ -215,7 +215,7 @@ fn start_prehash(settings: &Settings, here: &Here) -> Option<(Prehash, u64)> {
             // make changed blocks look the same.
             let f = std::fs::File::open(&p.path).ok()?;
             let now = target::Identity::of(&f.metadata().ok()?);
-            if !e.id.same_object(&now) {
+            if e.id != now {
                 return None;
             }
             let layout = Layout::new(e.size, block);
@@ -506,19 +506,39 @@ impl Job<'_> {
         })
     }
 
+    /// One stream: this side's half, its messages carried over the ssh connection.
     fn run_stream(&self, config: &Config, conn: Connection, n: u64) -> Result<()> {
-        match self.src {
-            Some(src) => push_stream(
-                src,
-                config,
-                conn,
-                self.remote.level,
-                self.remote.bwlimit / n,
-                self.stats,
-                self.cancel,
-            ),
-            None => pull_stream(self.dest, config, conn, self.stats, self.cancel),
-        }
+        let Connection {
+            mut child,
+            writer,
+            reader,
+            stderr,
+            host,
+        } = conn;
+        let role = if self.src.is_some() {
+            "destination"
+        } else {
+            "source"
+        };
+        let peer = Peer(format!("{host} (remote {role})"));
+        let link = Link {
+            r: reader,
+            w: writer,
+            stats: self.stats,
+            peer: &peer,
+        };
+        let reap_it = || reap(&mut child);
+        let result = match self.src {
+            Some(src) => {
+                let pace = Pace {
+                    level: self.remote.level,
+                    bwlimit: self.remote.bwlimit / n,
+                };
+                link.source_over(src, config, pace, self.cancel, reap_it)
+            }
+            None => link.dest_over(self.dest, config, Some(self.cancel), reap_it),
+        };
+        result.map_err(|e| with_stderr(e, &stderr))
     }
 }
 
@@ -542,62 +562,8 @@ fn with_stderr(e: Error, stderr: &std::sync::Mutex<String>) -> Error {
         return e;
     }
     let text = stderr.lock().map(|s| s.clone()).unwrap_or_default();
-    match text.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+    match last_line(&text) {
         Some(line) => Error::new(e.kind, format!("{} ({line})", e.message)),
         None => e,
     }
-}
-
-fn push_stream(
-    src: &Target,
-    config: &Config,
-    conn: Connection,
-    level: i32,
-    bwlimit: u64,
-    stats: &Stats,
-    cancel: &AtomicBool,
-) -> Result<()> {
-    let Connection {
-        mut child,
-        writer,
-        reader,
-        stderr,
-        host,
-    } = conn;
-    let peer = Peer(format!("{host} (remote destination)"));
-    let reap_it = || reap(&mut child);
-    let link = Link {
-        r: reader,
-        w: writer,
-        stats,
-        peer: &peer,
-    };
-    link.source_over(src, config, Pace { level, bwlimit }, cancel, reap_it)
-        .map_err(|e| with_stderr(e, &stderr))
-}
-
-fn pull_stream(
-    dest: Option<&Target>,
-    config: &Config,
-    conn: Connection,
-    stats: &Stats,
-    cancel: &AtomicBool,
-) -> Result<()> {
-    let Connection {
-        mut child,
-        writer,
-        reader,
-        stderr,
-        host,
-    } = conn;
-    let peer = Peer(format!("{host} (remote source)"));
-    let reap_it = || reap(&mut child);
-    let link = Link {
-        r: reader,
-        w: writer,
-        stats,
-        peer: &peer,
-    };
-    link.dest_over(dest, config, Some(cancel), reap_it)
-        .map_err(|e| with_stderr(e, &stderr))
 }

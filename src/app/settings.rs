@@ -247,6 +247,15 @@ fn bwlimit(text: Option<&str>) -> Result<u64> {
     n.ok_or_else(|| usage(format!("--bwlimit {text} is too large")))
 }
 
+/// The texts of the entries that are on.
+fn those_on(table: &[(bool, &'static str)]) -> Vec<&'static str> {
+    table
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, t)| *t)
+        .collect()
+}
+
 /// One-line notes for options that do nothing in a local sync.
 fn local_notes(args: &Args) -> Vec<&'static str> {
     let ssh_given = args.identity.is_some()
@@ -303,11 +312,7 @@ fn local_notes(args: &Args) -> Vec<&'static str> {
             "--bwlimit, --no-compress and --no-deploy apply to ssh; ignored for a local sync",
         ),
     ];
-    table
-        .into_iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, t)| t)
-        .collect()
+    those_on(&table)
 }
 
 /// One-line notes for options a remote sync accepts and does not use.
@@ -330,11 +335,7 @@ fn remote_notes(args: &Args) -> Vec<&'static str> {
             "-2/--additionalhash is accepted and not used: one strong digest per block is enough",
         ),
     ];
-    table
-        .into_iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, t)| t)
-        .collect()
+    those_on(&table)
 }
 
 #[cfg(test)]

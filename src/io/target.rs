@@ -49,12 +49,6 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Whether `other` is the same inode, and for a device the same device number: the
-    /// object probed is the object opened.
-    pub fn same_object(&self, other: &Identity) -> bool {
-        self.dev == other.dev && self.ino == other.ino && self.rdev == other.rdev
-    }
-
     /// The identity `meta` (an fstat or stat) describes.
     pub fn of(meta: &Metadata) -> Self {
         Identity {
@@ -340,41 +334,29 @@ pub fn open_destination(probe: &DestProbe, how: OpenDest) -> Result<Target> {
         opened = opts.create_new(false).create(true).open(path);
     }
     let file = opened.map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            return Error::new(
+        let (kind, what) = match (e.kind(), e.raw_os_error()) {
+            (io::ErrorKind::AlreadyExists, _) => (
                 Kind::Destination,
-                format!(
-                    "destination {} appeared after it was checked (created meanwhile, maybe a symlink); nothing was written: check what it is and run again",
-                    path.display()
-                ),
-            );
-        }
-        if e.raw_os_error() == Some(libc::ELOOP) {
-            return Error::new(
+                "appeared after it was checked (created meanwhile, maybe a symlink); nothing was written: check what it is and run again",
+            ),
+            (_, Some(libc::ELOOP)) => (
                 Kind::Destination,
-                format!(
-                    "destination {} became a symlink after it was checked; nothing was written: check what it is and run again",
-                    path.display()
-                ),
-            );
-        }
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            Error::new(
+                "became a symlink after it was checked; nothing was written: check what it is and run again",
+            ),
+            (_, Some(libc::EBUSY)) => (
                 Kind::Busy,
-                format!(
-                    "destination {} is in use (mounted or claimed by the kernel); unmount it, or pass --force-mounted",
-                    path.display()
-                ),
-            )
-        } else {
-            Error::io(Kind::Destination, "destination", path, &e, hint_for(&e))
-        }
+                "is in use (mounted or claimed by the kernel); unmount it, or pass --force-mounted",
+            ),
+            _ => return Error::io(Kind::Destination, "destination", path, &e, hint_for(&e)),
+        };
+        Error::new(kind, format!("destination {} {what}", path.display()))
     })?;
+
     let meta = file
         .metadata()
         .map_err(|e| Error::io(Kind::Destination, "destination", path, &e, ""))?;
     if let Some(e) = &probe.existing
-        && !e.id.same_object(&Identity::of(&meta))
+        && e.id != Identity::of(&meta)
     {
         return Err(Error::new(
             Kind::Destination,

@@ -215,7 +215,8 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {
     got
 }
 
-pub(super) fn last_line(text: &str) -> Option<&str> {
+/// The last non-empty line of `text`, trimmed (what ssh said last).
+pub(crate) fn last_line(text: &str) -> Option<&str> {
     text.lines().map(str::trim).rfind(|l| !l.is_empty())
 }
 
