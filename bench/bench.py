@@ -170,6 +170,17 @@ def sync_disks() -> None:
     run(["sync"])
 
 
+# --cold: every timed run starts with the page cache dropped (set by main).
+COLD = False
+
+
+def drop_caches() -> None:
+    """Flush, then drop the page cache: the run reads from the disk, as users sync."""
+    sync_disks()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def warm(*paths: Path) -> None:
     """Read files once so they are in the page cache."""
     run(["cat", *map(str, paths)])
@@ -665,6 +676,11 @@ class Result:
     case: Case
     times: list[float]
     lo: list[int] = field(default_factory=list)    # loopback bytes per run
+    cpu: list[float] = field(default_factory=list)  # CPU seconds of the machine per run
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu) if self.cpu else None
 
     @property
     def median(self) -> float:
@@ -716,30 +732,44 @@ def verify_case(case: Case, wd: Workdir, what: str) -> None:
         verify_same(wd.src, wd.dst, what)
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (user+nice+system+irq+softirq
+    of /proc/stat's first line): both ends of a loopback sync, ssh included."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def time_run(result: Result, wd: Workdir, i: int, runs: int) -> None:
     """Prepare, time and verify run `i` of `result.case`; add it to `result`."""
     case = result.case
     argv = case.argv(wd)
     prepare(case, wd)
+    if COLD:
+        drop_caches()
     stdin = open(case.stdin(wd), "rb") if case.stdin else subprocess.DEVNULL
     try:
         lo0 = lo_tx_bytes() if case.net else None
+        c0 = machine_cpu_seconds()
         t0 = time.perf_counter()
         if case.func:
             case.func(wd)
         else:
             run(argv, stdin=stdin)
         dt = time.perf_counter() - t0
+        cpu = machine_cpu_seconds() - c0
         lo1 = lo_tx_bytes() if case.net else None
     finally:
         if case.stdin:
             stdin.close()
     verify_case(case, wd, f"{case.key} run {i + 1}")
     result.times.append(dt)
-    extra = ""
+    result.cpu.append(cpu)
+    extra = f", CPU {cpu:.2f} s"
     if lo0 is not None and lo1 is not None:
         result.lo.append(lo1 - lo0)
-        extra = f", loopback {(lo1 - lo0) / MB:.2f} MB"
+        extra += f", loopback {(lo1 - lo0) / MB:.2f} MB"
     log(f"  {case.key:<10} run {i + 1}/{runs}: {dt:.3f} s{extra}")
 
 
@@ -824,13 +854,19 @@ def add_twins(group: Group, other: Group, bin_path: Path, wd: Workdir) -> Group:
 
 
 def pair_lines(results: list[Result], group: Group) -> list[str]:
-    """after / before of the median wall time, one line per pair."""
+    """after / before of the median wall time and of the machine's median CPU
+    seconds, one line per pair."""
     by = {r.case.key: r for r in results}
     lines = []
     for key, twin in group.twins.items():
         if key in by and twin.key in by:
-            x = by[key].median / by[twin.key].median
-            lines.append(f"after / before = {x:.2f} ({key})")
+            a, b = by[key], by[twin.key]
+            x = a.median / b.median
+            cpu = ""
+            if a.cpu_median and b.cpu_median:
+                cpu = (f"; CPU {a.cpu_median:.2f} s / {b.cpu_median:.2f} s = "
+                       f"{a.cpu_median / b.cpu_median:.2f}")
+            lines.append(f"after / before = {x:.2f} ({key}){cpu}")
     return lines
 
 
@@ -1613,6 +1649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "change): every blocksync case is also timed with it, interleaved, "
                          "and each group prints after / before of the medians")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) "
+                         "before every timed run instead of warming it (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     on = argparse.BooleanOptionalAction
     ap.add_argument("--local", action=on, default=True,
@@ -1682,6 +1721,8 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global COLD
+    COLD = args.cold
     args.bin = ensure_binary(args.bin)
     wd = make_workdir(args.dir)
     sshd: Sshd | None = None
@@ -1714,7 +1755,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local or args.ssh or args.cache:
             generate_data(wd, args.size, args.changes, args.seed)
             print(f"blocksync bench: {human(args.size)}, {args.changes} x 4 KiB changes, "
-                  f"{args.runs} runs per case, warm cache, {wd.root}")
+                  f"{args.runs} runs per case, {'cold' if COLD else 'warm'} cache, {wd.root}")
             sys.stdout.flush()
         if args.local:
             run_group(grouped(local_group), wd, args)
