@@ -42,6 +42,11 @@ pub enum Kind {
     /// A digest file or patch does not match the destination (changed behind its back,
     /// or meant for another target).
     StaleCache,
+    /// Another run holds the destination (its lock names the pid).
+    Locked,
+    /// The undo journal cannot be kept (no room where it may grow, or it does not match
+    /// the destination): the run stopped before overwriting more.
+    Journal,
     /// Interrupted by a signal (Ctrl-C); what was written is flushed.
     Interrupted,
     /// A bug or an unexpected condition.
@@ -67,12 +72,14 @@ impl Kind {
             Kind::SourceChanged => 13,
             Kind::Unreadable => 14,
             Kind::StaleCache => 15,
+            Kind::Locked => 16,
+            Kind::Journal => 17,
             Kind::Interrupted => 130,
         }
     }
 
     /// Every kind, in exit-code order (for docs and tests).
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Internal,
         Kind::Usage,
         Kind::Source,
@@ -88,6 +95,8 @@ impl Kind {
         Kind::SourceChanged,
         Kind::Unreadable,
         Kind::StaleCache,
+        Kind::Locked,
+        Kind::Journal,
         Kind::Interrupted,
     ];
 
@@ -120,6 +129,8 @@ impl Kind {
             Kind::StaleCache => {
                 "the digest file or patch does not match the destination (see `--digest-rebuild`)"
             }
+            Kind::Locked => "the destination is in use by another blocksync run (its pid is named)",
+            Kind::Journal => "the undo journal has no room or does not match (see `--journal-dir`)",
             Kind::Interrupted => {
                 "interrupted (Ctrl-C); what was written is flushed, run again to finish"
             }

@@ -17,8 +17,8 @@ use crate::io::target::{self, Target, TargetKind};
 use crate::ssh::connect::{Connection, SshOptions, last_line};
 use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, read_frame,
-    write_frame,
+    FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, JOURNAL_AUTO, Reply, Role,
+    RunPart, read_frame, write_frame,
 };
 use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
@@ -196,6 +196,13 @@ fn hello_for(settings: &Settings, remote: &RemoteSettings, to: &Remote, here: &H
         refine: settings.refine,
         max_errors: settings.salvage.max_errors,
         source_mode: here.source().map_or(0, target::copy_mode),
+        run: RunPart {
+            id: crate::digestfile::syncid::fresh(),
+            stream: 0,
+            streams: settings.workers,
+            journal: JOURNAL_AUTO,
+            journal_dir: String::new(),
+        },
     }
 }
 
@@ -231,11 +238,20 @@ fn connect_all(
     host: &str,
     hello: &Hello,
 ) -> Result<Vec<Stream>> {
-    let mut streams = vec![handshake(opts, host, hello)?];
+    // Each stream's hello says which part of the run it is (what it locks).
+    let part = |i: u32| {
+        let mut h = hello.clone();
+        h.run.stream = i;
+        h
+    };
+    let mut streams = vec![handshake(opts, host, &part(0))?];
     if settings.workers > 1 {
         let rest: Vec<Result<Stream>> = std::thread::scope(|s| {
             let handles: Vec<_> = (1..settings.workers)
-                .map(|_| s.spawn(|| handshake(opts, host, hello)))
+                .map(|i| {
+                    let h = part(i);
+                    s.spawn(move || handshake(opts, host, &h))
+                })
                 .collect();
             handles
                 .into_iter()
@@ -372,6 +388,11 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         Here::Source(src)
     } else {
         Here::Dest(target::probe_destination(to.local)?)
+    };
+    // One run at a time: a pulled-to destination is locked before any check.
+    let _held = match here.probe() {
+        Some(p) => target::hold(p, target::Claim::whole(!settings.dry_run))?,
+        None => None,
     };
     let hello = hello_for(settings, remote, to, &here);
     let prehash = start_prehash(settings, &here);

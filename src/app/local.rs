@@ -8,7 +8,7 @@ use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::{syncid, trust};
 use crate::engine::{self, Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
-use crate::io::target::{self, DestProbe, Target, TargetKind};
+use crate::io::target::{self, Claim, DestProbe, Target, TargetKind};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +22,8 @@ pub(crate) fn run(
 ) -> Result<()> {
     let src = target::open_source(src_path)?;
     let probe = target::probe_destination(dst_path)?;
+    // One run at a time: locked before any check, held until the run ends.
+    let _held = target::hold(&probe, Claim::whole(!settings.dry_run))?;
     if let Some(existing) = &probe.existing {
         if target::same_data(&src.id, &existing.id) {
             return Err(Error::new(
@@ -141,6 +143,7 @@ pub(crate) fn open_dest_for_run(
             force_mounted: settings.force_mounted,
             mode,
             shared: false,
+            claim: Claim::whole(true),
         };
         Ok(Some(target::open_destination(probe, how)?))
     }

@@ -128,6 +128,8 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
             ),
         ));
     };
+    let claim = target::Claim::whole(true);
+    let _held = target::hold(&probe, claim)?;
     target::check_destination(
         &a.target,
         &existing,
@@ -139,6 +141,7 @@ fn run_apply(a: &ApplyArgs) -> Result<()> {
         // An existing target only (checked above): never created.
         mode: 0o600,
         shared: false,
+        claim,
     };
     let t = target::open_destination(&probe, how)?;
     let started = std::time::Instant::now();

@@ -5,7 +5,7 @@
 use crate::engine::messages::ToSource;
 use crate::engine::{Compare, Config, Layout, RunOptions, Salvage, Stats, VerifyLog};
 use crate::error::{Error, Kind, Result};
-use crate::io::target::{self, Target, TargetKind};
+use crate::io::target::{self, Claim, Target, TargetKind};
 use crate::wire::frame::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
     FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Go, Hello,
@@ -142,6 +142,9 @@ pub fn config_for(hello: &Hello, go: &Go) -> Config {
 fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
     let path = Path::new(&hello.path);
     let probe = target::probe_destination(path)?;
+    let claim = claim_of(hello);
+    // One run at a time: locked before any check, held until the run ends.
+    let _held = target::hold(&probe, claim)?;
     let force_mounted = hello.flags & FLAG_FORCE_MOUNTED != 0;
     if let Some(existing) = &probe.existing {
         target::check_destination(path, existing, hello.source_size, force_mounted)?;
@@ -174,6 +177,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
             mode: hello.source_mode,
             // With -w N, each stream may find the file another one created.
             shared: go.start > 0 || go.end < go.size,
+            claim,
         };
         Some(target::open_destination(&probe, how)?)
     };
@@ -186,6 +190,22 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         peer: &peer,
     };
     link.dest_over(dest.as_ref(), &config, None, || {})
+}
+
+/// The bytes this stream of the run locks: its part of the source, the last stream also
+/// everything past it (it may resize a file).
+fn claim_of(hello: &Hello) -> Claim {
+    let write = hello.flags & FLAG_DRY_RUN == 0;
+    let (i, n) = (u64::from(hello.run.stream), u64::from(hello.run.streams));
+    if n <= 1 {
+        return Claim::whole(write);
+    }
+    let part = Layout::new(hello.source_size, hello.block).part(i, n);
+    Claim {
+        start: part.start,
+        end: (i + 1 < n).then_some(part.end),
+        write,
+    }
 }
 
 fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {

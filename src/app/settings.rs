@@ -87,8 +87,11 @@ impl Settings {
                 .parse::<HashKind>()
                 .map_err(|m| usage(format!("-2/--additionalhash: {m}")))?;
         }
-        if args.workers == 0 {
-            return Err(usage("-w/--workers must be at least 1"));
+        if args.workers == 0 || args.workers > crate::wire::frame::MAX_STREAMS {
+            return Err(usage(format!(
+                "-w/--workers must be 1 to {}",
+                crate::wire::frame::MAX_STREAMS
+            )));
         }
         if let Some(map) = &args.bad_blocks {
             target::check_writable(map, "--bad-blocks").map_err(usage)?;

@@ -3,6 +3,7 @@
 //! little-endian codec the on-disk and wire formats share.
 
 pub(crate) mod codec;
+pub(crate) mod lock;
 pub(crate) mod outfile;
 pub(crate) mod policy;
 pub(crate) mod pool;

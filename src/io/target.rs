@@ -10,6 +10,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub use crate::io::lock::Claim;
 pub use crate::io::outfile::{check_writable, write_atomically};
 pub use crate::io::policy::{check_destination, device_in_use, same_data};
 pub use crate::io::raw::{
@@ -306,6 +307,31 @@ pub struct OpenDest {
     /// Another stream of this run may have created the file already (a later `-w`
     /// stream on the server side): an existing regular file is then not an error.
     pub shared: bool,
+    /// What a file this open creates is locked for (an existing destination was locked
+    /// by [`hold`] before its checks).
+    pub claim: Claim,
+}
+
+/// Locks an existing destination for this run before any check looks at it, through a
+/// descriptor of its own kept for the whole run (see [`crate::io::lock`]); `None` when
+/// it cannot be opened that way (the open for writing then reports why).
+pub fn hold(probe: &DestProbe, claim: Claim) -> Result<Option<File>> {
+    let Some(existing) = &probe.existing else {
+        return Ok(None);
+    };
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(claim.write);
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    let Ok(file) = opts.open(&probe.path) else {
+        return Ok(None);
+    };
+    match file.metadata() {
+        Ok(m) if Identity::of(&m) == existing.id => {}
+        // Replaced since the probe: the open for writing refuses it.
+        _ => return Ok(None),
+    }
+    crate::io::lock::take(&file, &probe.path, claim)?;
+    Ok(Some(file))
 }
 
 /// Opens (or creates) the destination once every check has passed, and makes sure what
@@ -317,6 +343,7 @@ pub fn open_destination(probe: &DestProbe, how: OpenDest) -> Result<Target> {
         force_mounted,
         mode,
         shared,
+        claim,
     } = how;
     let path = &probe.path;
     let mut opts = OpenOptions::new();
@@ -352,6 +379,10 @@ pub fn open_destination(probe: &DestProbe, how: OpenDest) -> Result<Target> {
         Error::new(kind, format!("destination {} {what}", path.display()))
     })?;
 
+    if probe.existing.is_none() {
+        // Created (or joined, for a later stream) by this run: claim it at once.
+        crate::io::lock::take(&file, path, claim)?;
+    }
     let meta = file
         .metadata()
         .map_err(|e| Error::io(Kind::Destination, "destination", path, &e, ""))?;

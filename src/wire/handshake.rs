@@ -9,7 +9,7 @@ use crate::wire::frame::{DecodeError, MAX_DIGESTS, MAX_SIZE, put_text, text};
 /// or a shell error.
 pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
@@ -70,7 +70,32 @@ pub struct Hello {
     /// For a destination server: the permission bits a new destination file gets (the
     /// source's; see `Target::copy_mode`).
     pub source_mode: u32,
+    /// For a destination server: which run and stream this is, and how it journals.
+    pub run: RunPart,
 }
+
+/// A destination server's part in the run: what it locks and journals.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunPart {
+    /// The run's random id, the same for every `-w` stream of it.
+    pub id: [u8; 16],
+    /// This stream's index, `0..streams`.
+    pub stream: u32,
+    /// How many streams the run has (`-w`); at least 1.
+    pub streams: u32,
+    /// The undo journal: [`JOURNAL_AUTO`], 1 (on: `--journal`) or [`JOURNAL_OFF`].
+    pub journal: u8,
+    /// Where journals are kept on the server (`--journal-dir`); empty: the default place.
+    pub journal_dir: String,
+}
+
+/// Journal the destination when it holds a completed copy (or an unfinished run).
+pub const JOURNAL_AUTO: u8 = 0;
+/// Never journal (`--no-journal`).
+pub const JOURNAL_OFF: u8 = 2;
+
+/// At most this many parallel streams (`-w`).
+pub const MAX_STREAMS: u32 = 64;
 
 /// The server's answer to [`Hello`] once its checks passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +169,11 @@ impl Hello {
             put_u64(p, v);
         }
         put_u32(p, self.source_mode);
+        p.extend_from_slice(&self.run.id);
+        put_u32(p, self.run.stream);
+        put_u32(p, self.run.streams);
+        put_u8(p, self.run.journal);
+        put_text(p, &self.run.journal_dir);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Hello, DecodeError> {
@@ -181,8 +211,28 @@ impl Hello {
             },
             max_errors: r.u64()?,
             source_mode: mode(r)?,
+            run: run_part(r)?,
         })
     }
+}
+
+fn run_part(r: &mut Rd) -> Result<RunPart, DecodeError> {
+    let id = r.array()?;
+    let (stream, streams) = (r.u32()?, r.u32()?);
+    if streams == 0 || streams > MAX_STREAMS || stream >= streams {
+        return Err(DecodeError::Unknown("stream", stream.into()));
+    }
+    let journal = r.u8()?;
+    if journal > JOURNAL_OFF {
+        return Err(DecodeError::Unknown("journal mode", journal.into()));
+    }
+    Ok(RunPart {
+        id,
+        stream,
+        streams,
+        journal,
+        journal_dir: text(r)?,
+    })
 }
 
 impl Reply {

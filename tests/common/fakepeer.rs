@@ -7,7 +7,8 @@
 use super::{bin, data};
 use blocksync::testing::{
     BlockInfo, Counts, Data, FLAG_NO_READ, FLAG_TRACK_ID, Frame, GREETING, Go, HashKind, Hello,
-    MAX_FRAME, Reply, Role, Slice, ToDest, ToSource, read_frame, write_frame, write_raw_frame,
+    MAX_FRAME, Reply, Role, RunPart, Slice, ToDest, ToSource, read_frame, write_frame,
+    write_raw_frame,
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -195,6 +196,10 @@ impl Scene {
             refine: 0,
             max_errors: u64::MAX,
             source_mode: 0o600,
+            run: RunPart {
+                streams: 1,
+                ..Default::default()
+            },
         }
     }
 

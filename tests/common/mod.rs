@@ -318,3 +318,33 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(self.dir.path()).output();
     }
 }
+
+/// Whether `pid` holds a lock on the file at `path` (an OFD lock, seen in its fdinfo).
+pub fn holds_lock(pid: u32, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let ino = format!(":{} ", meta.ino());
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+            info.lines()
+                .any(|l| l.starts_with("lock:") && l.contains(&ino))
+        })
+    })
+}
+
+/// The processes holding a lock on the file at `path`.
+pub fn lock_holders(path: &Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|&pid| holds_lock(pid, path))
+        .collect()
+}

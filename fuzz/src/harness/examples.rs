@@ -3,7 +3,8 @@
 use blocksync::error::Kind;
 use blocksync::testing::{
     BlockInfo, Counts, Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FindingKind, Frame, Go, HashKind,
-    Hello, MAX_BLOCK, MAX_DIGESTS, MIN_BLOCK, Reply, Role, Slice, ToDest, ToSource, write_frame,
+    Hello, MAX_BLOCK, MAX_DIGESTS, MIN_BLOCK, Reply, Role, RunPart, Slice, ToDest, ToSource,
+    write_frame,
 };
 use std::sync::OnceLock;
 
@@ -95,6 +96,10 @@ pub(super) fn hello(role: Role, path: &str, block: u64, hash: HashKind, refine: 
         refine,
         max_errors: u64::MAX,
         source_mode: 0o600,
+        run: RunPart {
+            streams: 1,
+            ..Default::default()
+        },
     }
 }
 

@@ -19,6 +19,10 @@ fn samples() -> Vec<Frame> {
             refine: 4096,
             max_errors: u64::MAX,
             source_mode: 0o640,
+            run: RunPart {
+                streams: 1,
+                ..Default::default()
+            },
         }),
         Frame::Reply(Reply {
             size: 99,
