@@ -17,6 +17,7 @@ mod engine;
 pub mod error;
 mod hash;
 mod io;
+mod journal;
 mod offline;
 mod size;
 mod ssh;

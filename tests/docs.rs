@@ -58,10 +58,11 @@ fn readme_and_help_show_the_exit_codes_the_code_uses() {
 
 /// The folders of src/, lowest layer first; a module may import from its own folder and
 /// from those before it, never from one after it.
-const LAYERS: [&[&str]; 8] = [
+const LAYERS: [&[&str]; 9] = [
     &["error", "size", "hash"],
     &["io"],
     &["digestfile"],
+    &["journal"],
     &["engine"],
     &["wire"],
     &["ssh"],

@@ -41,8 +41,15 @@ fn after_help() -> String {
 impl Args {
     /// Parses the process's command line (exiting with usage on an error, like clap).
     pub fn from_command_line() -> Args {
+        Args::from_words(std::env::args_os())
+    }
+
+    /// Parses `words` (the program name first).
+    pub fn from_words(words: impl IntoIterator<Item = std::ffi::OsString>) -> Args {
         use clap::{CommandFactory, FromArgMatches};
-        let matches = Args::command().after_help(after_help()).get_matches();
+        let matches = Args::command()
+            .after_help(after_help())
+            .get_matches_from(words);
         Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 }
@@ -59,8 +66,12 @@ impl Args {
 )]
 pub struct Args {
     /// SRC DST, or SRC HOST [DST] (blocksync.py form); see below.
-    #[arg(value_name = "OPERANDS", num_args = 2..=3, required = true)]
+    #[arg(value_name = "OPERANDS", num_args = 1..=3, required = true)]
     pub operands: Vec<String>,
+
+    /// `blocksync rollback DST`: put DST back as it was before an unfinished run.
+    #[arg(long, hide = true)]
+    pub rollback: bool,
 
     /// Pull: the first operand is the local destination, the last the remote source.
     #[arg(long)]
@@ -122,6 +133,20 @@ pub struct Args {
     /// Give up after N unreadable source areas (default: read around all of them).
     #[arg(long, value_name = "N")]
     pub max_errors: Option<u64>,
+
+    /// Keep the destination's old contents in an undo journal until the run completes
+    /// (default for a destination a run completed onto before, or with an unfinished run).
+    #[arg(long, conflicts_with = "no_journal")]
+    pub journal: bool,
+
+    /// Keep no undo journal: an interrupted run leaves no way back.
+    #[arg(long)]
+    pub no_journal: bool,
+
+    /// Keep undo journals in DIR on the destination's machine (default: beside a file
+    /// destination; the state directory for a device).
+    #[arg(long, value_name = "DIR")]
+    pub journal_dir: Option<PathBuf>,
 
     /// Do not ask before changing an existing destination.
     #[arg(short = 'f', long)]

@@ -7,6 +7,7 @@ use super::interact::{Change, cancel_on_signals, confirm_change};
 use super::local::{note_busy_source, open_dest_for_run};
 use super::report::Reporter;
 use super::settings::{RemoteSettings, Settings};
+use super::undo::Undo;
 use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::trust;
 use crate::engine::messages::ToSource;
@@ -14,11 +15,12 @@ use crate::engine::prehash::{Precomputed, Prehash};
 use crate::engine::{Compare, Config, Layout, RunOptions, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
+use crate::journal::{Decision, Plan};
 use crate::ssh::connect::{Connection, SshOptions, last_line};
 use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, JOURNAL_AUTO, Reply, Role,
-    RunPart, read_frame, write_frame,
+    FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, Go, Hello, Reply, Role, RunPart, read_frame,
+    write_frame,
 };
 use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
@@ -28,12 +30,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// One started stream: the connection and the server's reply.
-struct Stream {
-    conn: Connection,
-    reply: Reply,
+pub(super) struct Stream {
+    pub conn: Connection,
+    pub reply: Reply,
 }
 
-fn handshake(opts: &SshOptions, host: &str, hello: &Hello) -> Result<Stream> {
+pub(super) fn handshake(opts: &SshOptions, host: &str, hello: &Hello) -> Result<Stream> {
     let mut conn = opts.connect(host)?;
     let mut buf = Vec::new();
     let sent = write_frame(&mut conn.writer, &Frame::Hello(hello.clone()));
@@ -74,7 +76,7 @@ fn handshake(opts: &SshOptions, host: &str, hello: &Hello) -> Result<Stream> {
     }
 }
 
-fn send_go(stream: &mut Stream, go: Go) -> Result<()> {
+pub(super) fn send_go(stream: &mut Stream, go: Go) -> Result<()> {
     write_frame(&mut stream.conn.writer, &Frame::Go(go)).map_err(|e| {
         Error::new(
             Kind::Remote,
@@ -88,7 +90,7 @@ fn send_go(stream: &mut Stream, go: Go) -> Result<()> {
     Ok(())
 }
 
-fn refuse_all(streams: &mut [Stream]) {
+pub(super) fn refuse_all(streams: &mut [Stream]) {
     for s in streams {
         let _ = send_go(
             s,
@@ -171,7 +173,15 @@ impl Here {
 }
 
 /// The hello every stream sends: what the remote side is asked to do.
-fn hello_for(settings: &Settings, remote: &RemoteSettings, to: &Remote, here: &Here) -> Hello {
+/// The hello of a run with `role` on the server, for its `path`; `src` is the source
+/// when it is on this machine.
+pub(super) fn hello_for(
+    settings: &Settings,
+    remote: &RemoteSettings,
+    role: Role,
+    path: &str,
+    src: Option<&Target>,
+) -> Hello {
     let bits = [
         (settings.dry_run, FLAG_DRY_RUN),
         (settings.force_mounted, FLAG_FORCE_MOUNTED),
@@ -184,24 +194,27 @@ fn hello_for(settings: &Settings, remote: &RemoteSettings, to: &Remote, here: &H
     ];
     let flags = bits.iter().filter(|(on, _)| *on).fold(0, |f, (_, b)| f | b);
     Hello {
-        role: if to.push { Role::Dest } else { Role::Source },
-        path: to.path.to_string(),
+        role,
+        path: path.to_string(),
         block: settings.block,
         hash: settings.hash,
         compress: remote.level,
         flags,
         pause_ms: settings.pause.as_millis() as u64,
-        source_size: here.source().map_or(0, |s| s.size),
+        source_size: src.map_or(0, |s| s.size),
         bwlimit: remote.bwlimit / settings.workers as u64,
         refine: settings.refine,
         max_errors: settings.salvage.max_errors,
-        source_mode: here.source().map_or(0, target::copy_mode),
+        source_mode: src.map_or(0, target::copy_mode),
         run: RunPart {
             id: crate::digestfile::syncid::fresh(),
             stream: 0,
             streams: settings.workers,
-            journal: JOURNAL_AUTO,
-            journal_dir: String::new(),
+            journal: settings.journal.byte(),
+            journal_dir: settings
+                .journal_dir
+                .as_ref()
+                .map_or(String::new(), |d| d.display().to_string()),
         },
     }
 }
@@ -280,6 +293,7 @@ fn check_sides(
     here: &Here,
     reply: &Reply,
     size: u64,
+    undo: Option<&Undo>,
 ) -> Result<Option<(TargetKind, u64)>> {
     let (remote_name, local_name) = (to.remote_name(), to.local_name());
     match here {
@@ -290,11 +304,14 @@ fn check_sides(
                 _ => Some((TargetKind::BlockDevice, reply.size)),
             };
             if let Some((kind, old)) = existing {
+                let decision = Decision::from_byte(reply.journal).unwrap_or(Decision::Nothing);
+                super::undo::note_unavailable(reporter, decision, &remote_name);
                 let change = Change {
                     destination: &remote_name,
                     kind: kind.name(),
                     size: old,
                     source: &local_name,
+                    undo: decision.promise(),
                 };
                 confirm_change(settings, reporter, &change)?;
             }
@@ -303,11 +320,15 @@ fn check_sides(
         Here::Dest(probe) => {
             if let Some(existing) = &probe.existing {
                 target::check_destination(to.local, existing, size, settings.force_mounted)?;
+                if let Some(u) = undo {
+                    super::undo::note_unavailable(reporter, u.decision, &local_name);
+                }
                 let change = Change {
                     destination: &local_name,
                     kind: existing.kind.name(),
                     size: existing.size,
                     source: &remote_name,
+                    undo: undo.map_or("", |u| u.decision.promise()),
                 };
                 confirm_change(settings, reporter, &change)?;
             }
@@ -394,7 +415,8 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         Some(p) => target::hold(p, target::Claim::whole(!settings.dry_run))?,
         None => None,
     };
-    let hello = hello_for(settings, remote, to, &here);
+    let role = if to.push { Role::Dest } else { Role::Source };
+    let hello = hello_for(settings, remote, role, to.path, here.source());
     let prehash = start_prehash(settings, &here);
     let connected = connect_all(settings, &remote.ssh, to.host, &hello);
     let mut precomputed = prehash.map(|(p, assumed)| (p.finish(), assumed));
@@ -403,15 +425,28 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let size = here.source().map_or(reply.size, |s| s.size);
     // Everything until the go may still refuse: then no stream writes anything.
     let prepared = (|| {
-        let existing = check_sides(settings, reporter, to, &here, &reply, size)?;
+        let undo = match here.probe() {
+            Some(p) => Some(Undo::decide(
+                settings.journal,
+                settings.journal_dir.as_deref(),
+                p,
+                settings.dry_run,
+            )?),
+            None => None,
+        };
+        let existing = check_sides(settings, reporter, to, &here, &reply, size, undo.as_ref())?;
+        let journal = match &undo {
+            Some(u) => u.plan(hello.run.id, (0, settings.workers), to.remote_name())?,
+            None => None,
+        };
         let dest = match here.probe() {
             Some(p) => open_dest_for_run(settings, p, reply.mode)?,
             None => None,
         };
         let cached = prepare_digests(settings, to, &here, existing, &reply, streams.len())?;
-        Ok((existing, dest, cached))
+        Ok((existing, dest, cached, journal))
     })();
-    let (existing, dest, cached) = match prepared {
+    let (existing, dest, cached, journal) = match prepared {
         Ok(p) => p,
         Err(e) => {
             refuse_all(&mut streams);
@@ -444,6 +479,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         cached: cached.as_ref(),
         src: here.source(),
         dest: dest.as_ref(),
+        journal,
         stats: &stats,
         cancel: &cancel_on_signals(),
     };
@@ -478,6 +514,8 @@ struct Job<'a> {
     cached: Option<&'a trust::Use>,
     src: Option<&'a Target>,
     dest: Option<&'a Target>,
+    /// A pull's undo journal (each stream keeps its own part).
+    journal: Option<Plan>,
     stats: &'a Stats,
     cancel: &'a AtomicBool,
 }
@@ -488,6 +526,10 @@ impl Job<'_> {
         let mut config = Config::build(self.whole.part(i, n), &self.run);
         config.dest_progress = !self.push;
         config.precomputed = self.precomputed.clone();
+        config.journal = self.journal.clone().map(|p| Plan {
+            stream: i as u32,
+            ..p
+        });
         if let Some(u) = self.cached {
             config.cache = Some(u.cache.clone());
             config.dest_reads = !u.skip_reading;
@@ -565,7 +607,7 @@ impl Job<'_> {
 
 /// Waits for the ssh process to end after the protocol finished; kills it if it lingers,
 /// so a stuck peer never hangs the run.
-fn reap(conn_child: &mut std::process::Child) {
+pub(super) fn reap(conn_child: &mut std::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = conn_child.try_wait() {

@@ -67,7 +67,7 @@ fn split_remote(word: &str) -> Option<(&str, &str)> {
 
 /// Turns a modern-form word into an endpoint. `localhost:path` stays remote: the user
 /// wrote a host, so it goes through ssh like rsync would.
-fn modern(word: &str) -> Result<Endpoint, String> {
+pub fn modern(word: &str) -> Result<Endpoint, String> {
     match split_remote(word) {
         Some((host, path)) => {
             if path.is_empty() {

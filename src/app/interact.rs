@@ -17,6 +17,8 @@ pub(crate) struct Change<'a> {
     pub size: u64,
     /// The source as given.
     pub source: &'a str,
+    /// What the undo journal keeps (see [`crate::journal::Decision::promise`]).
+    pub undo: &'static str,
 }
 
 /// Asks before changing an existing destination, unless `-f` or a dry run; refuses when
@@ -30,9 +32,10 @@ pub(crate) fn confirm_change(settings: &Settings, reporter: &Reporter, c: &Chang
         kind,
         size,
         source,
+        undo,
     } = c;
     let question = format!(
-        "destination {destination} exists ({kind} of {size} bytes) and will be overwritten where it differs from {source}. Continue?"
+        "destination {destination} exists ({kind} of {size} bytes) and will be overwritten where it differs from {source}.{undo} Continue?"
     );
     match reporter.confirm(&question) {
         Some(true) => Ok(()),

@@ -4,6 +4,7 @@
 use super::interact::{Change, cancel_on_signals, confirm_change};
 use super::report::Reporter;
 use super::settings::Settings;
+use super::undo::Undo;
 use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::{syncid, trust};
 use crate::engine::{self, Compare, Config, Layout, Stats};
@@ -38,21 +39,32 @@ pub(crate) fn run(
         target::check_destination(dst_path, existing, src.size, settings.force_mounted)?;
     }
     note_busy_source(reporter, &src);
+    let undo = Undo::decide(
+        settings.journal,
+        settings.journal_dir.as_deref(),
+        &probe,
+        settings.dry_run,
+    )?;
+    super::undo::note_unavailable(reporter, undo.decision, &dst_path.display().to_string());
     if let Some(existing) = &probe.existing {
         let change = Change {
             destination: &dst_path.display().to_string(),
             kind: existing.kind.name(),
             size: existing.size,
             source: &src_path.display().to_string(),
+            undo: undo.decision.promise(),
         };
         confirm_change(settings, reporter, &change)?;
     }
+    let source_label = src_path.display().to_string();
+    let journal = undo.plan(crate::digestfile::syncid::fresh(), (0, 1), source_label)?;
 
     // Every check has passed: only now is the destination opened for writing or created.
     let dest = open_dest_for_run(settings, &probe, target::copy_mode(&src))?;
 
     let layout = Layout::new(src.size, settings.block);
     let mut config = Config::build(layout, &settings.run_options(Compare::Bytes));
+    config.journal = journal;
     let cached = match (&dest, &settings.digest) {
         (Some(d), Some(opts)) => {
             let state = trust::DestState {

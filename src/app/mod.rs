@@ -11,6 +11,7 @@ mod offline;
 mod report;
 pub(crate) mod server;
 mod settings;
+mod undo;
 mod verdict;
 
 use cli::Args;
@@ -33,7 +34,14 @@ pub fn main_entry() -> i32 {
     {
         return offline::main(cmd);
     }
-    let args = Args::from_command_line();
+    // `blocksync rollback [OPTIONS] DST`: the sync's options (ssh, --journal-dir, -f).
+    let args = if first.as_ref().is_some_and(|a| a == "rollback") {
+        let mut words: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        words[1] = "--rollback".into();
+        Args::from_words(words)
+    } else {
+        Args::from_command_line()
+    };
     let reporter = match settings::reporter(&args) {
         Ok(r) => r,
         Err(e) => {
@@ -55,6 +63,9 @@ pub fn main_entry() -> i32 {
 fn run(settings: &Settings, reporter: &Reporter) -> crate::error::Result<()> {
     for n in &settings.notes {
         reporter.note(n);
+    }
+    if settings.rollback {
+        return undo::rollback(settings, reporter);
     }
     match (&settings.pair.source, &settings.pair.destination) {
         (Endpoint::Local(s), Endpoint::Local(d)) => local::run(settings, reporter, s, d),

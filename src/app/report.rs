@@ -213,6 +213,18 @@ impl Reporter {
         }
     }
 
+    /// Prints the outcome of a command other than a sync: `text` on stdout unless `-q`,
+    /// or `json` with `--json`.
+    pub fn outcome(&self, text: &str, json: serde_json::Value) {
+        self.to_log(&format!("blocksync: {text}"));
+        if self.json {
+            self.to_stdout(&format!("{json}\n"));
+            self.summarized.store(true, Ordering::Relaxed);
+        } else if !self.quiet {
+            self.to_stdout(&format!("{text}\n"));
+        }
+    }
+
     /// Writes to stdout; a closed or full stdout (`| head`, `> /dev/full`) must not turn a
     /// finished sync into a crash: the sync's own outcome decides the exit code.
     fn to_stdout(&self, text: &str) {

@@ -2,10 +2,12 @@
 //! on stdin/stdout, runs the source or destination half the client asks for, and makes
 //! the same checks as a local run before writing anything.
 
+use super::undo::{Pending, RollbackOptions, Undo, rollback_here};
 use crate::engine::messages::ToSource;
 use crate::engine::{Compare, Config, Layout, RunOptions, Salvage, Stats, VerifyLog};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Claim, Target, TargetKind};
+use crate::journal;
 use crate::wire::frame::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
     FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Go, Hello,
@@ -15,7 +17,7 @@ use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -105,6 +107,7 @@ pub fn serve(input: &mut File, output: &mut File) -> Result<()> {
     match hello.role {
         Role::Dest => serve_dest(&hello, input, output),
         Role::Source => serve_source(&hello, input, output),
+        Role::Rollback => serve_rollback(&hello, input, output),
     }
 }
 
@@ -150,6 +153,12 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         target::check_destination(path, existing, hello.source_size, force_mounted)?;
     }
     let track = hello.flags & FLAG_TRACK_ID != 0;
+    let undo = Undo::decide(
+        journal::Mode::from_byte(hello.run.journal),
+        Some(Path::new(&hello.run.journal_dir)).filter(|d| !d.as_os_str().is_empty()),
+        &probe,
+        hello.flags & FLAG_DRY_RUN != 0,
+    )?;
     let reply = Reply {
         size: probe.existing.map_or(0, |e| e.size),
         kind: probe.existing.map_or(0, |e| kind_byte(e.kind)),
@@ -158,13 +167,20 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
             _ => [0; 16],
         },
         mode: 0,
+        journal: undo.decision.byte(),
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;
     if !go.proceed {
         return Ok(());
     }
-    let config = config_for(hello, &go);
+    let mut config = config_for(hello, &go);
+    let from = std::env::var("SSH_CLIENT").map_or_else(
+        |_| "a push".to_string(),
+        |c| format!("a push from {}", c.split_whitespace().next().unwrap_or("?")),
+    );
+    let stream = (hello.run.stream, hello.run.streams);
+    config.journal = undo.plan(hello.run.id, stream, from)?;
     let dest: Option<Target> = if config.dry_run {
         match probe.existing {
             Some(_) => Some(target::open_read(path, "destination", Kind::Destination)?),
@@ -215,6 +231,7 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
         kind: kind_byte(src.kind),
         sync_id: [0; 16],
         mode: target::copy_mode(&src),
+        journal: 0,
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;
@@ -244,6 +261,43 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
     };
     let pace = Pace { level, bwlimit: bw };
     link.source_over(&src, &config, pace, &cancel, || {})
+}
+
+/// `blocksync rollback host:DST` on the server: the same checks as a local rollback,
+/// then a reply (the first 8 bytes of its id: the journals found), and the rollback once
+/// the client says go.
+fn serve_rollback(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
+    let how = RollbackOptions {
+        force_mounted: hello.flags & FLAG_FORCE_MOUNTED != 0,
+        journal_dir: Some(PathBuf::from(&hello.run.journal_dir))
+            .filter(|d| !d.as_os_str().is_empty()),
+    };
+    let mut confirm = |p: &Pending| -> Result<()> {
+        let mut sync_id = [0u8; 16];
+        sync_id[..8].copy_from_slice(&(p.journals as u64).to_le_bytes());
+        let reply = Reply {
+            size: p.size,
+            kind: kind_byte(p.kind),
+            sync_id,
+            mode: 0,
+            journal: 0,
+        };
+        write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
+        match read_go(input)? {
+            go if go.proceed => Ok(()),
+            _ => Err(Error::new(
+                Kind::NotConfirmed,
+                "the rollback was not confirmed",
+            )),
+        }
+    };
+    let done = rollback_here(Path::new(&hello.path), &how, &mut confirm)?;
+    let end = Frame::Source(ToSource::Done {
+        written: done.bytes,
+        read: done.size,
+    });
+    write_frame(output, &end).map_err(lost_client)?;
+    Ok(())
 }
 
 fn lost_client(e: std::io::Error) -> Error {

@@ -56,6 +56,12 @@ pub(crate) struct Settings {
     pub digest: Option<DigestOptions>,
     /// `-w`: ssh streams.
     pub workers: u32,
+    /// `blocksync rollback DST`: the destination is put back, no sync.
+    pub rollback: bool,
+    /// `--journal`, `--no-journal`, or neither.
+    pub journal: crate::journal::Mode,
+    /// `--journal-dir DIR`: on the destination's machine.
+    pub journal_dir: Option<PathBuf>,
     /// How to reach the other machine; `None` for a local sync.
     pub remote: Option<RemoteSettings>,
     /// One-line notes on options that do nothing in this kind of run.
@@ -75,7 +81,14 @@ pub(crate) struct RemoteSettings {
 impl Settings {
     /// Checks every option and operand.
     pub fn resolve(args: &Args) -> Result<Settings> {
-        let pair = endpoint::parse_operands(&args.operands, args.pull).map_err(usage)?;
+        let pair = match (args.rollback, args.operands.as_slice()) {
+            (true, [dst]) => Pair {
+                source: Endpoint::Local(PathBuf::new()),
+                destination: endpoint::modern(dst).map_err(usage)?,
+            },
+            (true, _) => return Err(usage("rollback takes one operand: DST or HOST:DST")),
+            (false, ops) => endpoint::parse_operands(ops, args.pull).map_err(usage)?,
+        };
         let block = block_size(
             &args.block_size,
             "block size",
@@ -151,6 +164,13 @@ impl Settings {
                 dry_run: args.dry_run,
             }),
             workers: args.workers,
+            rollback: args.rollback,
+            journal: match (args.journal, args.no_journal) {
+                (true, _) => crate::journal::Mode::On,
+                (_, true) => crate::journal::Mode::Off,
+                _ => crate::journal::Mode::Auto,
+            },
+            journal_dir: args.journal_dir.clone(),
             notes: if local {
                 local_notes(args)
             } else {

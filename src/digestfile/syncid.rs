@@ -34,7 +34,9 @@ pub fn fresh() -> SyncId {
     id
 }
 
-fn dir() -> PathBuf {
+/// `$XDG_STATE_HOME/blocksync/NAME` (default `~/.local/state/...`, `/var/lib/...`
+/// without a home): where this user's records of its destinations are kept.
+pub fn state_dir(name: &str) -> PathBuf {
     let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d),
         None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
@@ -42,7 +44,11 @@ fn dir() -> PathBuf {
             None => PathBuf::from("/var/lib"),
         },
     };
-    base.join("blocksync/sync-ids")
+    base.join("blocksync").join(name)
+}
+
+fn dir() -> PathBuf {
+    state_dir("sync-ids")
 }
 
 fn record(t: &Target) -> PathBuf {
@@ -55,13 +61,19 @@ pub fn record_path(t: &Target) -> PathBuf {
 }
 
 fn record_of(path: &std::path::Path, id: &Identity) -> PathBuf {
+    dir().join(key(path, id))
+}
+
+/// A name for the target at `path` with identity `id` in a state directory: the same
+/// for the same path and file (or device), another for a file replaced by another.
+pub fn key(path: &std::path::Path, id: &Identity) -> String {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let who = match id.rdev {
         Some(r) => format!("dev {r}"),
         None => format!("file {} {}", id.dev, id.ino),
     };
     let key = blake3::hash(format!("{}\0{who}", path.display()).as_bytes());
-    dir().join(&key.to_hex()[..32])
+    key.to_hex()[..32].to_string()
 }
 
 /// What says the target is still the one, unchanged, that the id was stored for: a

@@ -73,6 +73,8 @@ pub struct Config {
     /// The destination half forgets its sync id before writing and records this one once
     /// the sync is flushed (see [`crate::digestfile::syncid`]).
     pub track: Option<crate::digestfile::syncid::SyncId>,
+    /// The destination half keeps an undo journal of what it overwrites.
+    pub journal: Option<crate::journal::Plan>,
 }
 
 /// What a run asks of the engine, the same for each of its streams and on both machines:
@@ -143,6 +145,7 @@ impl Config {
             cache: None,
             dest_reads: true,
             track: None,
+            journal: None,
         }
     }
 
@@ -164,6 +167,7 @@ impl Config {
             cache: None,
             dest_reads: true,
             track: None,
+            journal: None,
             ..self.clone()
         }
     }

@@ -17,6 +17,7 @@ pub(crate) mod salvage;
 pub(crate) mod source;
 mod stats;
 mod verifylog;
+mod writer;
 
 pub use config::{Compare, Config, RunOptions, Salvage};
 pub use layout::{CHUNK_TARGET, Layout};

@@ -65,6 +65,8 @@ pub struct Stats {
     pub dest_read: AtomicU64,
     /// Bytes written to the destination.
     pub written: AtomicU64,
+    /// Bytes of the destination's old contents saved in the undo journal.
+    pub journaled: AtomicU64,
     /// Blocks found equal.
     pub blocks_same: AtomicU64,
     /// Blocks found different (written, or to be written in a dry run).

@@ -39,6 +39,9 @@ pub enum Role {
     Source,
     /// The server receives and writes blocks (push).
     Dest,
+    /// The server puts its destination back as it was before an unfinished run
+    /// (`blocksync rollback host:DST`).
+    Rollback,
 }
 
 /// The client's opening message.
@@ -83,14 +86,13 @@ pub struct RunPart {
     pub stream: u32,
     /// How many streams the run has (`-w`); at least 1.
     pub streams: u32,
-    /// The undo journal: [`JOURNAL_AUTO`], 1 (on: `--journal`) or [`JOURNAL_OFF`].
+    /// The undo journal: 0 auto, 1 on (`--journal`) or [`JOURNAL_OFF`] (see
+    /// `journal::Mode`).
     pub journal: u8,
     /// Where journals are kept on the server (`--journal-dir`); empty: the default place.
     pub journal_dir: String,
 }
 
-/// Journal the destination when it holds a completed copy (or an unfinished run).
-pub const JOURNAL_AUTO: u8 = 0;
 /// Never journal (`--no-journal`).
 pub const JOURNAL_OFF: u8 = 2;
 
@@ -109,6 +111,9 @@ pub struct Reply {
     pub sync_id: [u8; 16],
     /// From a source server: the permission bits a new destination file gets.
     pub mode: u32,
+    /// From a destination server: whether the run will keep an undo journal, and why
+    /// (`journal::Decision` as a byte, 0..=5).
+    pub journal: u8,
 }
 
 /// The client's go-ahead (or not) after the reply.
@@ -152,6 +157,7 @@ impl Hello {
             match self.role {
                 Role::Source => 1,
                 Role::Dest => 2,
+                Role::Rollback => 3,
             },
         );
         put_text(p, &self.path);
@@ -184,6 +190,7 @@ impl Hello {
         let role = match r.u8()? {
             1 => Role::Source,
             2 => Role::Dest,
+            3 => Role::Rollback,
             x => return Err(DecodeError::Unknown("role", x.into())),
         };
         let path = text(r)?;
@@ -242,6 +249,7 @@ impl Reply {
         put_u8(p, self.kind);
         p.extend_from_slice(&self.sync_id);
         put_u32(p, self.mode);
+        put_u8(p, self.journal);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Reply, DecodeError> {
@@ -259,6 +267,10 @@ impl Reply {
             kind,
             sync_id: r.array()?,
             mode: mode(r)?,
+            journal: match r.u8()? {
+                j @ 0..=5 => j,
+                j => return Err(DecodeError::Unknown("journal decision", j.into())),
+            },
         })
     }
 }

@@ -160,8 +160,11 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
             }
             let sender =
                 s.spawn(move || send_to_source(from_dest, answers_rx, w, stats, peer, open));
+            // Set however the destination half ends, a panic included: the watcher
+            // above must not outlive it (the scope would wait for it forever).
+            let done = Finished(&finished);
             let written = engine::dest::run(dest, config, from_source, to_source, answers, stats);
-            finished.store(true, Ordering::Relaxed);
+            drop(done);
             // Done (or Failed) reaches the peer only through the sender: its failure is
             // this side's, or a run the peer never heard confirmed would pass.
             let sent = sender
@@ -182,6 +185,15 @@ impl<R: Read + Send, W: Write + Send> Link<'_, R, W> {
             // failing to send to it, which usually follows from it.
             written.and(received).and(sent)
         })
+    }
+}
+
+/// Sets its flag when dropped.
+struct Finished<'a>(&'a AtomicBool);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

@@ -172,18 +172,21 @@ fn handshake_examples(ty: Ty) -> Vec<Frame> {
                 kind: 0,
                 sync_id: NO_ID,
                 mode: 0o644,
+                journal: 0,
             }),
             Frame::Reply(Reply {
                 size: 99,
                 kind: 1,
                 sync_id: SYNC_ID,
                 mode: 0o644,
+                journal: 0,
             }),
             Frame::Reply(Reply {
                 size: 1 << 40,
                 kind: 2,
                 sync_id: [0xff; 16],
                 mode: 0o644,
+                journal: 0,
             }),
         ],
         Ty::Go => vec![

@@ -167,6 +167,8 @@ pub fn handshake_server(data: &[u8]) {
                 stream_from_dest(&mut r);
             }
         }
+        // A rollback's server sends one answer after the go: nothing more to decode.
+        Role::Rollback => {}
     }
 }
 

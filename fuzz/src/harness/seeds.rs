@@ -194,6 +194,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
         kind: 1,
         sync_id: NO_ID,
         mode: 0o644,
+        journal: 0,
     });
     // A destination that recorded a sync (asked with FLAG_TRACK_ID), answering spot-checks.
     let tracked = Frame::Reply(Reply {
@@ -201,6 +202,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
         kind: 2,
         sync_id: SYNC_ID,
         mode: 0o644,
+        journal: 0,
     });
     vec![
         greeted(&[
@@ -257,6 +259,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
             kind: 0,
             sync_id: NO_ID,
             mode: 0o644,
+            journal: 0,
         })]),
     ]
 }

@@ -29,6 +29,7 @@ fn samples() -> Vec<Frame> {
             kind: 2,
             sync_id: [3; 16],
             mode: 0o600,
+            journal: 0,
         }),
         Frame::Dest(ToDest::Check {
             offset: 1 << 20,
@@ -254,6 +255,7 @@ fn sizes_past_off_t_are_rejected() {
             kind: 1,
             sync_id: [0; 16],
             mode: 0o644,
+            journal: 0,
         };
         Frame::Reply(r).encode().1
     };
@@ -323,6 +325,7 @@ fn file_modes_past_the_permission_bits_are_rejected() {
             kind: 1,
             sync_id: [0; 16],
             mode,
+            journal: 0,
         };
         let (t, p) = Frame::Reply(r).encode();
         Frame::decode(t, &p)

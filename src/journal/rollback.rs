@@ -1,0 +1,245 @@
+//! Putting a destination back as it was before the run its journals undo: every
+//! journal, newest first, walked from its last sound record back to its first, so for
+//! each byte the oldest saved contents win; then a file is cut back to its old size,
+//! everything flushed, and each restored range read back and checked.
+
+use super::format::{FRAME, HEADER_LEN, Record, checksum};
+use super::place::{Found, Place, belongs_to, journal_error, sync_dir};
+use crate::error::{Error, Kind, Result, os_text};
+use crate::io::target::{self, Target, TargetKind};
+use std::collections::BTreeMap;
+
+/// What a rollback did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Journals applied.
+    pub journals: usize,
+    /// Bytes written back.
+    pub bytes: u64,
+    /// The destination's size now (as before the run).
+    pub size: u64,
+}
+
+/// Calls `each` for the sound records of `f`, first to last, and returns where they
+/// end: a torn tail (a power cut during a group commit) ends them; its ranges were
+/// never overwritten.
+fn forwards(f: &Found, mut each: impl FnMut(&Record) -> Result<()>) -> Result<u64> {
+    let len = f.file.metadata().map_or(0, |m| m.len());
+    let mut at = HEADER_LEN as u64;
+    let mut frame = [0u8; FRAME];
+    let mut data = Vec::new();
+    while at + 2 * FRAME as u64 <= len {
+        let Ok(n) = target::read_full_at(&f.file, &mut frame, at) else {
+            break;
+        };
+        let Some(rec) = Record::parse(&frame[..n], false) else {
+            break;
+        };
+        if at + rec.framed_len() > len || read_checked(f, at, &rec, &mut data).is_none() {
+            break;
+        }
+        each(&rec)?;
+        at += rec.framed_len();
+    }
+    Ok(at)
+}
+
+/// The payload of the record at `at`, checked against its checksum and trailer.
+fn read_checked<'a>(f: &Found, at: u64, rec: &Record, data: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+    let mut tail = [0u8; FRAME];
+    let tail_at = at + rec.framed_len() - FRAME as u64;
+    if target::read_full_at(&f.file, &mut tail, tail_at).ok()? != FRAME
+        || Record::parse(&tail, true) != Some(*rec)
+    {
+        return None;
+    }
+    data.clear();
+    if !rec.zero {
+        data.resize(rec.len as usize, 0);
+        if target::read_full_at(&f.file, data, at + FRAME as u64).ok()? != data.len() {
+            return None;
+        }
+    }
+    (checksum(rec.offset, rec.len, rec.zero, data) == rec.sum).then_some(&data[..])
+}
+
+/// Calls `each` for every sound record of `f`, last first.
+fn backwards(f: &Found, mut each: impl FnMut(&Record, &[u8]) -> Result<()>) -> Result<()> {
+    let mut at = forwards(f, |_| Ok(()))?;
+    let mut tail = [0u8; FRAME];
+    let mut data = Vec::new();
+    while at > HEADER_LEN as u64 {
+        let damaged = || {
+            journal_error(
+                &f.path,
+                "is damaged inside (a record does not check out); nothing more was restored from it",
+            )
+        };
+        target::read_full_at(&f.file, &mut tail, at - FRAME as u64).map_err(|_| damaged())?;
+        let rec = Record::parse(&tail, true).ok_or_else(damaged)?;
+        let start = at
+            .checked_sub(rec.framed_len())
+            .filter(|&s| s >= HEADER_LEN as u64)
+            .ok_or_else(damaged)?;
+        let bytes = read_checked(f, start, &rec, &mut data).ok_or_else(damaged)?;
+        each(&rec, bytes)?;
+        at = start;
+    }
+    Ok(())
+}
+
+/// Puts `dest` back as it was before the oldest unfinished run its journals in `place`
+/// undo, verifies it, and removes the journals.
+pub fn rollback(dest: &Target, place: &Place) -> Result<Restored> {
+    let found = place.list()?;
+    if found.is_empty() {
+        return Err(Error::new(
+            Kind::Journal,
+            format!(
+                "no undo journal for {} (in {}): nothing to roll back; the last run completed, or it was not journaled",
+                dest.path.display(),
+                place.dir.display()
+            ),
+        ));
+    }
+    if let Some(f) = found.iter().find(|f| !belongs_to(f, &dest.id)) {
+        return Err(journal_error(
+            &f.path,
+            &format!(
+                "undoes another file or device than {}; nothing was written",
+                dest.path.display()
+            ),
+        ));
+    }
+    // Forget any digest-file record first: the destination is about to change.
+    crate::digestfile::syncid::clear(dest).map_err(|e| {
+        Error::new(
+            Kind::Io,
+            format!(
+                "cannot forget the sync id of {}: {}",
+                dest.path.display(),
+                os_text(&e)
+            ),
+        )
+    })?;
+    let write_err = |e: std::io::Error| {
+        Error::new(
+            Kind::Io,
+            format!("writing {} back: {}", dest.path.display(), os_text(&e)),
+        )
+    };
+    let mut done = Restored {
+        journals: found.len(),
+        ..Restored::default()
+    };
+    for f in found.iter().rev() {
+        backwards(f, |rec, bytes| {
+            if rec.zero {
+                target::write_zeros(&dest.file, rec.offset, rec.len)
+            } else {
+                target::write_full_at(&dest.file, bytes, rec.offset)
+            }
+            .map_err(write_err)?;
+            done.bytes += rec.len;
+            Ok(())
+        })?;
+    }
+    let size_before = found[0].header.size_before;
+    done.size = dest.size;
+    if dest.kind == TargetKind::File {
+        dest.file.set_len(size_before).map_err(write_err)?;
+        done.size = size_before;
+    }
+    dest.file.sync_all().map_err(write_err)?;
+    verify(dest, &found)?;
+    for f in &found {
+        std::fs::remove_file(&f.path).map_err(|e| {
+            journal_error(
+                &f.path,
+                &format!(
+                    "restored and verified, but cannot remove it: {}",
+                    os_text(&e)
+                ),
+            )
+        })?;
+    }
+    sync_dir(&place.dir).map_err(|e| journal_error(&place.dir, &os_text(&e)))?;
+    Ok(done)
+}
+
+/// Reads every restored range back and checks it against the checksum of the bytes the
+/// journal saved before the run overwrote them. Where records overlap, the oldest's
+/// bytes are what the destination now holds, so a record is checked only where no
+/// earlier one (of its journal, or of an older one) saved the same bytes.
+fn verify(dest: &Target, found: &[Found]) -> Result<()> {
+    // Ranges (start -> end) checked so far, merged.
+    let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut buf = Vec::new();
+    for f in found {
+        forwards(f, |rec| {
+            let end = rec.offset + rec.len;
+            let overlaps = seen
+                .range(..end)
+                .next_back()
+                .is_some_and(|(_, &e)| e > rec.offset);
+            if !overlaps {
+                buf.resize(rec.len as usize, 0);
+                let n = target::read_full_at(&dest.file, &mut buf, rec.offset).unwrap_or(0);
+                let ok = n == buf.len()
+                    && if rec.zero {
+                        target::is_zero(&buf)
+                    } else {
+                        checksum(rec.offset, rec.len, false, &buf) == rec.sum
+                    };
+                if !ok {
+                    return Err(Error::new(
+                        Kind::Verify,
+                        format!(
+                            "{} does not read back as it was before the run at bytes {}..{end} after the rollback; the journals are kept ({})",
+                            dest.path.display(),
+                            rec.offset,
+                            f.path.display()
+                        ),
+                    ));
+                }
+            }
+            insert(&mut seen, rec.offset, end);
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Adds `start..end` to a set of merged ranges.
+fn insert(set: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if let Some((&s, &e)) = set.range(..=start).next_back()
+        && e >= start
+    {
+        start = s;
+        end = end.max(e);
+    }
+    let inside: Vec<u64> = set.range(start..=end).map(|(&s, _)| s).collect();
+    for s in inside {
+        end = end.max(set.remove(&s).expect("listed"));
+    }
+    set.insert(start, end);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge() {
+        let mut m = BTreeMap::new();
+        insert(&mut m, 10, 20);
+        insert(&mut m, 30, 40);
+        insert(&mut m, 20, 30);
+        assert_eq!(m.into_iter().collect::<Vec<_>>(), vec![(10, 40)]);
+        let mut m = BTreeMap::new();
+        insert(&mut m, 50, 60);
+        insert(&mut m, 0, 5);
+        insert(&mut m, 1, 55);
+        assert_eq!(m.into_iter().collect::<Vec<_>>(), vec![(0, 60)]);
+    }
+}

@@ -1,0 +1,135 @@
+//! The journal on its own: saved ranges (data, zeros, a cut-off tail) come back exactly,
+//! a torn tail is ignored, continued runs roll back to the oldest state, and a journal
+//! that is not this user's own is never used.
+
+use super::rollback::rollback;
+use super::*;
+use crate::io::target::{self, Claim, OpenDest, Target};
+use std::os::unix::fs::PermissionsExt;
+
+fn open(path: &Path) -> Target {
+    let probe = target::probe_destination(path).unwrap();
+    let how = OpenDest {
+        force_mounted: false,
+        mode: 0o600,
+        shared: false,
+        claim: Claim::whole(true),
+    };
+    target::open_destination(&probe, how).unwrap()
+}
+
+fn plan(dir: &Path, t: &Target) -> Plan {
+    Plan {
+        place: Place::of(&t.path, &t.id, Some(dir)),
+        run_id: [9; 16],
+        stream: 0,
+        streams: 1,
+        source: "test".into(),
+    }
+}
+
+fn bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Overwrites `at..at + len` of `t` (a run's write), the journal first.
+fn overwrite(j: &mut Journal, t: &Target, at: u64, data: &[u8]) {
+    j.save(&t.file, at, data.len() as u64).unwrap();
+    j.commit().unwrap();
+    target::write_full_at(&t.file, data, at).unwrap();
+}
+
+#[test]
+fn data_zeros_and_a_cut_tail_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let mut before = bytes(300_000, 1);
+    before[100_000..170_000].fill(0);
+    std::fs::write(&path, &before).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let mut j = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut j, &t, 10, &bytes(5000, 7)); // unaligned, padded
+    overwrite(&mut j, &t, 100_000, &bytes(65536, 8)); // over zeros
+    j.save(&t.file, 250_000, 50_000).unwrap(); // the tail a shorter source cuts
+    j.commit().unwrap();
+    t.file.set_len(250_000).unwrap();
+    overwrite(&mut j, &t, 240_000, &bytes(20_000, 9)); // grows it past the cut again
+    // The last write saves the cut-off bytes again (as zeros): the older record wins.
+    assert_eq!(j.saved(), 5000 + 65536 + 50_000 + 20_000);
+    drop(j); // the run dies
+    let done = rollback(&t, &p.place).unwrap();
+    assert_eq!(done.journals, 1);
+    assert_eq!(done.size, 300_000);
+    assert!(std::fs::read(&path).unwrap() == before);
+    assert!(p.place.list().unwrap().is_empty(), "removed once restored");
+}
+
+#[test]
+fn a_torn_tail_is_ignored_and_continued_runs_go_back_to_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let before = bytes(200_000, 2);
+    std::fs::write(&path, &before).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let mut first = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut first, &t, 0, &bytes(4096, 3));
+    // A group being written when the power went: never committed, nothing overwritten.
+    first.save(&t.file, 8192, 4096).unwrap();
+    drop(first);
+    let found = p.place.list().unwrap();
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&found[0].path)
+        .unwrap();
+    std::io::Write::write_all(&mut &f, &[0x55; 100]).unwrap();
+    // The next run continues: it overwrites the same range again, and another.
+    let mut second = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut second, &t, 0, &bytes(4096, 4));
+    overwrite(&mut second, &t, 100_000, &bytes(4096, 5));
+    drop(second);
+    assert_eq!(p.place.list().unwrap().len(), 2);
+    let done = rollback(&t, &p.place).unwrap();
+    assert_eq!((done.journals, done.bytes), (2, 3 * 4096));
+    assert!(std::fs::read(&path).unwrap() == before);
+}
+
+#[test]
+fn a_completed_run_removes_its_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    std::fs::write(&path, bytes(10_000, 1)).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let mut j = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut j, &t, 0, &bytes(100, 2));
+    j.finish().unwrap();
+    assert!(p.place.list().unwrap().is_empty());
+    let e = rollback(&t, &p.place).unwrap_err();
+    assert_eq!(e.kind, crate::error::Kind::Journal);
+}
+
+#[test]
+fn a_journal_others_can_write_is_never_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let before = bytes(10_000, 1);
+    std::fs::write(&path, &before).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let mut j = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut j, &t, 0, &bytes(100, 2));
+    drop(j);
+    let jp = p.place.list().unwrap().remove(0).path;
+    std::fs::set_permissions(&jp, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = rollback(&t, &p.place).unwrap_err();
+    assert_eq!(e.kind, crate::error::Kind::Journal);
+    assert!(e.message.contains("not this user's own"), "{e}");
+    assert!(
+        std::fs::read(&path).unwrap() != before,
+        "nothing was written back"
+    );
+}

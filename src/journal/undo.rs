@@ -1,0 +1,289 @@
+//! Writing a journal during a run: the old bytes of every range before it is
+//! overwritten, made durable in group commits (one write and one fdatasync per group),
+//! never letting the journal take the last of its filesystem's free space.
+
+use super::format::{DONE_AT, FRAME, Header, MAX_RECORD, Record, checksum};
+use super::place::{Place, belongs_to, journal_error, sync_dir};
+use crate::error::{Error, Kind, Result, os_text};
+use crate::io::target::{self, Target};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+/// How a run journals: decided before it starts (see [`super::decide`]), the same for
+/// every stream of it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Where the journals go.
+    pub place: Place,
+    /// The run's id.
+    pub run_id: [u8; 16],
+    /// This stream.
+    pub stream: u32,
+    /// The run's count of streams.
+    pub streams: u32,
+    /// What the run syncs from (kept in the header).
+    pub source: String,
+}
+
+/// An open journal of this run's stream.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    place: Place,
+    run_id: [u8; 16],
+    streams: u32,
+    /// Bytes of the destination that existed when the run began: only those have old
+    /// contents to keep (a file grown by the run is cut back instead).
+    size_before: u64,
+    /// Records not yet written, in a page-aligned buffer (`buf[at..at + used]`).
+    buf: Vec<u8>,
+    at: usize,
+    used: usize,
+    /// The journal file's length.
+    end: u64,
+    /// Bytes of the destination saved so far.
+    saved: u64,
+}
+
+/// A group commit holds at most about this much; the writer commits when it is reached.
+pub const GROUP: usize = 8 << 20;
+
+impl Journal {
+    /// Starts this stream's journal of `dest`, after any left by unfinished runs (which
+    /// must be of this destination). Durable, name included, before it returns.
+    pub fn begin(plan: &Plan, dest: &Target) -> Result<Journal> {
+        let place = &plan.place;
+        place.ensure_dir().map_err(|e| {
+            journal_error(&place.dir, &format!("cannot create it: {}", os_text(&e)))
+        })?;
+        let found = place.list()?;
+        if let Some(f) = found.iter().find(|f| !belongs_to(f, &dest.id)) {
+            return Err(journal_error(
+                &f.path,
+                &format!(
+                    "undoes another file or device than {} (it was replaced since); remove it, and its siblings, if that is so",
+                    dest.path.display()
+                ),
+            ));
+        }
+        let mut seq = found.iter().map(|f| f.header.seq).max().unwrap_or(0) + 1;
+        let header = |seq| Header {
+            run_id: plan.run_id,
+            seq,
+            stream: plan.stream,
+            streams: plan.streams,
+            dev: dest.id.dev,
+            ino: dest.id.ino,
+            rdev: dest.id.rdev.unwrap_or(0),
+            size_before: dest.size,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            source: plan.source.clone(),
+        };
+        // Made complete under a temporary name, then renamed into place: a journal found
+        // by its name always has its header (another stream may be listing them now).
+        let tmp = place.dir.join(format!(
+            "{}{seq:08}.{}.tmp{}",
+            place.prefix,
+            plan.stream,
+            std::process::id()
+        ));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| no_room_or(&tmp, &e, "cannot create it"))?;
+        let page = header(seq).encode();
+        if let Err(e) = target::write_full_at(&file, &page, 0).and_then(|()| file.sync_data()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(no_room_or(&tmp, &e, "cannot write it"));
+        }
+        let path = loop {
+            let path = place.name(seq, plan.stream);
+            let cwd = rustix::fs::CWD;
+            match rustix::fs::renameat_with(
+                cwd,
+                &tmp,
+                cwd,
+                &path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => break path,
+                // Another stream of this run took the number.
+                Err(rustix::io::Errno::EXIST) => seq += 1,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(no_room_or(&path, &e.into(), "cannot name it"));
+                }
+            }
+            // The header names its number: write it again for the next one.
+            let page = header(seq).encode();
+            target::write_full_at(&file, &page, 0)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| no_room_or(&tmp, &e, "cannot write it"))?;
+        };
+        if let Err(e) = sync_dir(&place.dir) {
+            return Err(no_room_or(&path, &e, "cannot make its name durable"));
+        }
+        Ok(Journal {
+            file,
+            path,
+            place: place.clone(),
+            run_id: plan.run_id,
+            streams: plan.streams,
+            size_before: dest.size,
+            buf: Vec::new(),
+            at: 0,
+            used: 0,
+            end: page.len() as u64,
+            saved: 0,
+        })
+    }
+
+    /// Bytes waiting for the next commit.
+    pub fn buffered(&self) -> usize {
+        self.used
+    }
+
+    /// Bytes of the destination saved so far.
+    pub fn saved(&self) -> u64 {
+        self.saved
+    }
+
+    fn room(&mut self, n: usize) {
+        if self.at + self.used + n <= self.buf.len() {
+            return;
+        }
+        // Page-aligned (the kernel copies from an aligned buffer fastest), grown once to
+        // what a group needs.
+        let want = (self.used + n).max(GROUP + 2 * MAX_RECORD as usize);
+        let mut fresh = vec![0u8; want + 4096];
+        let at = fresh.as_ptr().align_offset(4096);
+        fresh[at..at + self.used].copy_from_slice(&self.buf[self.at..self.at + self.used]);
+        self.buf = fresh;
+        self.at = at;
+    }
+
+    /// Saves the old bytes of `offset..offset + len` of `dest` (the part that existed
+    /// when the run began) into the group being built; [`Journal::commit`] makes them
+    /// durable, which must come before the range is overwritten.
+    pub fn save(&mut self, dest: &File, offset: u64, len: u64) -> io::Result<()> {
+        let end = (offset + len).min(self.size_before);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(MAX_RECORD);
+            self.room(super::format::framed_len(n, false) as usize);
+            let start = self.at + self.used;
+            let payload = start + FRAME;
+            let got = target::read_full_at(dest, &mut self.buf[payload..payload + n as usize], at)?;
+            // Past the device's or file's end (never, unless it shrank): keep zeros.
+            self.buf[payload + got..payload + n as usize].fill(0);
+            let data = &self.buf[payload..payload + n as usize];
+            let zero = target::is_zero(data);
+            let rec = Record {
+                offset: at,
+                len: n,
+                zero,
+                sum: checksum(at, n, zero, if zero { &[] } else { data }),
+            };
+            let body = rec.framed_len() as usize - 2 * FRAME;
+            if !zero {
+                self.buf[payload + n as usize..payload + body].fill(0); // padding
+            }
+            self.buf[start..payload].copy_from_slice(&rec.head());
+            self.buf[payload + body..payload + body + FRAME].copy_from_slice(&rec.tail());
+            self.used += rec.framed_len() as usize;
+            self.saved += n;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the group and makes it durable. Refuses (before anything more is
+    /// overwritten) when the journal would leave its filesystem nearly full.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.used == 0 {
+            return Ok(());
+        }
+        self.check_room(self.used as u64)?;
+        let group = &self.buf[self.at..self.at + self.used];
+        target::write_full_at(&self.file, group, self.end)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| no_room_or(&self.path, &e, "cannot write it"))?;
+        self.end += self.used as u64;
+        self.used = 0;
+        Ok(())
+    }
+
+    /// The journal may use its filesystem's free space down to a reserve: a twentieth
+    /// of the filesystem, at most 1 GiB.
+    fn check_room(&self, more: u64) -> Result<()> {
+        let Ok(st) = rustix::fs::fstatvfs(&self.file) else {
+            return Ok(()); // cannot tell: the write itself reports a full disk
+        };
+        let frag = st.f_frsize.max(1);
+        let free = st.f_bavail.saturating_mul(frag);
+        let reserve = (st.f_blocks.saturating_mul(frag) / 20).min(1 << 30);
+        if free >= more.saturating_add(reserve) {
+            return Ok(());
+        }
+        Err(full(&self.path))
+    }
+
+    /// The run's stream completed and the destination is flushed: marks this journal
+    /// done, and once every stream of the run is done, removes all the destination's
+    /// journals (this run's and those of the unfinished runs it finished).
+    pub fn finish(self) -> Result<()> {
+        let fail = |e: io::Error| {
+            journal_error(&self.path, &format!("cannot complete it: {}", os_text(&e)))
+        };
+        target::write_full_at(&self.file, &[1], DONE_AT)
+            .and_then(|()| self.file.sync_data())
+            .map_err(fail)?;
+        let found = self.place.list()?;
+        let ours: Vec<_> = found
+            .iter()
+            .filter(|f| f.header.run_id == self.run_id)
+            .collect();
+        let all_done =
+            (0..self.streams).all(|s| ours.iter().any(|f| f.header.stream == s && f.done));
+        if all_done {
+            let paths = found
+                .iter()
+                .map(|f| f.path.clone())
+                .chain(self.place.leftovers());
+            for p in paths {
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(fail(e)),
+                    _ => {}
+                }
+            }
+            sync_dir(&self.place.dir).map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
+fn full(path: &std::path::Path) -> Error {
+    Error::new(
+        Kind::Journal,
+        format!(
+            "the undo journal {} would fill its filesystem; the run stopped before overwriting more, and the destination can be put back (blocksync rollback) or finished by running again with --journal-dir on a filesystem with room, or --no-journal",
+            path.display()
+        ),
+    )
+}
+
+fn no_room_or(path: &std::path::Path, e: &io::Error, what: &str) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => full(path),
+        _ => journal_error(path, &format!("{what}: {}", os_text(e))),
+    }
+}

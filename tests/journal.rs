@@ -1,0 +1,273 @@
+//! The last good copy survives any interruption. Runs onto an existing destination keep
+//! an undo journal; each is killed at a random moment (kill -9 of the local process, of
+//! the remote server, of ssh; locally, in a push and a pull, with one or two streams),
+//! and then either rolled back, which must give the destination exactly as it was
+//! before the run, or run again, which must give the source. Never a mix.
+
+mod common;
+
+use common::sshd::Sshd;
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const M: usize = 1024 * 1024;
+
+/// Where a round syncs: local, push or pull, and with how many streams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Local,
+    Push(u32),
+    Pull(u32),
+}
+
+/// One round's files: the source, the destination and what it held before.
+struct Round {
+    src: PathBuf,
+    dst: PathBuf,
+    before: Vec<u8>,
+    after: Vec<u8>,
+}
+
+impl Round {
+    /// A source and a destination that differ in about half of their 64 KiB blocks,
+    /// the source sometimes shorter (the run then cuts the destination) or longer.
+    fn new(dir: &Path, rng: &mut Rng) -> Round {
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        let before = data(4 * M, rng.next());
+        let mut after = before.clone();
+        for b in 0..after.len() / (64 << 10) {
+            if rng.below(2) == 0 {
+                let at = b * (64 << 10);
+                after[at..at + (64 << 10)].copy_from_slice(&data(64 << 10, rng.next()));
+            }
+        }
+        match rng.below(4) {
+            0 => after.truncate(3 * M + 4096),
+            1 => after.extend_from_slice(&data(M, rng.next())),
+            _ => {}
+        }
+        fs::write(&src, &after).unwrap();
+        fs::write(&dst, &before).unwrap();
+        Round {
+            src,
+            dst,
+            before,
+            after,
+        }
+    }
+
+    /// Undo journals left beside the destination.
+    fn journals(&self) -> usize {
+        let name = self.dst.file_name().unwrap().to_string_lossy().into_owned();
+        fs::read_dir(self.dst.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!(".{name}.blocksync-undo."))
+            })
+            .count()
+    }
+}
+
+/// The words of a run (or, with `rollback`, of the rollback) in `mode`.
+fn words(sshd: Option<&Sshd>, mode: Mode, r: &Round, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["-f".into(), "-q".into(), "-b".into(), "64K".into()];
+    if let Some(sshd) = sshd {
+        v.extend(["-e".into(), sshd.rsh(), "-S".into(), bin().into()]);
+    }
+    v.extend(extra.iter().map(|x| x.to_string()));
+    let (src, dst) = (s(&r.src).to_string(), s(&r.dst).to_string());
+    let there = |p: &str| format!("testhost:{p}");
+    match mode {
+        Mode::Local => v.extend([src, dst]),
+        Mode::Push(w) => v.extend(["-w".into(), w.to_string(), src, there(&dst)]),
+        Mode::Pull(w) => v.extend(["-w".into(), w.to_string(), there(&src), dst]),
+    }
+    v
+}
+
+/// Waits until nothing holds the destination (a server killed through its ssh ends
+/// on its own).
+fn wait_released(dst: &Path) {
+    wait_until(
+        "no process holds the destination",
+        Duration::from_secs(30),
+        || lock_holders(dst).is_empty(),
+    );
+}
+
+/// Kills the run in `mode` as `how` says: 0 the local process, 1 the remote server(s),
+/// 2 ssh.
+fn blow(mode: Mode, how: u64, child: &mut std::process::Child, r: &Round, sshd: Option<&Sshd>) {
+    let pid = child.id();
+    match (mode, how) {
+        (Mode::Local, _) | (_, 0) => signal(pid, "-KILL"),
+        (_, 1) => {
+            if let Some(sshd) = sshd {
+                sshd.kill_remote_servers_now();
+            }
+            // A push's servers hold the destination.
+            for p in lock_holders(&r.dst) {
+                if p != pid {
+                    signal(p, "-KILL");
+                }
+            }
+        }
+        _ => {
+            for p in children(pid, "ssh") {
+                signal(p, "-KILL");
+            }
+        }
+    }
+}
+
+/// Waits for a killed run to end; it must not hang (its stderr then says why).
+fn reap_within(mut child: std::process::Child, what: &str, secs: u64) -> std::process::Output {
+    let err = Drain::new(child.stderr.take().expect("piped stderr"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return std::process::Output {
+                status,
+                stdout: Vec::new(),
+                stderr: err.finish(),
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what}: the run hung after the blow: {}",
+                String::from_utf8_lossy(&err.so_far())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Counts of what the rounds saw, to show the kills landed inside runs.
+#[derive(Debug, Default)]
+struct Tally {
+    cut_short: u32,
+    rolled_back: u32,
+    finished: u32,
+}
+
+/// One round: start, kill at a random moment, then roll back or run again.
+fn round(sshd: Option<&Sshd>, mode: Mode, dir: &Path, rng: &mut Rng, tally: &mut Tally) {
+    let r = Round::new(dir, rng);
+    let what = format!("{mode:?}");
+    let mut child = spawn(&words(sshd, mode, &r, &["--journal", "-p", "8"]));
+    // Late enough to be past the ssh login, early enough to land inside the run.
+    let delay = match mode {
+        Mode::Local => rng.below(450),
+        _ => 200 + rng.below(900),
+    };
+    std::thread::sleep(Duration::from_millis(delay));
+    let how = rng.below(3);
+    blow(mode, how, &mut child, &r, sshd);
+    let out = reap_within(child, &what, 30);
+    let cut = !out.status.success();
+    tally.cut_short += cut as u32;
+    wait_released(&r.dst);
+    let what = format!(
+        "{what} kill {how} (exit {:?}: {})",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    if rng.below(2) == 0 {
+        // Roll back: the destination as it was, exactly; with no journal (the run
+        // completed, or died before writing), it is either the old or the new copy.
+        let remote = matches!(mode, Mode::Push(_));
+        let mut w = words(sshd, if remote { mode } else { Mode::Local }, &r, &[]);
+        let dst = w.pop().unwrap();
+        w.pop(); // the source
+        // "-w N" goes too: a rollback has no streams.
+        if let Some(at) = w.iter().position(|x| x == "-w") {
+            w.drain(at..at + 2);
+        }
+        let mut args = vec!["rollback".to_string()];
+        args.extend(w);
+        args.push(dst);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_within(&args, 60);
+        let now = fs::read(&r.dst).unwrap();
+        match code(&out) {
+            0 => {
+                assert!(
+                    now == r.before,
+                    "{what}: the rollback did not restore the old copy"
+                );
+                tally.rolled_back += 1;
+            }
+            17 => {
+                assert!(
+                    stderr(&out).contains("no undo journal"),
+                    "{what}: {}",
+                    stderr(&out)
+                );
+                assert!(
+                    now == r.before || now == r.after,
+                    "{what}: no journal, and the destination is a mix of old and new"
+                );
+            }
+            c => panic!("{what}: rollback exit {c}: {}", stderr(&out)),
+        }
+    } else {
+        let args = words(sshd, mode, &r, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_within(&args, 60);
+        assert_eq!(code(&out), 0, "{what}: the rerun: {}", stderr(&out));
+        assert!(
+            fs::read(&r.dst).unwrap() == r.after,
+            "{what}: the rerun left another copy"
+        );
+        tally.finished += 1;
+    }
+    assert_eq!(
+        r.journals(),
+        0,
+        "{what}: journals left after the rollback or rerun"
+    );
+}
+
+fn rounds(sshd: Option<&Sshd>, modes: &[Mode], n: u32, seed: u64) {
+    let seed = seed ^ std::process::id() as u64;
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng(seed | 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut tally = Tally::default();
+    for i in 0..n {
+        let mode = modes[i as usize % modes.len()];
+        round(sshd, mode, dir.path(), &mut rng, &mut tally);
+    }
+    eprintln!("{tally:?}");
+    // Most blows must land inside a run, or the test proves little.
+    assert!(
+        tally.cut_short * 2 >= n,
+        "only {} of {n} runs were cut short",
+        tally.cut_short
+    );
+    assert!(tally.rolled_back >= 1 && tally.finished >= 1, "{tally:?}");
+}
+
+#[test]
+fn local_runs_killed_then_rolled_back_or_finished() {
+    rounds(None, &[Mode::Local], 16, 0x10ca1);
+}
+
+#[test]
+fn pushes_killed_then_rolled_back_or_finished() {
+    let sshd = Sshd::start();
+    rounds(Some(&sshd), &[Mode::Push(1), Mode::Push(2)], 14, 0x9054);
+}
+
+#[test]
+fn pulls_killed_then_rolled_back_or_finished() {
+    let sshd = Sshd::start();
+    rounds(Some(&sshd), &[Mode::Pull(1), Mode::Pull(2)], 14, 0x9011);
+}
