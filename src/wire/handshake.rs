@@ -9,7 +9,7 @@ use crate::wire::frame::{DecodeError, MAX_DIGESTS, MAX_SIZE, put_text, text};
 /// or a shell error.
 pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
