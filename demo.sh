@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release
-bin=target/release/blocksync
+bin=target/x86_64-unknown-linux-gnu/release/blocksync
 work=$(mktemp -d /var/tmp/blocksync-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 echo "== generating a 256 MiB image in $work"

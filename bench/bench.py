@@ -100,7 +100,7 @@ CHANGE_SIZE = 4 * KiB    # size of each scattered change
 BLOCK_SIZE = MiB         # blocksync's default -b, for the lock-step estimate
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BIN = REPO / "target" / "release" / "blocksync"
+DEFAULT_BIN = REPO / "target" / "x86_64-unknown-linux-gnu" / "release" / "blocksync"
 RSYNC = shutil.which("rsync") or "/usr/bin/rsync"
 SSHD = "/usr/sbin/sshd"
 LO_TX = Path("/sys/class/net/lo/statistics/tx_bytes")
@@ -1643,7 +1643,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="scattered 4 KiB changes in dst.orig (default 10)")
     ap.add_argument("--seed", type=int, default=1, help="seed for change offsets/data (default 1)")
     ap.add_argument("--bin", type=Path, default=DEFAULT_BIN,
-                    help="blocksync binary (default: target/release/blocksync, built if missing)")
+                    help="blocksync binary (default: target/x86_64-unknown-linux-gnu/release/blocksync, built if missing)")
     ap.add_argument("--before", type=Path,
                     help="a second blocksync binary (e.g. built from the commit before a "
                          "change): every blocksync case is also timed with it, interleaved, "

@@ -185,6 +185,45 @@ pub fn os_text(err: &io::Error) -> String {
     }
 }
 
+/// Text from the other machine (its error messages, its stderr) made harmless for a
+/// terminal: control characters, which could move the cursor, clear the line or set the
+/// window title, and bidirectional overrides, which could reorder what is shown, are
+/// written as escapes (`\x1b`, `\u{202e}`); the rest is kept.
+pub fn harmless(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c as u32) < 0x100 && c.is_control() {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else if bidi {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Most characters of a peer's stderr shown in an error.
+pub const PEER_TEXT_MAX: usize = 4000;
+
+/// A peer's stderr for a one-line error: its non-empty lines joined by " | ", made
+/// [`harmless`], cut after [`PEER_TEXT_MAX`] characters.
+pub fn peer_text(text: &str) -> String {
+    let joined = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let mut out = harmless(&joined);
+    if let Some((cut, _)) = out.char_indices().nth(PEER_TEXT_MAX) {
+        out.truncate(cut);
+        out.push_str(" ...");
+    }
+    out
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
@@ -207,6 +246,18 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), Kind::ALL.len());
         assert!(!codes.contains(&0));
+    }
+
+    #[test]
+    fn peer_text_is_escaped_joined_and_bounded() {
+        assert_eq!(
+            harmless("a\x1b[2Kb\x07\r\u{9b}c\u{202e}d"),
+            "a\\x1b[2Kb\\x07\\x0d\\x9bc\\u{202e}d"
+        );
+        assert_eq!(harmless("plain é ü"), "plain é ü");
+        assert_eq!(peer_text("  one\n\n two \n"), "one | two");
+        let long = "x".repeat(PEER_TEXT_MAX + 10);
+        assert_eq!(peer_text(&long).chars().count(), PEER_TEXT_MAX + 4);
     }
 
     #[test]

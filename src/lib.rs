@@ -36,6 +36,7 @@ pub mod testing {
     pub use crate::hash::{BlockInfo, HashKind};
     pub use crate::io::pool::{Recycler, Slice};
     pub use crate::size::{MAX_BLOCK, MIN_BLOCK};
+    pub use crate::ssh::deploy::{ROOT_STEP, STALE_EXIT, hash_hex, sudoers_rule};
     pub use crate::wire::frame::{
         Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_NO_READ, FLAG_TRACK_ID, FLAG_VERIFY, Frame,
         GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_SIZE, MAX_TEXT, Reply, Role, RunPart,

@@ -56,6 +56,19 @@ fn readme_and_help_show_the_exit_codes_the_code_uses() {
     assert_eq!(rows, plain, "--help's exit codes");
 }
 
+/// The sudoers rule the README gives for `-s` is the one the code's root step needs
+/// (tests/deploy.rs runs `-s` under exactly that rule).
+#[test]
+fn readme_gives_the_sudoers_rule_the_code_needs() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let rule = blocksync::testing::sudoers_rule("backup");
+    assert!(
+        readme.lines().any(|l| l.trim() == rule),
+        "README.md lacks the sudoers rule:\n{rule}"
+    );
+}
+
 /// The folders of src/, lowest layer first; a module may import from its own folder and
 /// from those before it, never from one after it.
 const LAYERS: [&[&str]; 9] = [

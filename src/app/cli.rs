@@ -206,6 +206,11 @@ pub struct Args {
     #[arg(long)]
     pub no_deploy: bool,
 
+    /// End the run (exit 11) when the remote side has sent nothing and taken nothing for
+    /// SECONDS while this side waits on it (default 120; 0 waits forever).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+
     /// ssh identity file (ssh -i).
     #[arg(short = 'i', long = "id", value_name = "FILE")]
     pub identity: Option<PathBuf>,

@@ -59,7 +59,7 @@ pub(super) fn handshake(opts: &SshOptions, host: &str, hello: &Hello) -> Result<
             let detail = conn
                 .stderr
                 .lock()
-                .map(|s| s.trim().to_string())
+                .map(|s| crate::error::peer_text(&s))
                 .unwrap_or_default();
             Err(Error::new(
                 Kind::Remote,
@@ -421,6 +421,9 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let connected = connect_all(settings, &remote.ssh, to.host, &hello);
     let mut precomputed = prehash.map(|(p, assumed)| (p.finish(), assumed));
     let mut streams = connected?;
+    for note in streams.iter().flat_map(|s| &s.conn.notes) {
+        reporter.note(note);
+    }
     let reply = streams[0].reply;
     let size = here.source().map_or(reply.size, |s| s.size);
     // Everything until the go may still refuse: then no stream writes anything.
@@ -577,6 +580,7 @@ impl Job<'_> {
             reader,
             stderr,
             host,
+            ..
         } = conn;
         let role = if self.src.is_some() {
             "destination"

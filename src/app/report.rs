@@ -92,7 +92,9 @@ impl Reporter {
 
     /// A note: something the user should know that does not stop the run.
     pub fn note(&self, msg: &str) {
-        let line = format!("blocksync: note: {msg}");
+        // Notes and errors may quote the other machine (or odd file names): nothing in
+        // them may reach the terminal as a control sequence.
+        let line = format!("blocksync: note: {}", crate::error::harmless(msg));
         if !self.quiet {
             eprintln!("{line}");
         }
@@ -101,7 +103,7 @@ impl Reporter {
 
     /// The error that ends the run: one line on stderr, and a JSON object with `--json`.
     pub fn error(&self, err: &Error) {
-        let line = format!("blocksync: error: {}", err.message);
+        let line = format!("blocksync: error: {}", crate::error::harmless(&err.message));
         eprintln!("{line}");
         self.to_log(&line);
         if self.json && !self.summarized.load(Ordering::Relaxed) {

@@ -23,6 +23,9 @@ use std::time::Duration;
 
 /// Runs the server on this process's stdin and stdout; returns the exit code.
 pub fn main() -> i32 {
+    if let Some(code) = check_self() {
+        return code;
+    }
     let (Ok(input), Ok(output)) = (
         rustix::stdio::stdin().try_clone_to_owned(),
         rustix::stdio::stdout().try_clone_to_owned(),
@@ -32,6 +35,7 @@ pub fn main() -> i32 {
     };
     crate::ssh::connect::widen_pipe(&input);
     crate::ssh::connect::widen_pipe(&output);
+    crate::wire::link::send_heartbeats();
     let mut input = File::from(input);
     let mut output = File::from(output);
     if output.write_all(GREETING).is_err() {
@@ -51,6 +55,31 @@ pub fn main() -> i32 {
             e.kind.exit_code()
         }
     }
+}
+
+/// `--server --expect ID [--check]`, as a deployed copy is started: a copy that does not
+/// hash to the id the client asked for stops at once and asks to be copied again (the
+/// launcher checks first; this catches what it could not, e.g. without sha256sum).
+/// `--check` only checks. `None`: serve.
+fn check_self() -> Option<i32> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let expect = args
+        .iter()
+        .position(|a| a == "--expect")
+        .and_then(|i| args.get(i + 1))?;
+    let only = args.iter().any(|a| a == "--check");
+    if crate::ssh::deploy::is_self(expect) {
+        return only.then_some(0);
+    }
+    if !only {
+        let u = rustix::system::uname();
+        println!(
+            "#BSDEPLOY stale {} {}",
+            u.sysname().to_string_lossy(),
+            u.machine().to_string_lossy()
+        );
+    }
+    Some(crate::ssh::deploy::STALE_EXIT)
 }
 
 fn host() -> String {

@@ -20,6 +20,10 @@ use std::time::Duration;
 /// compressible blocks well.
 pub const DEFAULT_LEVEL: i32 = 1;
 
+/// `--timeout` when none is given: long enough for any pause of a live peer (which says
+/// it is alive every second), short enough that a stuck run ends on its own.
+pub const DEFAULT_TIMEOUT: u64 = 120;
+
 /// The validated settings of a sync.
 pub(crate) struct Settings {
     /// Source and destination.
@@ -256,7 +260,20 @@ fn ssh_options(args: &Args) -> Result<SshOptions> {
         sudo: args.sudo,
         remote_bin: args.remote_bin.clone(),
         deploy: !args.no_deploy,
+        timeout: timeout(args.timeout)?,
     })
+}
+
+/// `--timeout` as a limit (`None`: forever). A peer says it is alive every second, so a
+/// limit of one second could trip on a live one.
+fn timeout(secs: Option<u64>) -> Result<Option<Duration>> {
+    match secs.unwrap_or(DEFAULT_TIMEOUT) {
+        0 => Ok(None),
+        1 => Err(usage(
+            "--timeout must be 0 (wait forever) or at least 2 seconds",
+        )),
+        n => Ok(Some(Duration::from_secs(n))),
+    }
 }
 
 /// `--bwlimit` in bytes per second: a plain number is KiB/s, as in rsync.
@@ -333,6 +350,10 @@ fn local_notes(args: &Args) -> Vec<&'static str> {
         (
             args.bwlimit.is_some() || args.no_compress || args.no_deploy,
             "--bwlimit, --no-compress and --no-deploy apply to ssh; ignored for a local sync",
+        ),
+        (
+            args.timeout.is_some(),
+            "--timeout applies to the link to a remote side; ignored for a local sync",
         ),
     ];
     those_on(&table)
@@ -414,6 +435,7 @@ mod tests {
             (&["-1", "md5", "./a", "./b"], "md5"),
             (&["-e", "", "./a", "h:b"], "-e/--rsh"),
             (&["--digest-file", "/tmp/d", "h:a", "./b"], "--digest-file"),
+            (&["--timeout", "1", "./a", "h:b"], "--timeout"),
         ] {
             let e = resolve(line)
                 .err()

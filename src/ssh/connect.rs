@@ -2,13 +2,15 @@
 //! ProxyJump and known_hosts apply) running the same blocksync binary in server mode on
 //! the remote side, found on its PATH, given with `-S`, or copied there on first use.
 
-use super::deploy::{DEPLOY_MARK, LAUNCHER, local_platform, self_id};
+use super::deploy::{DEPLOY_MARK, NO_HASH_MARK, ROOT_STEP, launcher, local_platform, self_id};
 use super::quote::quote;
-use crate::error::{Error, Kind, Result};
+use super::watch::{Clock, Watched};
+use crate::error::{Error, Kind, Result, harmless, peer_text};
 use crate::wire::frame::GREETING;
 use std::io::Read;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How to start the remote side.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +31,26 @@ pub struct SshOptions {
     pub remote_bin: Option<String>,
     /// Copy this binary to the remote when it has none (default on).
     pub deploy: bool,
+    /// `--timeout`: how long the link may stand still while this side waits on it
+    /// (`None`: forever).
+    pub timeout: Option<Duration>,
+}
+
+/// What a started ssh prints on stderr, gathered by a thread of its own.
+pub(super) struct Stderr {
+    pub text: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Stderr {
+    /// All of it, once ssh has ended: waits (a little) for the last of it to be read.
+    pub fn settled(&self) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.reader.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.text.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }
 
 /// A running remote side: its stdin and stdout carry the protocol.
@@ -36,28 +58,30 @@ pub struct Connection {
     /// The ssh process.
     pub child: Child,
     /// To the remote side.
-    pub writer: ChildStdin,
+    pub writer: Watched<ChildStdin>,
     /// From the remote side (the greeting already consumed).
-    pub reader: ChildStdout,
+    pub reader: Watched<ChildStdout>,
     /// What ssh and the remote side printed on stderr (for error messages).
     pub stderr: Arc<Mutex<String>>,
     /// The host, for messages.
     pub host: String,
+    /// What the user should know about how the remote side was started (a copy made
+    /// again, or put elsewhere than usual).
+    pub notes: Vec<String>,
 }
 
 impl SshOptions {
     fn command(&self, host: &str, remote: &str) -> Result<Command> {
         let (mut cmd, default_ssh) = match &self.pass_env {
             Some(var) => {
-                let pw = std::env::var(var).map_err(|_| {
-                    Error::new(
-                        Kind::Usage,
-                        format!("-P {var}: environment variable {var} is not set; export it with the ssh password"),
-                    )
-                })?;
+                let pw = password(var)?;
                 let mut c = Command::new("sshpass");
-                // sshpass -e reads SSHPASS, so the password never shows in ps.
-                c.arg("-e").env("SSHPASS", pw).args(&self.program);
+                // sshpass -e reads SSHPASS (and clears it), so the password never shows
+                // in ps; the user's variable is kept from ssh and everything it runs.
+                c.arg("-e")
+                    .env_remove(var)
+                    .env("SSHPASS", pw)
+                    .args(&self.program);
                 (c, self.program.len() == 1 && self.program[0] == "ssh")
             }
             None => {
@@ -81,12 +105,7 @@ impl SshOptions {
         Ok(cmd)
     }
 
-    pub(super) fn spawn(
-        &self,
-        host: &str,
-        remote: &str,
-        stdin: Stdio,
-    ) -> Result<(Child, Arc<Mutex<String>>)> {
+    pub(super) fn spawn(&self, host: &str, remote: &str, stdin: Stdio) -> Result<(Child, Stderr)> {
         let mut cmd = self.command(host, remote)?;
         cmd.stdin(stdin)
             .stdout(Stdio::piped())
@@ -113,7 +132,7 @@ impl SshOptions {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
@@ -127,21 +146,29 @@ impl SshOptions {
                 }
             }
         });
-        Ok((child, stderr))
+        Ok((
+            child,
+            Stderr {
+                text: stderr,
+                reader,
+            },
+        ))
     }
 
     /// Starts the remote side on `host` and waits for its greeting, deploying this binary
-    /// first when the remote has none.
+    /// first when the remote has none (or its copy failed its check).
     pub fn connect(&self, host: &str) -> Result<Connection> {
         let (id, exe) = self_id()?;
         let bin = self.remote_bin.clone().unwrap_or_default();
         let launch = format!(
-            "sh -c {} blocksync {} {} {}",
-            quote(LAUNCHER),
+            "sh -c {} blocksync {} {} {} {}",
+            quote(&launcher()),
             id,
             if self.sudo { 1 } else { 0 },
-            quote(&bin)
+            quote(&bin),
+            quote(ROOT_STEP)
         );
+        let mut notes = Vec::new();
         for attempt in 0..2 {
             let (mut child, stderr) = self.spawn(host, &launch, Stdio::piped())?;
             let writer = child.stdin.take().expect("piped");
@@ -151,12 +178,16 @@ impl SshOptions {
             let mut head = [0u8; 8];
             let got = read_up_to(&mut reader, &mut head);
             if got == GREETING.len() && &head == GREETING {
+                // Watched from here on: before the greeting, ssh may be asking for a
+                // password or a host key, which takes as long as the user does.
+                let clock = self.timeout.map(Clock::new);
                 return Ok(Connection {
                     child,
-                    writer,
-                    reader,
-                    stderr,
+                    writer: Watched::new(writer, clock.clone()),
+                    reader: Watched::new(reader, clock),
+                    stderr: stderr.text,
                     host: host.to_string(),
+                    notes,
                 });
             }
             // Not a server: nothing more goes to it. Closing its input first lets a
@@ -168,38 +199,81 @@ impl SshOptions {
             let mut out = head[..got].to_vec();
             out.extend_from_slice(&rest);
             let out = String::from_utf8_lossy(&out).to_string();
-            if let Some(platform) = out.strip_prefix(DEPLOY_MARK) {
-                let platform = platform.trim();
-                if !self.deploy {
-                    return Err(Error::new(
-                        Kind::Remote,
-                        format!(
-                            "{host} has no blocksync on its PATH; install it there, give its path with -S, or drop --no-deploy"
-                        ),
-                    ));
-                }
-                let mine = local_platform();
-                if platform != mine {
-                    return Err(Error::new(
-                        Kind::Remote,
-                        format!(
-                            "{host} runs {platform} and has no blocksync; this binary is for {mine}: install blocksync there and give -S"
-                        ),
-                    ));
-                }
+            if let Some(mark) = out.strip_prefix(DEPLOY_MARK) {
+                let (stale, platform) = match mark.trim().strip_prefix("stale ") {
+                    Some(p) => (true, p.trim()),
+                    None => (false, mark.trim()),
+                };
+                self.may_deploy(host, platform)?;
                 if attempt == 0 {
-                    self.deploy_to(host, &id, &exe)?;
+                    if stale {
+                        notes.push(format!(
+                            "{host}: the copy of blocksync kept there is not this binary (changed or damaged since it was put there); copying it again"
+                        ));
+                    }
+                    notes.extend(self.deploy_to(host, &id, &exe)?);
                     continue;
                 }
             }
-            let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
-            return Err(start_failure(host, self, status, &err, &out));
+            if out.trim() == NO_HASH_MARK {
+                return Err(Error::new(
+                    Kind::Remote,
+                    format!(
+                        "sudo on {host}: root has no sha256sum to check the copy of blocksync it would run; install blocksync there and give -S"
+                    ),
+                ));
+            }
+            return Err(start_failure(host, self, status, &stderr.settled(), &out));
         }
         Err(Error::new(
             Kind::Remote,
             format!("{host}: the deployed blocksync did not start"),
         ))
     }
+
+    /// Whether this binary may be copied to `host`, which runs `platform`.
+    fn may_deploy(&self, host: &str, platform: &str) -> Result<()> {
+        if !self.deploy {
+            return Err(Error::new(
+                Kind::Remote,
+                format!(
+                    "{host} has no blocksync on its PATH; install it there, give its path with -S, or drop --no-deploy"
+                ),
+            ));
+        }
+        let mine = local_platform();
+        if platform != mine {
+            return Err(Error::new(
+                Kind::Remote,
+                format!(
+                    "{host} runs {} and has no blocksync; this binary is for {mine}: install blocksync there and give -S",
+                    harmless(platform)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The password `-P` names. A value that is not a variable name may be the password
+/// itself: it is never repeated in the error (which also goes to the `-o` log).
+fn password(var: &str) -> Result<String> {
+    let name = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !name {
+        return Err(Error::new(
+            Kind::Usage,
+            "-P takes the name of an environment variable that holds the ssh password, and what was given is no variable name (not shown, in case it is the password); export the password, e.g. as SSHPASS, and give -P SSHPASS",
+        ));
+    }
+    std::env::var(var).map_err(|_| {
+        Error::new(
+            Kind::Usage,
+            format!(
+                "-P {var}: environment variable {var} is not set; export it with the ssh password"
+            ),
+        )
+    })
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {
@@ -229,16 +303,19 @@ fn start_failure(
     stdout: &str,
 ) -> Error {
     let code = status.and_then(|s| s.code());
-    let detail = last_line(stderr).unwrap_or("");
+    // The whole of what the remote said (bounded, escaped): its last line alone often
+    // hides the cause.
+    let detail = peer_text(stderr);
     let msg = if stderr.contains("a password is required")
         || stderr.contains("a terminal is required")
     {
         format!(
-            "sudo on {host} wants a password; allow passwordless sudo (NOPASSWD) for blocksync there, or connect as root"
+            "sudo on {host} wants a password; allow blocksync passwordless sudo there (the README gives the sudoers rule), or connect as root"
         )
     } else if code == Some(255) {
         format!(
-            "ssh could not connect to {host}: {detail}; check the host name, your keys and `ssh {host}`"
+            "ssh could not connect to {host}: {}; check the host name, your keys and `ssh {host}`",
+            harmless(last_line(stderr).unwrap_or(""))
         )
     } else if code == Some(127) || code == Some(126) {
         match &opts.remote_bin {
@@ -247,8 +324,8 @@ fn start_failure(
         }
     } else if !stdout.trim().is_empty() {
         format!(
-            "{host} printed {:?} instead of starting blocksync; a shell startup file may print text, or the remote blocksync is not this tool",
-            stdout.chars().take(60).collect::<String>()
+            "{host} printed \"{}\" instead of starting blocksync; a shell startup file may print text, or the remote blocksync is not this tool",
+            harmless(&stdout.chars().take(200).collect::<String>())
         )
     } else {
         format!(

@@ -1,6 +1,7 @@
 //! Reaching the remote side: running ssh (`connect`), deploying this binary there when it
-//! has none (`deploy`), shell quoting (`quote`).
+//! has none (`deploy`), shell quoting (`quote`), `--timeout` on the link (`watch`).
 
 pub(crate) mod connect;
-mod deploy;
+pub(crate) mod deploy;
 pub(crate) mod quote;
+pub(crate) mod watch;

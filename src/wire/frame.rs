@@ -8,7 +8,8 @@
 //! Conversation: client Hello -> server Reply (or Failed) -> client Go (proceed or not),
 //! then the engine messages both ways at once (digests one way, writes the other), ending
 //! with the source's Finish, which the destination answers with Done, or its Abort,
-//! answered with Failed (or Failed early, when the destination itself fails).
+//! answered with Failed (or Failed early, when the destination itself fails). Either
+//! side sends Alive whenever it has had nothing to send for a second.
 //!
 //! This module holds the frames and their encoding; the handshake's types are in
 //! [`crate::wire::handshake`], block payloads in [`crate::wire::data`], reading and
@@ -58,6 +59,7 @@ const T_VERIFY: u8 = 25;
 const T_FINDING: u8 = 26;
 const T_CHECK: u8 = 27;
 const T_TALLY: u8 = 28;
+const T_ALIVE: u8 = 29;
 
 /// One decoded frame: the handshake, or an engine message as it crosses the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +74,9 @@ pub enum Frame {
     Dest(ToDest<Data>),
     /// From the destination half; its raw bytes never cross machines.
     Source(ToSource<Unsendable>),
+    /// Either way: a pump with nothing to send says it is still there (so a stalled
+    /// peer can be told from a quiet one, see `--timeout`). Carries nothing.
+    Alive,
 }
 
 /// A frame that could not be decoded.
@@ -290,6 +295,7 @@ impl Frame {
                 T_FAILED
             }
             Frame::Source(ToSource::Bytes { data, .. }) => match *data {},
+            Frame::Alive => T_ALIVE,
         };
         (t, p)
     }
@@ -362,6 +368,7 @@ impl Frame {
                 let (kind, message) = kind_and_text(&mut r)?;
                 Frame::Source(ToSource::Failed { kind, message })
             }
+            T_ALIVE => Frame::Alive,
             x => return Err(DecodeError::Unknown("frame type", x.into())),
         };
         r.end()?;

@@ -12,7 +12,7 @@ use crate::wire::packer::{Counted, Packer, WriteLog};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// How far (in bytes of reports) the source side's receiving thread reads ahead.
 pub(crate) const LOOKAHEAD_BYTES: usize = 32 << 20;
@@ -63,6 +63,7 @@ fn lost(peer: &Peer, err: &ReadError) -> Error {
             Kind::Remote,
             format!("lost the connection to {} (it closed the stream)", peer.0),
         ),
+        ReadError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => stalled(peer, e),
         ReadError::Io(e) => Error::new(
             Kind::Remote,
             format!(
@@ -72,6 +73,32 @@ fn lost(peer: &Peer, err: &ReadError) -> Error {
             ),
         ),
     }
+}
+
+/// The peer said nothing and took nothing for `--timeout` (see `ssh::watch`).
+fn stalled(peer: &Peer, e: &std::io::Error) -> Error {
+    Error::new(
+        Kind::Remote,
+        format!("{} stalled: {}", peer.0, crate::error::os_text(e)),
+    )
+}
+
+/// A pump that has had nothing to send for this long sends [`Frame::Alive`].
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether idle pumps send [`Frame::Alive`]: in server mode, whose client watches the
+/// link (`--timeout`); not in the client, whose own heartbeats would sit in the pipe to
+/// a stopped peer and pass for progress.
+static HEARTBEATS: AtomicBool = AtomicBool::new(false);
+
+/// Turns heartbeats on for this process (server mode).
+pub fn send_heartbeats() {
+    HEARTBEATS.store(true, Ordering::Relaxed);
+}
+
+/// What a peer says, made harmless before it joins one of our messages.
+fn told(peer: &Peer, message: &str) -> String {
+    format!("{}: {}", peer.0, crate::error::harmless(message))
 }
 
 /// The exit-code kind of a failure reported by the remote side: I/O failures there exit
@@ -84,6 +111,9 @@ fn remote_kind(kind: Kind) -> Kind {
 }
 
 fn write_failed(peer: &Peer, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return stalled(peer, &e);
+    }
     Error::new(
         Kind::Remote,
         format!("sending to {}: {}", peer.0, crate::error::os_text(&e)),
@@ -195,6 +225,12 @@ fn pump<M>(
 ) -> Result<()> {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, w);
     let flush = |w: &mut BufWriter<_>| w.flush().map_err(|e| write_failed(peer, e));
+    let beat = HEARTBEATS.load(Ordering::Relaxed);
+    let idle = if beat {
+        HEARTBEAT
+    } else {
+        std::time::Duration::from_secs(3600)
+    };
     loop {
         let ready = extra
             .as_ref()
@@ -204,28 +240,41 @@ fn pump<M>(
             Some(m) => m,
             None => {
                 flush(&mut w)?;
-                match &extra {
+                let next = match &extra {
                     Some(x) => crossbeam_channel::select! {
                         recv(x) -> m => match m {
-                            Ok(m) => m,
+                            Ok(m) => Some(m),
                             Err(_) => {
                                 extra = None;
                                 continue;
                             }
                         },
                         recv(rx) -> m => match m {
-                            Ok(m) => m,
+                            Ok(m) => Some(m),
                             // Closed: whatever `extra` still holds (a failure) goes last.
                             Err(_) => match x.try_recv() {
-                                Ok(m) => m,
+                                Ok(m) => Some(m),
                                 Err(_) => return Ok(()),
                             },
                         },
+                        default(idle) => None,
                     },
-                    None => match rx.recv() {
-                        Ok(m) => m,
+                    None => match rx.recv_timeout(idle) {
+                        Ok(m) => Some(m),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                         Err(_) => return Ok(()),
                     },
+                };
+                match next {
+                    Some(m) => m,
+                    None if !beat => continue,
+                    None => {
+                        // Nothing to say for a while: say that we are still here.
+                        let n = write_frame(&mut w, &Frame::Alive)
+                            .map_err(|e| write_failed(peer, e))?;
+                        count(stats, &Frame::Alive, n, true);
+                        continue;
+                    }
                 }
             }
         };
@@ -269,8 +318,9 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
                     }
                     Frame::Source(ToSource::Failed { kind, message }) => ToSource::Failed {
                         kind: remote_kind(kind),
-                        message: format!("{}: {message}", peer.0),
+                        message: told(peer, &message),
                     },
+                    Frame::Alive => continue,
                     // Chunk reports and answers, for the source half.
                     Frame::Source(report) => report.received(),
                     other => ToSource::Failed {
@@ -417,11 +467,9 @@ pub fn recv_questions_from_source(
                     kind,
                     message: message.clone(),
                 });
-                return Err(Error::new(
-                    remote_kind(kind),
-                    format!("{}: {message}", peer.0),
-                ));
+                return Err(Error::new(remote_kind(kind), told(peer, &message)));
             }
+            Frame::Alive => continue,
             Frame::Dest(m) => {
                 let m = m.try_map(|data| {
                     data.unpack_with(Some(&recycler)).map_err(|d| {

@@ -31,6 +31,16 @@ fn keygen(path: &Path) {
 impl Sshd {
     /// Starts sshd, retrying on another port if the one picked was taken meanwhile.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// [`Sshd::start`], also taking passwords (for `-P`; the test user's password is set
+    /// with [`TestUser::set_password`]).
+    pub fn start_with_passwords() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(passwords: bool) -> Self {
         super::require_root();
         assert!(
             Path::new("/usr/sbin/sshd").exists(),
@@ -39,7 +49,7 @@ impl Sshd {
         std::fs::create_dir_all("/run/sshd").unwrap();
         let mut last_log = String::new();
         for _ in 0..5 {
-            match Self::try_start() {
+            match Self::try_start(passwords) {
                 Ok(s) => return s,
                 Err(log) => last_log = log,
             }
@@ -47,7 +57,7 @@ impl Sshd {
         panic!("sshd did not start: {last_log}");
     }
 
-    fn try_start() -> Result<Self, String> {
+    fn try_start(passwords: bool) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         keygen(&d.join("host_key"));
@@ -62,9 +72,10 @@ impl Sshd {
         let config = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPermitRootLogin yes\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             PasswordAuthentication {pw}\nKbdInteractiveAuthentication no\nUsePAM no\n\
              LogLevel ERROR\nMatch User root\n  SetEnv XDG_CACHE_HOME={d}/cache XDG_STATE_HOME={d}/state\n",
-            d = d.display()
+            d = d.display(),
+            pw = if passwords { "yes" } else { "no" }
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
         let client = format!(
@@ -130,43 +141,58 @@ impl Sshd {
     /// Kills (SIGKILL) every blocksync process started through this sshd; returns how many.
     /// Only this sshd's descendants, so parallel tests are left alone.
     pub fn kill_remote_servers_now(&self) -> usize {
-        let parent_of = |pid: u32| -> Option<u32> {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let after = &stat[stat.rfind(')')? + 2..];
-            after.split(' ').nth(1)?.parse().ok()
-        };
-        let root = self.child.id();
-        let mut killed = 0;
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if !comm.starts_with("blocksync") {
-                continue;
-            }
-            let mut p = pid;
-            while let Some(pp) = parent_of(p) {
-                if pp == root {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
-                        .status();
-                    killed += 1;
-                    break;
-                }
-                if pp <= 1 {
-                    break;
-                }
-                p = pp;
-            }
+        self.signal_remote_servers("KILL")
+    }
+
+    /// Sends `signal` (a `kill` name: KILL, STOP, CONT) to every blocksync process started
+    /// through this sshd; returns how many.
+    pub fn signal_remote_servers(&self, signal: &str) -> usize {
+        let pids = descendants_named(self.child.id(), "blocksync");
+        for pid in &pids {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
         }
-        killed
+        pids.len()
     }
 
     /// sshd's log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
+}
+
+/// The parent of process `pid`, from /proc.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split(' ').nth(1)?.parse().ok()
+}
+
+/// The processes below `root` whose name starts with `name`.
+pub fn descendants_named(root: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !comm.starts_with(name) {
+            continue;
+        }
+        let mut p = pid;
+        while let Some(pp) = parent_of(p) {
+            if pp == root {
+                found.push(pid);
+                break;
+            }
+            if pp <= 1 {
+                break;
+            }
+            p = pp;
+        }
+    }
+    found
 }
 
 /// A throwaway local user that can log in through the test sshd (same key), with a home
@@ -220,6 +246,28 @@ impl TestUser {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(sshd.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         TestUser { name, home }
+    }
+
+    /// Gives the user `password` (sshd started by [`Sshd::start_with_passwords`] takes it).
+    pub fn set_password(&self, password: &str) {
+        use std::io::Write;
+        let mut child = Command::new("chpasswd")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("chpasswd");
+        let line = format!("{}:{password}\n", self.name);
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(line.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "chpasswd");
+    }
+
+    /// The user's uid.
+    pub fn uid(&self) -> u32 {
+        super::sh("id", &["-u", &self.name]).parse().unwrap()
     }
 
     /// Passwordless sudo for this user would need sudoers; this one has none.

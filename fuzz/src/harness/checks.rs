@@ -50,7 +50,8 @@ pub fn check_frame(f: &Frame) {
         }
         Frame::Dest(ToDest::Finish { .. })
         | Frame::Source(ToSource::Tally { .. })
-        | Frame::Source(ToSource::Done { .. }) => {}
+        | Frame::Source(ToSource::Done { .. })
+        | Frame::Alive => {}
         Frame::Source(ToSource::Bytes { data, .. }) => match *data {},
     }
 }
