@@ -123,7 +123,9 @@ impl Decision {
     }
 }
 
-/// Decides for an existing destination at `path` (resolved) with identity `id`.
+/// Decides for an existing destination at `path` (resolved) with identity `id`. Asked
+/// for (`--journal`, or an unfinished run to continue) where none can be kept is an
+/// error, before anything is written; by default the confirmation says so.
 pub fn decide(
     mode: Mode,
     path: &Path,
@@ -131,14 +133,28 @@ pub fn decide(
     place: &Place,
 ) -> crate::error::Result<Decision> {
     let unfinished = !place.list()?.is_empty();
-    Ok(match (mode, unfinished) {
+    let decision = match (mode, unfinished) {
         (Mode::Off, true) => Decision::Drops,
         (Mode::Off, false) => Decision::Off,
         (_, true) => Decision::Continues,
         (Mode::On, false) => Decision::On,
         (Mode::Auto, false) if place::completed_before(path, id) => Decision::On,
         (Mode::Auto, false) => Decision::Off,
-    })
+    };
+    if !decision.journals() {
+        return Ok(decision);
+    }
+    match place.try_create() {
+        Ok(()) => Ok(decision),
+        Err(_) if mode == Mode::Auto && !unfinished => Ok(Decision::Unavailable),
+        Err(e) => Err(place::journal_error(
+            &place.dir,
+            &format!(
+                "cannot keep an undo journal here ({}); nothing was written: pass --journal-dir DIR to keep it elsewhere, or --no-journal",
+                crate::error::os_text(&e)
+            ),
+        )),
+    }
 }
 
 /// Removes the journals in `place` (`--no-journal` over an unfinished run).

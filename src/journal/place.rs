@@ -77,7 +77,9 @@ impl Place {
     /// state directory, and creates and removes a trial file.
     pub fn try_create(&self) -> io::Result<()> {
         self.ensure_dir()?;
-        let trial = self.dir.join(format!("{}trial.tmp{}", self.prefix, std::process::id()));
+        let trial = self
+            .dir
+            .join(format!("{}trial.tmp{}", self.prefix, std::process::id()));
         File::options()
             .write(true)
             .create_new(true)
