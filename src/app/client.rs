@@ -503,6 +503,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         block: settings.block,
         existing,
         source_here: to.push,
+        dest_here: !to.push,
     };
     conclude(settings, reporter, &stats, started, sides, result)
 }

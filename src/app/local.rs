@@ -116,6 +116,7 @@ pub(crate) fn run(
         block: settings.block,
         existing: probe.existing.map(|e| (e.kind, e.size)),
         source_here: true,
+        dest_here: true,
     };
     conclude(settings, reporter, &stats, started, sides, result)
 }

@@ -333,6 +333,9 @@ pub struct Summary {
     pub unreadable_ranges: u64,
     /// Where the map of unreadable ranges was written (`--bad-blocks`).
     pub bad_blocks_map: Option<String>,
+    /// Bytes the undo journal took (its records with their framing), when the
+    /// destination is on this machine; 0 without one.
+    pub journal_bytes: Option<u64>,
     /// The error the run ended with, if any (also printed on stderr).
     pub error: Option<String>,
     /// The process exit code.
@@ -369,6 +372,7 @@ impl Summary {
             digests_received: Stats::get(&stats.digests_received),
             elapsed_seconds: secs,
             rate_bytes_per_second: if secs > 0.0 { done as f64 / secs } else { 0.0 },
+            journal_bytes: None,
             destination_created: false,
             destination_truncated_from: None,
             destination_tail_kept: None,
@@ -427,6 +431,12 @@ impl Summary {
             self.elapsed_seconds,
             human(self.rate_bytes_per_second as u64),
         ));
+        if let Some(j) = self.journal_bytes.filter(|&j| j > 0) {
+            out.push_str(&format!(
+                "  undo journal: {} (removed, the run completed)\n",
+                human(j)
+            ));
+        }
         if self.bytes_sent + self.bytes_received > 0 {
             out.push_str(&format!(
                 "  network: sent {} (data {}, digests {}), received {} (data {}, digests {})\n",

@@ -65,7 +65,7 @@ pub struct Stats {
     pub dest_read: AtomicU64,
     /// Bytes written to the destination.
     pub written: AtomicU64,
-    /// Bytes of the destination's old contents saved in the undo journal.
+    /// Bytes the undo journal took in its file (its records with their framing).
     pub journaled: AtomicU64,
     /// Blocks found equal.
     pub blocks_same: AtomicU64,

@@ -292,12 +292,12 @@ impl<'a> Writer<'a> {
             // Complete and flushed: the journal has done its work, and this destination
             // now holds a copy worth journaling next time.
             if let Some(j) = self.journal.take() {
-                Stats::add(&self.stats.journaled, j.saved());
+                Stats::add(&self.stats.journaled, j.bytes());
                 j.finish()?;
             }
             let _ = crate::journal::place::record_completed(&d.path, &d.id);
         } else if let Some(j) = &self.journal {
-            Stats::add(&self.stats.journaled, j.saved());
+            Stats::add(&self.stats.journaled, j.bytes());
         }
         Ok(())
     }

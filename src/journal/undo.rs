@@ -153,8 +153,14 @@ impl Journal {
     }
 
     /// Bytes of the destination saved so far.
+    #[cfg(test)]
     pub fn saved(&self) -> u64 {
         self.saved
+    }
+
+    /// Bytes of records committed to the journal file (its header not counted).
+    pub fn bytes(&self) -> u64 {
+        self.end - super::format::HEADER_LEN as u64
     }
 
     fn room(&mut self, n: usize) {
