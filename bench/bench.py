@@ -48,6 +48,19 @@ aligned) offset.
   Copies are checked without reading the holes (sizes, data extents, and
   zeros wherever the copy has data outside the source's extents).
 
+journal (``--journal``, off by default), issue 13: blocksync ``--journal`` vs
+``--no-journal`` (the same binary, alternating runs) re-syncing ``dst.orig``
+(the 10 changes) and ``dst.frac.orig`` (``--journal-changed`` 30% of the
+``--journal-unit`` 1 MiB blocks, scattered, random data), locally and pushed;
+median wall and machine CPU seconds, journal / no-journal, and journal_bytes /
+bytes_written from one ``--json`` run (a push journals on the server: its
+journal file beside ``dst`` is polled).  Then first copies (local and push)
+with the default journal choice, vs ``--before`` if given.  Journals beside
+``dst`` are removed before every run and must be gone after it.
+``--journal-default auto|on|off``: the journal flag of every other ``--bin``
+run (auto: none, blocksync's default journals a destination a run completed
+onto before, i.e. from a case's second run on).
+
 A last measurement (``--rss``, on by default) records the peak RSS of
 blocksync syncing a 16 GiB loop device onto another (over sparse files, so
 every byte is read but the disk is not filled), via ``os.wait4``.
@@ -172,6 +185,9 @@ def sync_disks() -> None:
 
 # --cold: every timed run starts with the page cache dropped (set by main).
 COLD = False
+
+# --journal-default on/off: (the --bin copy's path, the flag to add to its runs); set by main.
+BIN_JOURNAL: tuple[str, str] | None = None
 
 
 def drop_caches() -> None:
@@ -578,6 +594,8 @@ class Case:
             (restore or remove dst, sync, warm the cache)
     check   if set, called after each run instead of cmp src dst
     func    if set, timed instead of running argv (a baseline done in Python)
+    journal_default  --journal-default's flag may be added to its --bin command
+            (False for the cases that choose their own journal flag)
     """
     key: str
     label: str
@@ -589,6 +607,7 @@ class Case:
     setup: Callable[[Workdir], None] | None = None
     check: Callable[[Workdir], None] | None = None
     func: Callable[[Workdir], None] | None = None
+    journal_default: bool = True
 
 
 def case_read() -> Case:
@@ -741,10 +760,19 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def case_argv(case: Case, wd: Workdir) -> list[str]:
+    """The case's command; a run of the --bin copy gets --journal-default's flag
+    (if on or off) right after the program name."""
+    argv = case.argv(wd)
+    if BIN_JOURNAL and case.journal_default and argv and argv[0] == BIN_JOURNAL[0]:
+        argv = [argv[0], BIN_JOURNAL[1], *argv[1:]]
+    return argv
+
+
 def time_run(result: Result, wd: Workdir, i: int, runs: int) -> None:
     """Prepare, time and verify run `i` of `result.case`; add it to `result`."""
     case = result.case
-    argv = case.argv(wd)
+    argv = case_argv(case, wd)
     prepare(case, wd)
     if COLD:
         drop_caches()
@@ -795,7 +823,7 @@ def time_pair(case: Case, twin: Case, wd: Workdir, runs: int) -> list[Result]:
 def json_summary(case: Case, wd: Workdir) -> dict | None:
     """One extra, untimed run of a blocksync case with --json instead of -q;
     returns its summary (or None if it printed none)."""
-    argv = ["--json" if a == "-q" else a for a in case.argv(wd)]
+    argv = ["--json" if a == "-q" else a for a in case_argv(case, wd)]
     prepare(case, wd)
     cp = run(argv, stdout=subprocess.PIPE)
     verify_case(case, wd, f"{case.key} --json run")
@@ -829,6 +857,8 @@ class Group:
     after: Callable[[Workdir, dict[str, Result]], list[str]] | None = None
     lo_unit: tuple[str, int] = ("MB", MB)     # unit of the table's loopback column
     twins: dict[str, Case] = field(default_factory=dict)  # --before case by the key of its case
+    pair_names: tuple[str, str] | None = ("after", "before")  # a case / its twin; None: no lines
+    cpu_column: bool = False                  # show the median machine CPU seconds
 
 
 def before_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -858,6 +888,9 @@ def pair_lines(results: list[Result], group: Group) -> list[str]:
     seconds, one line per pair."""
     by = {r.case.key: r for r in results}
     lines = []
+    if group.pair_names is None:
+        return lines
+    a_name, b_name = group.pair_names
     for key, twin in group.twins.items():
         if key in by and twin.key in by:
             a, b = by[key], by[twin.key]
@@ -866,7 +899,7 @@ def pair_lines(results: list[Result], group: Group) -> list[str]:
             if a.cpu_median and b.cpu_median:
                 cpu = (f"; CPU {a.cpu_median:.2f} s / {b.cpu_median:.2f} s = "
                        f"{a.cpu_median / b.cpu_median:.2f}")
-            lines.append(f"after / before = {x:.2f} ({key}){cpu}")
+            lines.append(f"{a_name} / {b_name} = {x:.2f} ({key}){cpu}")
     return lines
 
 
@@ -1077,6 +1110,259 @@ def latency_group(args: argparse.Namespace, sshd: Sshd) -> Group:
                             f"(l) blocksync push, proxy {d:g} ms each way")],
                  targets,
                  notes=["loopback bytes through the proxy count twice (ssh -> proxy -> sshd)"])
+
+
+# --------------------------------------------------------------------------
+# undo journal (issue 13): --journal vs --no-journal, and first copies
+# --------------------------------------------------------------------------
+
+TARGET_JOURNAL_FEW = 1.05      # 10 scattered 4 KiB changes: journal / no-journal time, <=
+TARGET_JOURNAL_MANY = 1.3      # 30% changed: journal / no-journal time, <=
+TARGET_JOURNAL_SIZE = 1.1      # journal bytes / bytes overwritten (10 changes), <=
+TARGET_FIRST_VS_BEFORE = 1.05  # first copy: after / before time ("as fast as before"), <=
+
+
+def undo_files(dst: Path) -> list[Path]:
+    """The undo journals beside `dst` (`.NAME.blocksync-undo.*`, also half-made ones)."""
+    prefix = f".{dst.name}.blocksync-undo."
+    return sorted(p for p in dst.parent.iterdir() if p.name.startswith(prefix))
+
+
+def remove_undo_files(dst: Path) -> None:
+    for p in undo_files(dst):
+        p.unlink(missing_ok=True)
+
+
+def check_no_undo(wd: Workdir, what: str) -> None:
+    """After a completed run: dst == src and no journal left beside dst."""
+    verify_same(wd.src, wd.dst, what)
+    left = undo_files(wd.dst)
+    if left:
+        sys.exit(f"bench: {what} completed but left journal(s) behind: "
+                 + ", ".join(p.name for p in left))
+
+
+class JournalWatch:
+    """While open, polls dst's directory (every ~1 ms) for undo journals and keeps
+    the largest size seen: a push journals on the server, which here is this
+    machine, and reports no journal_bytes.  A lower bound: the last group commit
+    may come and go between two looks."""
+
+    def __init__(self, dst: Path):
+        self.dst, self.seen, self.max = dst, False, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for p in undo_files(self.dst):
+                try:
+                    size = p.stat().st_size
+                except OSError:
+                    continue                  # removed between listing and stat
+                self.seen, self.max = True, max(self.max, size)
+            time.sleep(0.001)
+
+    def __enter__(self) -> "JournalWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def generate_fraction(wd: Workdir, size: int, fraction: float, unit: int,
+                      seed: int) -> tuple[Path, int]:
+    """`dst.frac.orig` = src with `fraction` of its `unit` pieces (1 MiB blocks
+    or 4 KiB pieces, a seeded random choice scattered over the file) overwritten
+    with random bytes; returns the file and the number of pieces changed."""
+    slots = size // unit
+    count = max(1, round(slots * fraction))
+    path = wd.path("dst.frac.orig")
+    log(f"journal: {path} = src with {count} of {slots} {human(unit)} pieces changed ...")
+    t0 = time.perf_counter()
+    copy_file(wd.src, path)
+    rng = random.Random(seed + 13)
+    with open(path, "r+b") as f:
+        for i in sorted(rng.sample(range(slots), count)):
+            f.seek(i * unit)
+            f.write(os.urandom(unit))
+    sync_disks()
+    log(f"  done in {time.perf_counter() - t0:.1f} s")
+    return path, count
+
+
+def journal_case(args: argparse.Namespace, sshd: Sshd | None, scen: str, orig: Path,
+                 journal: bool) -> Case:
+    """blocksync --journal (or --no-journal) re-syncing dst from `orig`, locally or
+    (with `sshd`) as a push.  Before each run: journals beside dst removed, dst
+    restored from `orig`, sync, both files read; after it: cmp and no journal left."""
+    flag = "--journal" if journal else "--no-journal"
+    where = "push" if sshd else "local"
+    key = f"{where}-{scen}" + ("" if journal else "-nj")
+    n = ("j2" if sshd else "j1") + ("" if journal else "'")
+    label = f"({n}) blocksync {flag} " + ("src benchhost:dst (push)" if sshd else "src dst (local)")
+
+    def argv(wd: Workdir) -> list[str]:
+        if sshd:
+            return blocksync_ssh(args.bin, sshd, str(wd.src), f"{HOST}:{wd.dst}", (flag,))
+        return [str(args.bin), "-f", "-q", "--no-progress", flag, str(wd.src), str(wd.dst)]
+
+    def setup(wd: Workdir) -> None:
+        remove_undo_files(wd.dst)
+        restore_dst(wd, orig)
+        warm(wd.src, wd.dst)
+
+    return Case(key, label, argv, net=bool(sshd), setup=setup,
+                check=lambda wd: check_no_undo(wd, f"{key} ({flag})"),
+                journal_default=False)
+
+
+def journal_facts(case: Case, wd: Workdir) -> tuple[dict | None, JournalWatch]:
+    """One untimed --json run of `case`, watching dst's directory for journals."""
+    log(f"  {case.key}: one more run with --json, watching for journals ...")
+    with JournalWatch(wd.dst) as watch:
+        s = json_summary(case, wd)
+    return s, watch
+
+
+def journal_size_lines(pairs: list[tuple[Case, Case]], wd: Workdir,
+                       size_target: float | None) -> list[str]:
+    """journal_bytes / bytes_written of each --journal case (from --json); a push
+    reports none, so it gets what was seen beside dst and the local figure for
+    the same data. And: its --no-journal twin made no journal."""
+    lines, local_ratio = [], None
+    for j, nj in pairs:
+        s, watch = journal_facts(j, wd)
+        if not s:
+            continue
+        written, jb = s.get("bytes_written"), s.get("journal_bytes")
+        seen = (f"journal file beside dst while running: up to {watch.max} B seen "
+                "(header included; polled, a lower bound)"
+                if watch.seen else "no journal file seen beside dst while running")
+        if jb is not None and written:
+            local_ratio = jb / written
+            ok = "" if size_target is None else (
+                f" (target <= {size_target:.2f}) {verdict(local_ratio <= size_target)}")
+            lines.append(f"{j.key} --json: bytes_written {written}, journal_bytes {jb} "
+                         f"= {local_ratio:.3f} x{ok}; {seen}")
+        else:
+            same = ""
+            if local_ratio is not None:
+                ok = "" if size_target is None else (
+                    f" (target <= {size_target:.2f}) {verdict(local_ratio <= size_target)}")
+                same = (f"; the server journals with the same code: the local run on "
+                        f"the same data journaled {local_ratio:.3f} x bytes_written{ok}")
+            lines.append(f"{j.key} --json: bytes_written {written}, journal_bytes "
+                         f"{json.dumps(jb)} (kept by the server); {seen}{same}")
+        s, watch = journal_facts(nj, wd)
+        jb = s.get("journal_bytes") if s else None
+        lines.append(f"{nj.key} --json: journal_bytes {json.dumps(jb)}; "
+                     + (f"a journal was seen ({watch.max} B)!" if watch.seen
+                        else "no journal seen beside dst"))
+    return lines
+
+
+def journal_group(args: argparse.Namespace, sshd: Sshd | None, scen: str, what: str,
+                  orig: Path, target: float, size_target: float | None) -> Group:
+    """--journal vs --no-journal (the same binary, alternating runs) on the re-sync
+    of `orig`'s changes, locally and (with `sshd`) as a push."""
+    pairs = [(journal_case(args, s, scen, orig, True), journal_case(args, s, scen, orig, False))
+             for s in ((None, sshd) if sshd else (None,))]
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        lines = []
+        for j, nj in pairs:
+            if j.key not in by or nj.key not in by:
+                continue
+            a, b = by[j.key], by[nj.key]
+            x = a.median / b.median
+            cpu = ""
+            if a.cpu_median and b.cpu_median:
+                cpu = (f", CPU {a.cpu_median:.2f} s / {b.cpu_median:.2f} s = "
+                       f"{a.cpu_median / b.cpu_median:.2f}")
+            lines.append(f"{j.key}: journal / no-journal = {x:.2f} ({a.median:.3f} s / "
+                         f"{b.median:.3f} s){cpu} (target: time <= {target:.2f}) "
+                         f"{verdict(x <= target)}")
+        return lines
+
+    return Group(f"journal: --journal vs --no-journal, {what}", [j for j, _ in pairs],
+                 targets, twins={j.key: nj for j, nj in pairs}, pair_names=None,
+                 cpu_column=True,
+                 notes=["before each run: journals beside dst removed, dst restored, sync, "
+                        "both files read; after it: cmp, and no journal may remain"],
+                 after=lambda wd, by: journal_size_lines(pairs, wd, size_target))
+
+
+def journal_groups(args: argparse.Namespace, wd: Workdir, sshd: Sshd | None) -> list[Group]:
+    """The re-sync groups: 10 scattered 4 KiB changes (dst.orig), and
+    --journal-changed of the --journal-unit pieces (dst.frac.orig)."""
+    few = journal_group(args, sshd, "few", f"{args.changes} scattered 4 KiB changes",
+                        wd.dst_orig, TARGET_JOURNAL_FEW, TARGET_JOURNAL_SIZE)
+    orig, count = generate_fraction(wd, args.size, args.journal_changed, args.journal_unit,
+                                    args.seed)
+    pct = f"{args.journal_changed:.0%}"
+    unit = "1 MiB blocks" if args.journal_unit == BLOCK_SIZE else f"{human(args.journal_unit)} pieces"
+    many = journal_group(args, sshd, "frac",
+                         f"{pct} changed ({count} scattered whole {unit}, random data)",
+                         orig, TARGET_JOURNAL_MANY, None)
+    return [few, many]
+
+
+def journal_first_group(args: argparse.Namespace, sshd: Sshd | None) -> Group:
+    """A first copy (to a missing destination) with blocksync's default journal
+    choice, locally and pushed: a new destination gets no journal.  With
+    --before, each is timed against the --before binary."""
+    def setup(wd: Workdir) -> None:
+        wd.dst.unlink(missing_ok=True)
+        remove_undo_files(wd.dst)
+        sync_disks()
+        warm(wd.src)
+
+    local = Case("first-local", "(n1) blocksync src new (local first copy)",
+                 lambda wd: [str(args.bin), "-f", "-q", "--no-progress",
+                             str(wd.src), str(wd.dst)],
+                 setup=setup, check=lambda wd: check_no_undo(wd, "first-local"),
+                 journal_default=False)
+    cases = [local]
+    if sshd:
+        cases.append(Case("first-push", "(n2) blocksync src benchhost:new (push first copy)",
+                          lambda wd: blocksync_ssh(args.bin, sshd, str(wd.src),
+                                                   f"{HOST}:{wd.dst}"),
+                          net=True, setup=setup,
+                          check=lambda wd: check_no_undo(wd, "first-push"),
+                          journal_default=False))
+    size = args.size
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        lines = ["throughput: " + ", ".join(f"{k} {size / MB / r.median:.0f} MB/s"
+                                            for k, r in by.items())]
+        for case in cases:
+            b = by.get(f"{case.key}-before")
+            if case.key in by and b:
+                x = by[case.key].median / b.median
+                lines.append(f"{case.key}: as fast as before (after / before = {x:.2f}, "
+                             f"target <= {TARGET_FIRST_VS_BEFORE:.2f}) "
+                             f"{verdict(x <= TARGET_FIRST_VS_BEFORE)}")
+        return lines
+
+    def after(wd: Workdir, by: dict[str, Result]) -> list[str]:
+        lines = []
+        for case in cases:
+            s, watch = journal_facts(case, wd)
+            if s:
+                lines.append(f"{case.key} --json: destination_created "
+                             f"{json.dumps(s.get('destination_created'))}, journal_bytes "
+                             f"{json.dumps(s.get('journal_bytes'))}; "
+                             + (f"a journal was seen ({watch.max} B)" if watch.seen
+                                else "no journal seen beside dst"))
+        return lines
+
+    return Group(f"journal: first copy of {human(size)} to a missing destination "
+                 "(default journal choice)", cases, targets, cpu_column=True, after=after,
+                 notes=["before each run: dst and any journal beside it removed, sync, "
+                        "src read; after it: cmp, and no journal may remain"])
 
 
 # --------------------------------------------------------------------------
@@ -1514,16 +1800,20 @@ def patch_lines(args: argparse.Namespace, wd: Workdir) -> list[str]:
 # --------------------------------------------------------------------------
 
 def print_table(results: list[Result], markdown: bool,
-                lo_unit: tuple[str, int] = ("MB", MB)) -> None:
+                lo_unit: tuple[str, int] = ("MB", MB), cpu: bool = False) -> None:
     ref = results[0].median
     with_lo = any(r.lo for r in results)
     unit, div = lo_unit
     header = ["Case", "Median [s]", "Min [s]", f"vs {results[0].case.key}"]
+    if cpu:
+        header.append("CPU [s]")
     if with_lo:
         header.append(f"Loopback [{unit}]")
     rows = []
     for r in results:
         row = [r.case.label, f"{r.median:.3f}", f"{r.min:.3f}", f"{r.median / ref:.2f}"]
+        if cpu:
+            row.append(f"{r.cpu_median:.2f}" if r.cpu else "-")
         if with_lo:
             row.append(f"{r.lo_median / div:.{3 if div >= GiB else 2}f}" if r.lo else "-")
         rows.append(row)
@@ -1534,7 +1824,8 @@ def print_table(results: list[Result], markdown: bool,
             print("| " + " | ".join(row) + " |")
         return
     w = max(len(header[0]), *(len(r[0]) for r in rows))
-    fmt = f"{{:<{w}}}  {{:>10}}  {{:>9}}  {{:>14}}" + ("  {:>13}" if with_lo else "")
+    fmt = (f"{{:<{w}}}  {{:>10}}  {{:>9}}  {{:>14}}" + ("  {:>7}" if cpu else "")
+           + ("  {:>13}" if with_lo else ""))
     print(fmt.format(*header))
     for row in rows:
         print(fmt.format(*row))
@@ -1558,7 +1849,7 @@ def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> None:
         lines += group.after(wd, by)
     print()
     print(f"### {group.title}\n" if args.markdown else f"{group.title}:")
-    print_table(results, args.markdown, group.lo_unit)
+    print_table(results, args.markdown, group.lo_unit, group.cpu_column)
     if args.markdown and lines:
         print()
     for line in lines:
@@ -1675,6 +1966,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the proxy's delay each way for --latency (default 25, i.e. 50 ms RTT)")
     ap.add_argument("--cipher", default=DEFAULT_CIPHER,
                     help=f"ssh cipher of the bench's ssh config (default {DEFAULT_CIPHER})")
+    ap.add_argument("--journal", action=on, default=False,
+                    help="time blocksync --journal vs --no-journal on re-syncs (local and "
+                         "push) with --changes 4 KiB changes and with --journal-changed of "
+                         "the data changed, and first copies (vs --before if given) "
+                         "(default: off)")
+    ap.add_argument("--journal-changed", type=float, default=0.30,
+                    help="fraction of the --journal-unit pieces changed for the second "
+                         "--journal re-sync (default 0.30)")
+    ap.add_argument("--journal-unit", type=parse_size, default=BLOCK_SIZE,
+                    help="size of the pieces changed for --journal-changed: 1M (default, "
+                         "scattered whole 1 MiB blocks) or 4K (scattered 4 KiB pieces)")
+    ap.add_argument("--journal-default", choices=("auto", "on", "off"), default="auto",
+                    help="journal flag for the --bin runs of the other cases: auto (none: "
+                         "blocksync's default, which journals a destination a run completed "
+                         "onto before), on (--journal), off (--no-journal) (default: auto)")
     ap.add_argument("--cache", action=on, default=True,
                     help="time a sync with a digest file and make a patch (default: on)")
     ap.add_argument("--rss", action=on, default=True,
@@ -1697,6 +2003,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--many-align must be at least 1")
     if args.delay_ms < 0:
         ap.error("--delay-ms must not be negative")
+    if not 0 < args.journal_changed <= 1:
+        ap.error("--journal-changed must be in (0, 1]")
+    if not 0 < args.journal_unit <= args.size:
+        ap.error("--journal-unit must be between 1 byte and --size")
     if args.sparse_data < 1 or args.sparse_data > args.sparse_size:
         ap.error("--sparse-data must be between 1 byte and --sparse-size")
     args.bin = args.bin.resolve()
@@ -1721,7 +2031,7 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    global COLD
+    global COLD, BIN_JOURNAL
     COLD = args.cold
     args.bin = ensure_binary(args.bin)
     wd = make_workdir(args.dir)
@@ -1752,10 +2062,14 @@ def main(argv: list[str] | None = None) -> int:
             args.before = snapshot_binary(args.before, wd, "blocksync-before")
             bargs = before_args(args)
         args.bin = snapshot_binary(args.bin, wd)
-        if args.local or args.ssh or args.cache:
+        if args.journal_default != "auto":
+            BIN_JOURNAL = (str(args.bin), {"on": "--journal", "off": "--no-journal"}[
+                args.journal_default])
+        if args.local or args.ssh or args.cache or args.journal:
             generate_data(wd, args.size, args.changes, args.seed)
             print(f"blocksync bench: {human(args.size)}, {args.changes} x 4 KiB changes, "
-                  f"{args.runs} runs per case, {'cold' if COLD else 'warm'} cache, {wd.root}")
+                  f"{args.runs} runs per case, {'cold' if COLD else 'warm'} cache, "
+                  f"--journal-default {args.journal_default}, {wd.root}; CPU: {cpu_model()}")
             sys.stdout.flush()
         if args.local:
             run_group(grouped(local_group), wd, args)
@@ -1781,6 +2095,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"direct {logins[HOST]:.2f} s, proxy 0 ms {logins[HOST_PROXY]:.2f} s, "
                     f"proxy {args.delay_ms:g} ms {logins[HOST_SLOW]:.2f} s")
                 run_group(group, wd, args)
+        if args.journal:
+            jsshd = start_sshd() if Path(SSHD).exists() else None
+            if jsshd is None:
+                print(f"\njournal: push cases skipped: {SSHD} missing")
+            for group in journal_groups(args, wd, jsshd):
+                run_group(group, wd, args)
+            run_group(grouped(journal_first_group, jsshd), wd, args)
         if args.cache:
             for h in ("blake3", "xxh3"):
                 group = grouped(cache_group, h)
