@@ -189,20 +189,25 @@ fn an_interrupted_first_copy_and_a_verify_failure_leave_files_the_next_run_fixes
             .spawn()
             .unwrap()
     };
-    // A first copy stopped part-way (once it has written its first block): the
-    // destination is shorter than the source.
+    // A first copy stopped part-way (once it has written its first block): it is
+    // under its temporary name, shorter than the source.
+    let partial = dir.path().join(".dst.blocksync-partial");
     let mut child = slow(&[]);
     wait_while_running(
         &mut child,
         "the first block is written",
         Duration::from_secs(30),
-        || file_holds(&dst, 0, &content[..64 * 1024]),
+        || file_holds(&partial, 0, &content[..64 * 1024]),
     );
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
-    assert!(fs::metadata(&dst).unwrap().len() < content.len() as u64);
+    assert!(fs::metadata(&partial).unwrap().len() < content.len() as u64);
+    assert!(
+        !dst.exists(),
+        "an unfinished copy never has the destination's name"
+    );
     let out = run_state(
         &state,
         &["-f", "-q", "--digest-file", s(&dig), s(&src), s(&dst)],
@@ -277,7 +282,7 @@ fn an_interrupted_run_leaves_a_file_that_is_still_right() {
         &mut child,
         "the first changed block is written",
         Duration::from_secs(30),
-        || file_holds(&dst, 0, &content[..1]),
+        || dest_holds(&dst, 0, &content[..1]),
     );
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])

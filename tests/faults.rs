@@ -74,7 +74,7 @@ fn interrupting_a_sparse_sync_never_hangs() {
             &mut child,
             &format!("round {round}: the first data is written"),
             std::time::Duration::from_secs(30),
-            || file_holds(&dst, 4096, &first),
+            || dest_holds(&dst, 4096, &first),
         );
         // Not synchronisation: only where in the run the signal lands.
         std::thread::sleep(std::time::Duration::from_millis(50 * round));

@@ -271,3 +271,60 @@ fn pulls_killed_then_rolled_back_or_finished() {
     let sshd = Sshd::start();
     rounds(Some(&sshd), &[Mode::Pull(1), Mode::Pull(2)], 14, 0x9011);
 }
+
+/// A first copy killed midway leaves no file under the destination's name, only its
+/// temporary one; the next run resumes into it (what it holds is not sent again) and
+/// gives it the name once complete. Locally, in a push and in a pull.
+#[test]
+fn an_interrupted_first_copy_never_looks_finished() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content = data(8 * M, 77);
+    fs::write(&src, &content).unwrap();
+    for (i, mode) in [Mode::Local, Mode::Push(1), Mode::Pull(1)]
+        .into_iter()
+        .enumerate()
+    {
+        let dst = dir.path().join(format!("new{i}"));
+        let partial = dir.path().join(format!(".new{i}.blocksync-partial"));
+        let r = Round {
+            src: src.clone(),
+            dst: dst.clone(),
+            before: Vec::new(),
+            after: content.clone(),
+        };
+        let remote = (mode != Mode::Local).then_some(&sshd);
+        let mut child = spawn(&words(remote, mode, &r, &["-p", "20"]));
+        // Half written (by 64 KiB blocks, 20 ms each: ~2.5 s in all).
+        wait_while_running(
+            &mut child,
+            "the copy is half written",
+            Duration::from_secs(30),
+            || {
+                fs::metadata(&partial).is_ok_and(|m| m.len() > 0)
+                    && file_holds(&partial, 3 * M as u64, &content[3 * M..3 * M + 4096])
+            },
+        );
+        signal(child.id(), "-KILL");
+        let _ = child.wait();
+        wait_released(&partial);
+        assert!(
+            !dst.exists(),
+            "{mode:?}: a killed first copy left {}",
+            dst.display()
+        );
+        let args = words(remote, mode, &r, &["--json"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_within(&args, 60);
+        assert_eq!(code(&out), 0, "{mode:?}: {}", stderr(&out));
+        assert!(fs::read(&dst).unwrap() == content, "{mode:?}");
+        assert!(!partial.exists(), "{mode:?}: the temporary name is gone");
+        let j = json(&out);
+        assert_eq!(j["destination_created"], true, "{mode:?}: {j}");
+        assert!(
+            j["blocks_same"].as_u64().unwrap() >= 48,
+            "{mode:?}: resumed, not redone: {j}"
+        );
+    }
+}

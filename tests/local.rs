@@ -285,7 +285,7 @@ fn interrupt_flushes_and_rerun_completes() {
         &mut child,
         "the first block is written",
         std::time::Duration::from_secs(30),
-        || file_holds(&dst, 0, &content[..64 * 1024]),
+        || dest_holds(&dst, 0, &content[..64 * 1024]),
     );
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),

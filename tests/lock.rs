@@ -25,6 +25,7 @@ fn slow(args: &[&str]) -> std::process::Child {
 }
 
 /// The second run is refused at once, naming `first`'s pid; then `first` completes.
+/// `dst` is the file the first run holds.
 fn second_is_refused(mut first: std::process::Child, dst: &std::path::Path, second: &[&str]) {
     let pid = first.id();
     wait_while_running(
@@ -77,8 +78,11 @@ fn a_second_run_onto_a_file_being_created_is_refused() {
     fs::write(&a, data(8 * M, 4)).unwrap();
     fs::write(&b, data(8 * M, 5)).unwrap();
     let first = slow(&["-f", "-p", "40", "-b", "256K", s(&a), s(&dst)]);
-    second_is_refused(first, &dst, &["-f", s(&b), s(&dst)]);
+    // Written under its temporary name until complete: that is what is locked.
+    let partial = dir.path().join(".new.blocksync-partial");
+    second_is_refused(first, &partial, &["-f", s(&b), s(&dst)]);
     assert_eq!(fs::read(&dst).unwrap(), fs::read(&a).unwrap());
+    assert!(!partial.exists());
 }
 
 #[test]

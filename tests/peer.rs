@@ -70,7 +70,7 @@ fn stop_remote_mid_sync(
         &mut child,
         "the first block is written",
         Duration::from_secs(30),
-        || file_holds(written, 0, first),
+        || dest_holds(written, 0, first),
     );
     let _unstop = Unstop(sshd);
     assert_eq!(sshd.signal_remote_servers("STOP"), 1, "one remote server");
@@ -268,7 +268,7 @@ fn a_password_variable_is_kept_from_ssh() {
                 fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default() == "ssh\n"
             })
             .collect();
-        !ssh.is_empty() && file_holds(&dst, 0, &content[..4096])
+        !ssh.is_empty() && dest_holds(&dst, 0, &content[..4096])
     });
     for pid in &ssh {
         let env = fs::read(format!("/proc/{pid}/environ")).unwrap();

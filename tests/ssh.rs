@@ -205,7 +205,7 @@ fn kill_remote_mid_sync(
         &mut child,
         "the first block is written",
         std::time::Duration::from_secs(30),
-        || file_holds(written, 0, first),
+        || dest_holds(written, 0, first),
     );
     assert_eq!(sshd.kill_remote_servers(), 1, "one remote server to kill");
     let started = std::time::Instant::now();
@@ -496,7 +496,7 @@ fn an_interrupted_push_counts_what_the_remote_wrote() {
         &mut child,
         "the remote wrote the first block",
         std::time::Duration::from_secs(30),
-        || file_holds(&dst, 0, first),
+        || dest_holds(&dst, 0, first),
     );
     // Only blocksync, not ssh: the remote side hears of it through the stream.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);

@@ -27,15 +27,18 @@ fn spawn(args: &[&str]) -> Child {
 
 /// Waits until the first `len` bytes of `path` equal `want` (the sync wrote them), while
 /// `child` still runs; panics after 30 s.
-fn wait_written(path: &Path, want: &[u8], child: &mut Child) {
+/// Waits until the new destination `path` (still under its temporary name) holds
+/// `want` at its start; returns the path it is being written at.
+fn wait_written(path: &Path, want: &[u8], child: &mut Child) -> std::path::PathBuf {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let partial = partial_of(path);
     loop {
         let mut buf = vec![0u8; want.len()];
-        if let Ok(f) = fs::File::open(path)
+        if let Ok(f) = fs::File::open(&partial)
             && f.read_exact_at(&mut buf, 0).is_ok()
             && buf == want
         {
-            return;
+            return partial;
         }
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -92,9 +95,9 @@ fn verify_finds_a_destination_changed_behind_the_sync() {
     let dst = dir.path().join("dst");
     // 40 blocks at 50 ms each: block 0 is written long before the sync ends.
     let mut child = spawn(&["--verify", "--json", "-p", "50", s(&src), s(&dst)]);
-    wait_written(&dst, &content[..M], &mut child);
+    let written = wait_written(&dst, &content[..M], &mut child);
     // Another writer spoils block 0 of the destination after the sync wrote it.
-    let f = fs::OpenOptions::new().write(true).open(&dst).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(written).unwrap();
     f.write_all_at(b"spoiled", 1000).unwrap();
     f.sync_all().unwrap();
     let out = finish(child);

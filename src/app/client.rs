@@ -320,6 +320,8 @@ fn check_sides(
         Here::Dest(probe) => {
             if let Some(existing) = &probe.existing {
                 target::check_destination(to.local, existing, size, settings.force_mounted)?;
+            }
+            if let Some(existing) = &probe.shown() {
                 if let Some(u) = undo {
                     super::undo::note_unavailable(reporter, u.decision, &local_name);
                 }
@@ -332,7 +334,7 @@ fn check_sides(
                 };
                 confirm_change(settings, reporter, &change)?;
             }
-            Ok(probe.existing.map(|e| (e.kind, e.size)))
+            Ok(probe.shown().map(|e| (e.kind, e.size)))
         }
     }
 }
@@ -408,7 +410,14 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         note_busy_source(reporter, &src);
         Here::Source(src)
     } else {
-        Here::Dest(target::probe_destination(to.local)?)
+        let probe = target::probe_destination(to.local)?;
+        // One stream: a new file is written under a temporary name (see io::partial).
+        let single = settings.workers == 1 && !settings.dry_run;
+        Here::Dest(if single {
+            crate::io::partial::as_partial(probe)?
+        } else {
+            probe
+        })
     };
     // One run at a time: a pulled-to destination is locked before any check.
     let _held = match here.probe() {
@@ -483,6 +492,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         src: here.source(),
         dest: dest.as_ref(),
         journal,
+        rename_to: here.probe().and_then(|p| p.final_path.clone()),
         stats: &stats,
         cancel: &cancel_on_signals(),
     };
@@ -520,6 +530,8 @@ struct Job<'a> {
     dest: Option<&'a Target>,
     /// A pull's undo journal (each stream keeps its own part).
     journal: Option<Plan>,
+    /// A pull to a new file: the name its temporary one becomes (one stream only).
+    rename_to: Option<std::path::PathBuf>,
     stats: &'a Stats,
     cancel: &'a AtomicBool,
 }
@@ -534,6 +546,7 @@ impl Job<'_> {
             stream: i as u32,
             ..p
         });
+        config.rename_to = self.rename_to.clone();
         if let Some(u) = self.cached {
             config.cache = Some(u.cache.clone());
             config.dest_reads = !u.skip_reading;

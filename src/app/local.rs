@@ -23,6 +23,12 @@ pub(crate) fn run(
 ) -> Result<()> {
     let src = target::open_source(src_path)?;
     let probe = target::probe_destination(dst_path)?;
+    // A new file is written under a temporary name (or an interrupted first copy resumed).
+    let probe = if settings.dry_run {
+        probe
+    } else {
+        crate::io::partial::as_partial(probe)?
+    };
     // One run at a time: locked before any check, held until the run ends.
     let _held = target::hold(&probe, Claim::whole(!settings.dry_run))?;
     if let Some(existing) = &probe.existing {
@@ -46,7 +52,7 @@ pub(crate) fn run(
         settings.dry_run,
     )?;
     super::undo::note_unavailable(reporter, undo.decision, &dst_path.display().to_string());
-    if let Some(existing) = &probe.existing {
+    if let Some(existing) = &probe.shown() {
         let change = Change {
             destination: &dst_path.display().to_string(),
             kind: existing.kind.name(),
@@ -65,6 +71,7 @@ pub(crate) fn run(
     let layout = Layout::new(src.size, settings.block);
     let mut config = Config::build(layout, &settings.run_options(Compare::Bytes));
     config.journal = journal;
+    config.rename_to = probe.final_path.clone();
     let cached = match (&dest, &settings.digest) {
         (Some(d), Some(opts)) => {
             let state = trust::DestState {
@@ -114,7 +121,7 @@ pub(crate) fn run(
         destination: dst_path.display().to_string(),
         size: src.size,
         block: settings.block,
-        existing: probe.existing.map(|e| (e.kind, e.size)),
+        existing: probe.shown().map(|e| (e.kind, e.size)),
         source_here: true,
         dest_here: true,
     };

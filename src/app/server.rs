@@ -174,6 +174,12 @@ pub fn config_for(hello: &Hello, go: &Go) -> Config {
 fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
     let path = Path::new(&hello.path);
     let probe = target::probe_destination(path)?;
+    // One stream: a new file is written under a temporary name (see io::partial).
+    let probe = if hello.run.streams == 1 && hello.flags & FLAG_DRY_RUN == 0 {
+        crate::io::partial::as_partial(probe)?
+    } else {
+        probe
+    };
     let claim = claim_of(hello);
     // One run at a time: locked before any check, held until the run ends.
     let _held = target::hold(&probe, claim)?;
@@ -189,9 +195,9 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         hello.flags & FLAG_DRY_RUN != 0,
     )?;
     let reply = Reply {
-        size: probe.existing.map_or(0, |e| e.size),
-        kind: probe.existing.map_or(0, |e| kind_byte(e.kind)),
-        sync_id: match probe.existing {
+        size: probe.shown().map_or(0, |e| e.size),
+        kind: probe.shown().map_or(0, |e| kind_byte(e.kind)),
+        sync_id: match probe.shown() {
             Some(e) if track => crate::digestfile::syncid::load_of(path, &e.id),
             _ => [0; 16],
         },
@@ -210,6 +216,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     );
     let stream = (hello.run.stream, hello.run.streams);
     config.journal = undo.plan(hello.run.id, stream, from)?;
+    config.rename_to = probe.final_path.clone();
     let dest: Option<Target> = if config.dry_run {
         match probe.existing {
             Some(_) => Some(target::open_read(path, "destination", Kind::Destination)?),

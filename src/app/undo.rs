@@ -30,7 +30,7 @@ impl Undo {
         probe: &DestProbe,
         dry_run: bool,
     ) -> Result<Undo> {
-        let Some(existing) = probe.existing.as_ref().filter(|_| !dry_run) else {
+        let Some(existing) = probe.shown().filter(|_| !dry_run) else {
             return Ok(Undo {
                 decision: Decision::Nothing,
                 place: None,

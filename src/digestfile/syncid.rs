@@ -179,15 +179,16 @@ pub fn clear(t: &Target) -> io::Result<()> {
     }
 }
 
-/// Records `id` for `t` (atomically), once `t` holds what it describes and is flushed.
-pub fn store(t: &Target, id: &SyncId) -> io::Result<()> {
-    let path = record(t);
+/// Records `id` for the target at `at` with identity `who` (atomically), once it holds
+/// what it describes and is flushed.
+pub fn store_at(at: &std::path::Path, who: &Identity, id: &SyncId) -> io::Result<()> {
+    let path = record_of(at, who);
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut record = id.to_vec();
-    record.extend_from_slice(state_of(&t.path, &t.id).as_bytes());
+    record.extend_from_slice(state_of(at, who).as_bytes());
     std::fs::write(&tmp, record)?;
     std::fs::rename(&tmp, &path)
 }

@@ -75,6 +75,8 @@ pub struct Config {
     pub track: Option<crate::digestfile::syncid::SyncId>,
     /// The destination half keeps an undo journal of what it overwrites.
     pub journal: Option<crate::journal::Plan>,
+    /// A new file written under a temporary name: the name it takes once complete.
+    pub rename_to: Option<std::path::PathBuf>,
 }
 
 /// What a run asks of the engine, the same for each of its streams and on both machines:
@@ -146,6 +148,7 @@ impl Config {
             dest_reads: true,
             track: None,
             journal: None,
+            rename_to: None,
         }
     }
 
@@ -168,6 +171,7 @@ impl Config {
             dest_reads: true,
             track: None,
             journal: None,
+            rename_to: None,
             ..self.clone()
         }
     }

@@ -278,10 +278,18 @@ impl<'a> Writer<'a> {
         d.file
             .sync_all()
             .map_err(|e| io_error(format!("flushing destination {}", d.path.display()), e))?;
+        // A new file complete and flushed under its temporary name takes its own.
+        let path = match (size, &self.config.rename_to) {
+            (Some(_), Some(name)) => {
+                crate::io::partial::finish(&d.path, name)?;
+                name.as_path()
+            }
+            _ => d.path.as_path(),
+        };
         if let Some(id) = self.config.track.as_ref().filter(|_| !stale) {
             // Flushed: what the source recorded for this run is now true here (for the
             // blocks it saw confirmed; a stopped run records the rest as unknown).
-            crate::digestfile::syncid::store(d, id).map_err(|e| {
+            crate::digestfile::syncid::store_at(path, &d.id, id).map_err(|e| {
                 io_error(format!("recording the sync id of {}", d.path.display()), e)
             })?;
         }
@@ -295,7 +303,7 @@ impl<'a> Writer<'a> {
                 Stats::add(&self.stats.journaled, j.bytes());
                 j.finish()?;
             }
-            let _ = crate::journal::place::record_completed(&d.path, &d.id);
+            let _ = crate::journal::place::record_completed(path, &d.id);
         } else if let Some(j) = &self.journal {
             Stats::add(&self.stats.journaled, j.bytes());
         }

@@ -5,6 +5,7 @@
 pub(crate) mod codec;
 pub(crate) mod lock;
 pub(crate) mod outfile;
+pub(crate) mod partial;
 pub(crate) mod policy;
 pub(crate) mod pool;
 pub(crate) mod raw;

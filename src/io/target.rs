@@ -82,6 +82,17 @@ pub struct DestProbe {
     pub path: PathBuf,
     /// `None` when the destination does not exist yet (it will be created).
     pub existing: Option<Existing>,
+    /// For a new file written under a temporary name ([`crate::io::partial`]): the name
+    /// it takes once complete; `path` is then the temporary one.
+    pub final_path: Option<PathBuf>,
+}
+
+impl DestProbe {
+    /// The destination as the user knows it: a partial copy left by an interrupted first
+    /// copy is still a new destination (no confirmation, no journal, "created").
+    pub fn shown(&self) -> Option<Existing> {
+        self.existing.filter(|_| self.final_path.is_none())
+    }
 }
 
 /// An existing destination.
@@ -210,6 +221,7 @@ pub fn probe_destination(path: &Path) -> Result<DestProbe> {
                     size,
                     id: Identity::of(&meta),
                 }),
+                final_path: None,
             })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -232,6 +244,7 @@ pub fn probe_destination(path: &Path) -> Result<DestProbe> {
                 Ok(m) if m.is_dir() => Ok(DestProbe {
                     path: path.to_path_buf(),
                     existing: None,
+                    final_path: None,
                 }),
                 Ok(_) => Err(Error::new(
                     Kind::Destination,

@@ -404,3 +404,15 @@ pub fn children(pid: u32, name: &str) -> Vec<u32> {
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
+
+/// Where a new destination file is written until complete (see blocksync's io::partial).
+pub fn partial_of(dst: &Path) -> PathBuf {
+    let name = dst.file_name().unwrap().to_string_lossy().into_owned();
+    dst.with_file_name(format!(".{name}.blocksync-partial"))
+}
+
+/// Whether the destination `dst`, under its name or (a new file still being written)
+/// its temporary one, holds `want` at `offset`.
+pub fn dest_holds(dst: &Path, offset: u64, want: &[u8]) -> bool {
+    file_holds(dst, offset, want) || file_holds(&partial_of(dst), offset, want)
+}
