@@ -328,3 +328,99 @@ fn an_interrupted_first_copy_never_looks_finished() {
         );
     }
 }
+
+/// The confirmation says whether there is a way back: none for a destination no run
+/// completed onto (unless --journal), the journal once one did.
+#[test]
+fn the_confirmation_says_whether_there_is_a_way_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    fs::write(&src, data(M, 1)).unwrap();
+    fs::write(&dst, data(M, 2)).unwrap();
+    let ask = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(extra)
+            .args([s(&src), s(&dst)])
+            .env("XDG_STATE_HOME", &state);
+        output_within(&mut cmd, "blocksync", 60)
+    };
+    let out = ask(&[]);
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("There is no way back: pass --journal"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ask(&["--journal"]);
+    assert!(
+        stderr(&out).contains("kept in an undo journal"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(code(&ask(&["-f"])), 0);
+    // Completed once: journaled from now on, and the question says so.
+    fs::write(&src, data(M, 3)).unwrap();
+    let out = ask(&[]);
+    assert!(
+        stderr(&out).contains("kept in an undo journal"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ask(&["--no-journal"]);
+    assert!(stderr(&out).contains("no way back"), "{}", stderr(&out));
+}
+
+/// A journal never fills its filesystem: the run stops (exit 17) before overwriting more,
+/// the destination can be rolled back, and a journal kept elsewhere lets the run finish.
+#[test]
+fn a_journal_with_no_room_stops_the_run_and_the_copy_stays_recoverable() {
+    let fs4 = Mounted::new(LoopDev::new(32 * M as u64, &[]));
+    let dir = fs4.dir.path();
+    let (src, dst) = (dir.join("src.img"), dir.join("dst.img"));
+    let before = data(22 * M, 4);
+    fs::write(&dst, &before).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    // The source on another filesystem: the destination's has room for little else.
+    let src = elsewhere.path().join(src.file_name().unwrap());
+    let after = data(22 * M, 5);
+    fs::write(&src, &after).unwrap();
+    let out = run_within(&["-f", "--journal", "-b", "64K", s(&src), s(&dst)], 60);
+    assert_eq!(code(&out), 17, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("would fill its filesystem")
+            && err.contains("--journal-dir")
+            && err.contains("--no-journal"),
+        "{err}"
+    );
+    // Whatever it overwrote before it stopped is in the journal.
+    let out = run_within(&["rollback", "-f", s(&dst)], 60);
+    assert!(matches!(code(&out), 0 | 17), "{}", stderr(&out));
+    assert!(
+        fs::read(&dst).unwrap() == before,
+        "rolled back to the old copy"
+    );
+    let jdir = elsewhere.path().join("journals");
+    fs::create_dir(&jdir).unwrap();
+    let out = run_within(
+        &[
+            "-f",
+            "--journal",
+            "--journal-dir",
+            s(&jdir),
+            "--json",
+            s(&src),
+            s(&dst),
+        ],
+        60,
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == after);
+    assert!(json(&out)["journal_bytes"].as_u64().unwrap() >= 22 * M as u64);
+    assert_eq!(
+        fs::read_dir(&jdir).unwrap().count(),
+        0,
+        "removed once complete"
+    );
+}

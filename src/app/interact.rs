@@ -46,7 +46,7 @@ pub(crate) fn confirm_change(settings: &Settings, reporter: &Reporter, c: &Chang
         None => Err(Error::new(
             Kind::NotConfirmed,
             format!(
-                "destination {destination} exists and would be changed; pass -f to go ahead (no terminal to ask on)"
+                "destination {destination} exists and would be changed; pass -f to go ahead (no terminal to ask on).{undo}"
             ),
         )),
     }

@@ -153,7 +153,7 @@ impl<'a> Writer<'a> {
                     e,
                 )
             })?;
-            if j.buffered() >= GROUP {
+            if j.should_commit() {
                 j.commit()?;
             }
             at += n;
@@ -173,7 +173,7 @@ impl<'a> Writer<'a> {
         self.writable("a change")?;
         self.save(offset, len)?;
         self.pending.push(op);
-        if self.journal.as_ref().is_some_and(|j| j.buffered() >= GROUP) {
+        if self.journal.as_ref().is_some_and(Journal::should_commit) {
             self.flush()?;
         }
         Ok(())

@@ -47,17 +47,22 @@ const DIRECT_FILESYSTEMS: [u64; 2] = [0xEF53, 0x5846_5342];
 /// the same file even if its path changed. `None` where it does not apply or the open
 /// fails: everything is then written through the page cache.
 pub fn reopen_direct(t: &Target) -> Option<File> {
+    match t.kind {
+        TargetKind::BlockDevice => direct_twin(&t.file),
+        TargetKind::File => reopen_direct_file(&t.file),
+    }
+}
+
+/// [`reopen_direct`] for a regular file (one on [`DIRECT_FILESYSTEMS`]).
+pub fn reopen_direct_file(file: &File) -> Option<File> {
+    rustix::fs::fstatfs(file)
+        .is_ok_and(|s| DIRECT_FILESYSTEMS.contains(&(s.f_type as u64)))
+        .then(|| direct_twin(file))?
+}
+
+fn direct_twin(file: &File) -> Option<File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let suits = match t.kind {
-        TargetKind::BlockDevice => true,
-        TargetKind::File => rustix::fs::fstatfs(&t.file)
-            .is_ok_and(|s| DIRECT_FILESYSTEMS.contains(&(s.f_type as u64))),
-    };
-    if !suits {
-        return None;
-    }
-    let file = &t.file;
     std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)

@@ -1,7 +1,7 @@
-//! The journal file: a header naming the destination and the state it undoes, then undo
-//! records, each the old bytes of one range (or a note that they were zero) framed by a
-//! head and a trailer, so a scan finds where a torn tail starts and a rollback can walk
-//! the records backwards without holding an index.
+//! The journal file: a header page naming the destination and the state it undoes, then
+//! group commits, each an index of undo records (the old bytes of one range, or a note
+//! that they were zero) and their payloads, everything page-aligned so it is written with
+//! O_DIRECT straight from an aligned buffer.
 
 use crate::io::codec::{Rd, put_u8, put_u32, put_u64};
 
@@ -9,8 +9,6 @@ use crate::io::codec::{Rd, put_u8, put_u32, put_u64};
 pub const MAGIC: &[u8; 8] = b"BSUNDO01";
 /// The header takes the first page; records follow.
 pub const HEADER_LEN: usize = 4096;
-/// A record's head and trailer, each: 64 bytes keeps payloads 64-aligned in memory.
-pub const FRAME: usize = 64;
 /// Largest range one record holds (larger ones are split).
 pub const MAX_RECORD: u64 = 1 << 20;
 /// Where the header's checksum is (over the bytes before it).
@@ -20,11 +18,13 @@ pub const DONE_AT: u64 = 4088;
 /// Longest source label kept.
 const MAX_LABEL: usize = 1024;
 
-const HEAD: &[u8; 4] = b"UNDO";
-const TAIL: &[u8; 4] = b"ODNU";
-/// Record kinds: the old bytes follow, or they were all zero.
-const DATA: u8 = 1;
-const ZERO: u8 = 2;
+const GROUP_MAGIC: &[u8; 8] = b"BSUNDOGR";
+/// Bytes of an entry in a group's index.
+const ENTRY: usize = 40;
+/// Bytes before the entries in a group's index.
+const INDEX_HEAD: usize = 32;
+/// At most this many records in one group (its index stays small).
+pub const MAX_ENTRIES: usize = 16384;
 
 /// What a journal undoes: which destination, in which state, for which part of which run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,80 +144,95 @@ pub struct Record {
 /// The checksum a record carries for `data` (empty for a zero record).
 pub fn checksum(offset: u64, len: u64, zero: bool, data: &[u8]) -> u128 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&[if zero { ZERO } else { DATA }]);
+    h.update(&[if zero { 2 } else { 1 }]);
     h.update(&offset.to_le_bytes());
     h.update(&len.to_le_bytes());
     h.update(data);
     h.digest128()
 }
 
-/// Bytes a record of `len` bytes takes in the file.
-pub fn framed_len(len: u64, zero: bool) -> u64 {
-    let payload = if zero {
-        0
-    } else {
-        len.div_ceil(FRAME as u64) * FRAME as u64
-    };
-    2 * FRAME as u64 + payload
+/// Pages, rounded up: payloads and indexes are page-aligned in the file and in memory,
+/// so the journal is written with O_DIRECT and read into aligned buffers.
+pub fn pages(n: u64) -> u64 {
+    n.div_ceil(PAGE as u64) * PAGE as u64
 }
 
+/// The page size everything in a journal is aligned to.
+pub const PAGE: usize = 4096;
+
 impl Record {
-    /// Bytes this record takes in the file.
-    pub fn framed_len(&self) -> u64 {
-        framed_len(self.len, self.zero)
+    /// Bytes its payload takes in the file (a zero record has none).
+    pub fn payload_len(&self) -> u64 {
+        if self.zero { 0 } else { pages(self.len) }
     }
+}
 
-    /// The head: what the payload is.
-    pub fn head(&self) -> [u8; FRAME] {
-        let mut p = Vec::with_capacity(FRAME);
-        p.extend_from_slice(HEAD);
-        put_u8(&mut p, if self.zero { ZERO } else { DATA });
-        p.extend_from_slice(&[0; 3]);
-        put_u64(&mut p, self.offset);
-        put_u64(&mut p, self.len);
-        p.extend_from_slice(&self.sum.to_le_bytes());
-        p.resize(FRAME, 0);
-        p.try_into().expect("one frame")
+/// A group commit as it is in the file: an index (its records, checksummed) padded to
+/// whole pages, then each record's payload padded to whole pages. A group is written
+/// whole and made durable before any write it covers, so a group that does not check
+/// out at a journal's end is a torn commit whose writes never happened.
+pub fn encode_index(records: &[Record]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(records.len() * ENTRY);
+    for r in records {
+        put_u64(&mut body, r.offset);
+        put_u64(&mut body, r.len);
+        put_u8(&mut body, r.zero as u8);
+        body.extend_from_slice(&[0; 7]);
+        body.extend_from_slice(&r.sum.to_le_bytes());
     }
+    let mut p = Vec::with_capacity(pages((INDEX_HEAD + body.len()) as u64) as usize);
+    p.extend_from_slice(GROUP_MAGIC);
+    put_u32(&mut p, records.len() as u32);
+    put_u32(&mut p, 0);
+    p.extend_from_slice(&blake3::hash(&body).as_bytes()[..16]);
+    p.extend_from_slice(&body);
+    p.resize(pages(p.len() as u64) as usize, 0);
+    p
+}
 
-    /// The trailer: the head's fields again and the record's length, so a reader going
-    /// backwards finds where it starts.
-    pub fn tail(&self) -> [u8; FRAME] {
-        let mut t = self.head();
-        t[..4].copy_from_slice(TAIL);
-        t[48..56].copy_from_slice(&self.framed_len().to_le_bytes());
-        t
+/// How many bytes the index of a group starting with `first` (its first page) takes;
+/// `None` when this is no group (a torn end, or damage).
+pub fn index_len(first: &[u8]) -> Option<u64> {
+    if first.len() < INDEX_HEAD || &first[..8] != GROUP_MAGIC {
+        return None;
     }
+    let n = u32::from_le_bytes(first[8..12].try_into().ok()?) as usize;
+    (n > 0 && n <= MAX_ENTRIES).then(|| pages((INDEX_HEAD + n * ENTRY) as u64))
+}
 
-    /// Reads a head (or, with `tail`, a trailer); `None` when it is not one (the torn
-    /// end of a journal, or damage).
-    pub fn parse(frame: &[u8], tail: bool) -> Option<Record> {
-        if frame.len() < FRAME || &frame[..4] != if tail { TAIL } else { HEAD } {
-            return None;
-        }
-        let mut r = Rd(&frame[4..]);
+/// The records of a group's index (all of its pages); `None` when it does not check out.
+pub fn decode_index(index: &[u8]) -> Option<Vec<Record>> {
+    let want = index_len(index)?;
+    if (index.len() as u64) < want {
+        return None;
+    }
+    let n = u32::from_le_bytes(index[8..12].try_into().ok()?) as usize;
+    let body = &index[INDEX_HEAD..INDEX_HEAD + n * ENTRY];
+    if blake3::hash(body).as_bytes()[..16] != index[16..32] {
+        return None;
+    }
+    let mut r = Rd(body);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (offset, len) = (r.u64().ok()?, r.u64().ok()?);
         let zero = match r.u8().ok()? {
-            DATA => false,
-            ZERO => true,
+            0 => false,
+            1 => true,
             _ => return None,
         };
-        r.take(3).ok()?;
-        let (offset, len) = (r.u64().ok()?, r.u64().ok()?);
+        r.take(7).ok()?;
         let sum = u128::from_le_bytes(r.array().ok()?);
         if len == 0 || len > MAX_RECORD || offset.checked_add(len).is_none() {
             return None;
         }
-        let rec = Record {
+        out.push(Record {
             offset,
             len,
             zero,
             sum,
-        };
-        if tail && frame[48..56] != rec.framed_len().to_le_bytes() {
-            return None;
-        }
-        Some(rec)
+        });
     }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -249,25 +264,42 @@ mod tests {
     }
 
     #[test]
-    fn records_parse_both_ways_and_reject_garbage() {
+    fn group_indexes_round_trip_and_reject_garbage() {
         let data = vec![5u8; 100];
-        let r = Record {
-            offset: 4096,
-            len: 100,
-            zero: false,
-            sum: checksum(4096, 100, false, &data),
-        };
-        assert_eq!(r.framed_len(), 64 + 128 + 64);
-        assert_eq!(Record::parse(&r.head(), false), Some(r));
-        assert_eq!(Record::parse(&r.tail(), true), Some(r));
-        assert_eq!(Record::parse(&r.head(), true), None);
-        assert_eq!(Record::parse(&[0u8; 64], false), None);
-        let mut big = r;
-        big.len = MAX_RECORD + 1;
-        assert_eq!(Record::parse(&big.head(), false), None);
-        let mut torn = r.tail();
-        torn[50] ^= 1;
-        assert_eq!(Record::parse(&torn, true), None);
+        let recs = [
+            Record {
+                offset: 4096,
+                len: 100,
+                zero: false,
+                sum: checksum(4096, 100, false, &data),
+            },
+            Record {
+                offset: 1 << 20,
+                len: 1 << 20,
+                zero: true,
+                sum: checksum(1 << 20, 1 << 20, true, &[]),
+            },
+        ];
+        let index = encode_index(&recs);
+        assert_eq!(index.len(), PAGE);
+        assert_eq!(index_len(&index), Some(PAGE as u64));
+        assert_eq!(decode_index(&index).unwrap(), recs);
+        assert_eq!(recs[0].payload_len(), PAGE as u64);
+        assert_eq!(recs[1].payload_len(), 0);
+        let mut bad = index.clone();
+        bad[40] ^= 1;
+        assert_eq!(decode_index(&bad), None);
+        assert_eq!(index_len(&[0u8; 64]), None);
+        let many: Vec<Record> = (0..200)
+            .map(|i| Record {
+                offset: i * 4096,
+                ..recs[0]
+            })
+            .collect();
+        let index = encode_index(&many);
+        assert_eq!(index.len(), 2 * PAGE);
+        assert_eq!(decode_index(&index[..PAGE]), None, "cut short");
+        assert_eq!(decode_index(&index).unwrap().len(), 200);
         assert_ne!(checksum(0, 1, false, &[0]), checksum(0, 1, true, &[]));
     }
 }

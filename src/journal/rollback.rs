@@ -3,7 +3,7 @@
 //! each byte the oldest saved contents win; then a file is cut back to its old size,
 //! everything flushed, and each restored range read back and checked.
 
-use super::format::{FRAME, HEADER_LEN, Record, checksum};
+use super::format::{HEADER_LEN, PAGE, Record, checksum, decode_index, index_len};
 use super::place::{Found, Place, belongs_to, journal_error, sync_dir};
 use crate::error::{Error, Kind, Result, os_text};
 use crate::io::target::{self, Target, TargetKind};
@@ -20,70 +20,85 @@ pub struct Restored {
     pub size: u64,
 }
 
-/// Calls `each` for the sound records of `f`, first to last, and returns where they
-/// end: a torn tail (a power cut during a group commit) ends them; its ranges were
-/// never overwritten.
-fn forwards(f: &Found, mut each: impl FnMut(&Record) -> Result<()>) -> Result<u64> {
+/// The groups of `f` that check out, in order: where each starts and its records. A
+/// group that does not (cut short or damaged) ends the journal: it is the commit being
+/// written when the run died, and none of its writes had been made.
+fn groups(f: &Found) -> Vec<(u64, Vec<Record>)> {
     let len = f.file.metadata().map_or(0, |m| m.len());
     let mut at = HEADER_LEN as u64;
-    let mut frame = [0u8; FRAME];
+    let mut out = Vec::new();
     let mut data = Vec::new();
-    while at + 2 * FRAME as u64 <= len {
-        let Ok(n) = target::read_full_at(&f.file, &mut frame, at) else {
-            break;
-        };
-        let Some(rec) = Record::parse(&frame[..n], false) else {
-            break;
-        };
-        if at + rec.framed_len() > len || read_checked(f, at, &rec, &mut data).is_none() {
+    while at + PAGE as u64 <= len {
+        let mut first = vec![0u8; PAGE];
+        if target::read_full_at(&f.file, &mut first, at).ok() != Some(PAGE) {
             break;
         }
-        each(&rec)?;
-        at += rec.framed_len();
+        let Some(n) = index_len(&first).filter(|&n| at + n <= len) else {
+            break;
+        };
+        let mut index = vec![0u8; n as usize];
+        if target::read_full_at(&f.file, &mut index, at).ok() != Some(n as usize) {
+            break;
+        }
+        let Some(records) = decode_index(&index) else {
+            break;
+        };
+        let mut payload = at + n;
+        let sound = records.iter().all(|r| {
+            let ok = payload + r.payload_len() <= len
+                && read_checked(f, payload, r, &mut data).is_some();
+            payload += r.payload_len();
+            ok
+        });
+        if !sound {
+            break;
+        }
+        out.push((at + n, records));
+        at = payload;
     }
-    Ok(at)
+    out
 }
 
-/// The payload of the record at `at`, checked against its checksum and trailer.
+/// The payload of `rec` at `at` in the journal, checked against its checksum.
 fn read_checked<'a>(f: &Found, at: u64, rec: &Record, data: &'a mut Vec<u8>) -> Option<&'a [u8]> {
-    let mut tail = [0u8; FRAME];
-    let tail_at = at + rec.framed_len() - FRAME as u64;
-    if target::read_full_at(&f.file, &mut tail, tail_at).ok()? != FRAME
-        || Record::parse(&tail, true) != Some(*rec)
-    {
-        return None;
-    }
     data.clear();
     if !rec.zero {
         data.resize(rec.len as usize, 0);
-        if target::read_full_at(&f.file, data, at + FRAME as u64).ok()? != data.len() {
+        if target::read_full_at(&f.file, data, at).ok()? != data.len() {
             return None;
         }
     }
     (checksum(rec.offset, rec.len, rec.zero, data) == rec.sum).then_some(&data[..])
 }
 
-/// Calls `each` for every sound record of `f`, last first.
+/// Calls `each` for every sound record of `f`, first to last.
+fn forwards(f: &Found, mut each: impl FnMut(&Record) -> Result<()>) -> Result<()> {
+    for (_, records) in groups(f) {
+        records.iter().try_for_each(&mut each)?;
+    }
+    Ok(())
+}
+
+/// Calls `each` for every sound record of `f` with its bytes, last first.
 fn backwards(f: &Found, mut each: impl FnMut(&Record, &[u8]) -> Result<()>) -> Result<()> {
-    let mut at = forwards(f, |_| Ok(()))?;
-    let mut tail = [0u8; FRAME];
     let mut data = Vec::new();
-    while at > HEADER_LEN as u64 {
-        let damaged = || {
-            journal_error(
-                &f.path,
-                "is damaged inside (a record does not check out); nothing more was restored from it",
-            )
-        };
-        target::read_full_at(&f.file, &mut tail, at - FRAME as u64).map_err(|_| damaged())?;
-        let rec = Record::parse(&tail, true).ok_or_else(damaged)?;
-        let start = at
-            .checked_sub(rec.framed_len())
-            .filter(|&s| s >= HEADER_LEN as u64)
-            .ok_or_else(damaged)?;
-        let bytes = read_checked(f, start, &rec, &mut data).ok_or_else(damaged)?;
-        each(&rec, bytes)?;
-        at = start;
+    for (start, records) in groups(f).into_iter().rev() {
+        // Where each payload starts: after the index, in order.
+        let mut at = start;
+        let starts: Vec<u64> = records
+            .iter()
+            .map(|r| {
+                let s = at;
+                at += r.payload_len();
+                s
+            })
+            .collect();
+        for (r, &s) in records.iter().zip(&starts).rev() {
+            let bytes = read_checked(f, s, r, &mut data).ok_or_else(|| {
+                journal_error(&f.path, "changed while it was read (a record no longer checks out); nothing more was restored from it")
+            })?;
+            each(r, bytes)?;
+        }
     }
     Ok(())
 }
@@ -176,7 +191,7 @@ fn verify(dest: &Target, found: &[Found]) -> Result<()> {
     let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
     let mut buf = Vec::new();
     for f in found {
-        forwards(f, |rec| {
+        forwards(f, |rec: &Record| {
             let end = rec.offset + rec.len;
             let overlaps = seen
                 .range(..end)

@@ -77,15 +77,18 @@ fn a_torn_tail_is_ignored_and_continued_runs_go_back_to_the_oldest() {
     let p = plan(dir.path(), &t);
     let mut first = Journal::begin(&p, &t).unwrap();
     overwrite(&mut first, &t, 0, &bytes(4096, 3));
-    // A group being written when the power went: never committed, nothing overwritten.
+    // A group being written when the power went: cut short in the file, and the
+    // write it covers never made.
     first.save(&t.file, 8192, 4096).unwrap();
+    first.commit().unwrap();
     drop(first);
     let found = p.place.list().unwrap();
+    let len = std::fs::metadata(&found[0].path).unwrap().len();
     let f = std::fs::OpenOptions::new()
-        .append(true)
+        .write(true)
         .open(&found[0].path)
         .unwrap();
-    std::io::Write::write_all(&mut &f, &[0x55; 100]).unwrap();
+    f.set_len(len - 2048).unwrap();
     // The next run continues: it overwrites the same range again, and another.
     let mut second = Journal::begin(&p, &t).unwrap();
     overwrite(&mut second, &t, 0, &bytes(4096, 4));

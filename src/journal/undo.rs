@@ -2,7 +2,10 @@
 //! overwritten, made durable in group commits (one write and one fdatasync per group),
 //! never letting the journal take the last of its filesystem's free space.
 
-use super::format::{DONE_AT, FRAME, Header, MAX_RECORD, Record, checksum};
+use super::format::{
+    DONE_AT, HEADER_LEN, Header, MAX_ENTRIES, MAX_RECORD, PAGE, Record, checksum, encode_index,
+    pages,
+};
 use super::place::{Place, belongs_to, journal_error, sync_dir};
 use crate::error::{Error, Kind, Result, os_text};
 use crate::io::target::{self, Target};
@@ -37,7 +40,13 @@ pub struct Journal {
     /// Bytes of the destination that existed when the run began: only those have old
     /// contents to keep (a file grown by the run is cut back instead).
     size_before: u64,
-    /// Records not yet written, in a page-aligned buffer (`buf[at..at + used]`).
+    /// The same file opened with O_DIRECT, where the filesystem suits it: groups go
+    /// from the aligned buffer to the disk, with no copy into the page cache and no
+    /// writeback after it.
+    direct: Option<File>,
+    /// The records of the group being built, and their payloads in a page-aligned
+    /// buffer (`buf[at..at + used]`).
+    records: Vec<Record>,
     buf: Vec<u8>,
     at: usize,
     used: usize,
@@ -133,23 +142,26 @@ impl Journal {
             return Err(no_room_or(&path, &e, "cannot make its name durable"));
         }
         Ok(Journal {
-            file,
             path,
             place: place.clone(),
             run_id: plan.run_id,
             streams: plan.streams,
             size_before: dest.size,
+            direct: target::reopen_direct_file(&file),
+            file,
+            records: Vec::new(),
             buf: Vec::new(),
             at: 0,
             used: 0,
-            end: page.len() as u64,
+            end: HEADER_LEN as u64,
             saved: 0,
         })
     }
 
-    /// Bytes waiting for the next commit.
-    pub fn buffered(&self) -> usize {
-        self.used
+    /// Whether the group is big enough to commit (at [`GROUP`] bytes of payload, or
+    /// near the most records a group holds).
+    pub fn should_commit(&self) -> bool {
+        self.used >= GROUP || self.records.len() + 64 >= MAX_ENTRIES
     }
 
     /// Bytes of the destination saved so far.
@@ -158,20 +170,20 @@ impl Journal {
         self.saved
     }
 
-    /// Bytes of records committed to the journal file (its header not counted).
+    /// Bytes of groups committed to the journal file (its header not counted).
     pub fn bytes(&self) -> u64 {
-        self.end - super::format::HEADER_LEN as u64
+        self.end - HEADER_LEN as u64
     }
 
     fn room(&mut self, n: usize) {
         if self.at + self.used + n <= self.buf.len() {
             return;
         }
-        // Page-aligned (the kernel copies from an aligned buffer fastest), grown once to
-        // what a group needs.
+        // Page-aligned (O_DIRECT needs it, and the kernel copies into an aligned buffer
+        // fastest), grown once to what a group needs.
         let want = (self.used + n).max(GROUP + 2 * MAX_RECORD as usize);
-        let mut fresh = vec![0u8; want + 4096];
-        let at = fresh.as_ptr().align_offset(4096);
+        let mut fresh = vec![0u8; want + PAGE];
+        let at = fresh.as_ptr().align_offset(PAGE);
         fresh[at..at + self.used].copy_from_slice(&self.buf[self.at..self.at + self.used]);
         self.buf = fresh;
         self.at = at;
@@ -185,46 +197,60 @@ impl Journal {
         let mut at = offset;
         while at < end {
             let n = (end - at).min(MAX_RECORD);
-            self.room(super::format::framed_len(n, false) as usize);
+            let room = pages(n) as usize;
+            self.room(room);
             let start = self.at + self.used;
-            let payload = start + FRAME;
-            let got = target::read_full_at(dest, &mut self.buf[payload..payload + n as usize], at)?;
-            // Past the device's or file's end (never, unless it shrank): keep zeros.
-            self.buf[payload + got..payload + n as usize].fill(0);
-            let data = &self.buf[payload..payload + n as usize];
+            let got = target::read_full_at(dest, &mut self.buf[start..start + n as usize], at)?;
+            // Past the end (never, unless the destination shrank), and the page's
+            // padding: zeros.
+            self.buf[start + got..start + room].fill(0);
+            let data = &self.buf[start..start + n as usize];
             let zero = target::is_zero(data);
-            let rec = Record {
+            self.records.push(Record {
                 offset: at,
                 len: n,
                 zero,
                 sum: checksum(at, n, zero, if zero { &[] } else { data }),
-            };
-            let body = rec.framed_len() as usize - 2 * FRAME;
+            });
             if !zero {
-                self.buf[payload + n as usize..payload + body].fill(0); // padding
+                self.used += room;
             }
-            self.buf[start..payload].copy_from_slice(&rec.head());
-            self.buf[payload + body..payload + body + FRAME].copy_from_slice(&rec.tail());
-            self.used += rec.framed_len() as usize;
             self.saved += n;
             at += n;
         }
         Ok(())
     }
 
-    /// Writes the group and makes it durable. Refuses (before anything more is
-    /// overwritten) when the journal would leave its filesystem nearly full.
+    /// Writes the group (its index, then its payloads) and makes it durable. Refuses
+    /// (before anything more is overwritten) when the journal would leave its
+    /// filesystem nearly full.
     pub fn commit(&mut self) -> Result<()> {
-        if self.used == 0 {
+        if self.records.is_empty() {
             return Ok(());
         }
-        self.check_room(self.used as u64)?;
-        let group = &self.buf[self.at..self.at + self.used];
-        target::write_full_at(&self.file, group, self.end)
+        let index = encode_index(&self.records);
+        // The index into an aligned buffer of its own, for O_DIRECT.
+        let mut aligned = vec![0u8; index.len() + PAGE];
+        let a = aligned.as_ptr().align_offset(PAGE);
+        aligned[a..a + index.len()].copy_from_slice(&index);
+        let index = &aligned[a..a + index.len()];
+        let total = (index.len() + self.used) as u64;
+        self.check_room(total)?;
+        let payloads = &self.buf[self.at..self.at + self.used];
+        let put = |f: &File| {
+            target::write_full_at(f, index, self.end)
+                .and_then(|()| target::write_full_at(f, payloads, self.end + index.len() as u64))
+        };
+        let written = match &self.direct {
+            Some(d) => put(d).or_else(|_| put(&self.file)), // refused after all: buffered
+            None => put(&self.file),
+        };
+        written
             .and_then(|()| self.file.sync_data())
             .map_err(|e| no_room_or(&self.path, &e, "cannot write it"))?;
-        self.end += self.used as u64;
+        self.end += total;
         self.used = 0;
+        self.records.clear();
         Ok(())
     }
 
