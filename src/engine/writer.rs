@@ -5,7 +5,8 @@ use super::dest::failed;
 use super::messages::{ToDest, ToSource};
 use super::{Compare, Config, Stats};
 use crate::error::{Error, Kind, Result, os_text};
-use crate::io::pool::Slice;
+use crate::io::pool::{Buf, Recycler, Slice};
+use crate::io::target::DIRECT_ALIGN;
 use crate::io::target::{self, Advice, Target, TargetKind};
 use crate::journal::Journal;
 use crate::journal::undo::GROUP;
@@ -83,6 +84,9 @@ fn io_error(what: String, e: std::io::Error) -> Error {
     Error::new(Kind::Io, format!("{what}: {}{hint}", os_text(&e)))
 }
 
+/// A group smaller than this is not committed only because the writer would wait.
+const MIN_COMMIT: usize = 1 << 20;
+
 /// A change held until the journal holding the bytes it overwrites is durable.
 enum Op {
     Write(u64, Slice),
@@ -125,6 +129,10 @@ struct Writer<'a> {
     journal: Option<Journal>,
     /// Changes whose old bytes are saved in the journal's group not yet committed.
     pending: Vec<Op>,
+    /// How many of `pending` hold blocks of their own (see [`Writer::release`]).
+    released: usize,
+    /// Buffers for them, used again once written.
+    spares: Recycler,
 }
 
 impl<'a> Writer<'a> {
@@ -184,10 +192,42 @@ impl<'a> Writer<'a> {
         if let Some(j) = self.journal.as_mut() {
             j.commit()?;
         }
+        self.released = 0;
         for op in std::mem::take(&mut self.pending) {
             self.apply(op)?;
         }
         Ok(())
+    }
+
+    /// Before waiting for the source, which may be waiting for the buffers the held
+    /// changes share with its reading: a group of some size is committed (and its
+    /// changes applied); a small one keeps its changes, copied into buffers of their
+    /// own ([`Writer::release`]), so scattered small changes share a few commits (each
+    /// costs an index page and a flush) instead of one each.
+    fn pause(&mut self) -> Result<()> {
+        match &self.journal {
+            Some(j) if j.buffered() < MIN_COMMIT => {
+                self.release();
+                Ok(())
+            }
+            _ => self.flush(),
+        }
+    }
+
+    /// Copies the held changes' blocks out of the buffers they share with the source's
+    /// reading into page-aligned ones of their own.
+    fn release(&mut self) {
+        for op in &mut self.pending[self.released..] {
+            if let Op::Write(_, data) = op {
+                // Recycled: fresh memory would cost more (page faults) than the copy.
+                let len = data.len();
+                let (mut own, at) = self.spares.aligned(len, DIRECT_ALIGN);
+                own[at..at + len].copy_from_slice(data);
+                let own = Buf::recycled(own, &self.spares);
+                *data = Slice::new(std::sync::Arc::new(own), at..at + len);
+            }
+        }
+        self.released = self.pending.len();
     }
 
     fn apply(&mut self, op: Op) -> Result<()> {
@@ -333,6 +373,8 @@ pub(super) fn write_dest(
         written: 0,
         journal,
         pending: Vec::new(),
+        released: 0,
+        spares: Recycler::new(64),
     };
     let mut stale = false;
     // `Some(size)` once the source finished; `None` when it stopped early.
@@ -342,7 +384,7 @@ pub(super) fn write_dest(
             // Nothing waiting: apply the held changes before waiting (the source may be
             // waiting for the buffers they hold).
             Err(TryRecvError::Empty) => {
-                w.flush()?;
+                w.pause()?;
                 from_source.recv().map_err(|_| ())
             }
             Err(TryRecvError::Disconnected) => Err(()),

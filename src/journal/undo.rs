@@ -158,6 +158,11 @@ impl Journal {
         })
     }
 
+    /// Bytes of old contents in the group being built.
+    pub fn buffered(&self) -> usize {
+        self.used
+    }
+
     /// Whether the group is big enough to commit (at [`GROUP`] bytes of payload, or
     /// near the most records a group holds).
     pub fn should_commit(&self) -> bool {
