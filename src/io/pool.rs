@@ -14,11 +14,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Makes `count` buffers of `size` bytes each, allocated lazily on first use.
+    /// Makes `count` buffers of `size` bytes each, allocated lazily on first use; each
+    /// hands out a page-aligned start (room for the alignment is reserved up front, so
+    /// it never moves): the kernel copies to and from an aligned buffer several times
+    /// faster, and large blocks in one can be written with O_DIRECT.
     pub fn new(count: usize, size: usize) -> Self {
         let (give, take) = bounded(count);
         for _ in 0..count {
-            give.send(Vec::with_capacity(size))
+            give.send(Vec::with_capacity(size + PAGE))
                 .expect("pool channel has room");
         }
         Pool { take, give }
@@ -47,12 +50,14 @@ impl Pool {
     }
 
     fn wrap(&self, mut v: Vec<u8>, len: usize) -> Buf {
-        if v.len() < len {
-            v.resize(len, 0);
+        if v.len() < len + PAGE {
+            v.resize(len + PAGE, 0);
         }
-        v.truncate(len);
+        let at = v.as_ptr().align_offset(PAGE);
         Buf {
             data: v,
+            at,
+            len,
             home: Some(self.give.clone()),
         }
     }
@@ -94,40 +99,55 @@ impl Recycler {
 
 /// A buffer that goes back to its pool when dropped.
 pub struct Buf {
+    /// The whole allocation; the buffer is `data[at..at + len]`.
     data: Vec<u8>,
+    at: usize,
+    len: usize,
     home: Option<Sender<Vec<u8>>>,
 }
 
 impl Buf {
     /// Shortens it to `len` bytes (a chunk shorter than the buffer).
     pub fn truncate(&mut self, len: usize) {
-        self.data.truncate(len);
+        self.len = self.len.min(len);
     }
 
     /// A buffer that belongs to no pool.
     pub fn detached(data: Vec<u8>) -> Self {
-        Buf { data, home: None }
+        let len = data.len();
+        Buf {
+            data,
+            at: 0,
+            len,
+            home: None,
+        }
     }
 
     /// A buffer that goes back to `recycler` when dropped.
     pub fn recycled(data: Vec<u8>, recycler: &Recycler) -> Self {
+        let len = data.len();
         Buf {
             data,
+            at: 0,
+            len,
             home: Some(recycler.give.clone()),
         }
     }
 }
 
+/// What buffers are aligned to.
+const PAGE: usize = 4096;
+
 impl Deref for Buf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data
+        &self.data[self.at..self.at + self.len]
     }
 }
 
 impl DerefMut for Buf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.data
+        &mut self.data[self.at..self.at + self.len]
     }
 }
 
@@ -210,6 +230,18 @@ mod tests {
         assert_eq!(c.len(), 4);
         drop((b, c));
         assert_eq!(pool.take.len(), 2);
+    }
+
+    #[test]
+    fn buffers_are_page_aligned_every_time() {
+        let pool = Pool::new(2, 1 << 20);
+        for len in [1 << 20, 4096, 1 << 20, 100] {
+            let mut b = pool.get(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr().addr() % PAGE, 0, "{len}");
+            b.truncate(len / 2);
+            assert_eq!((b.len(), b.as_ptr().addr() % PAGE), (len / 2, 0));
+        }
     }
 
     #[test]
