@@ -11,6 +11,7 @@ mod offline;
 mod report;
 pub(crate) mod server;
 mod settings;
+mod streams;
 mod undo;
 mod verdict;
 

@@ -202,10 +202,10 @@ fn rollback_there(
         .as_ref()
         .expect("a remote rollback has ssh settings");
     let hello = super::client::hello_for(settings, remote, Role::Rollback, path, None);
-    let mut stream = super::client::handshake(&remote.ssh, host, &hello)?;
+    let mut stream = super::streams::handshake(&remote.ssh, host, &hello)?;
     let journals = u64::from_le_bytes(stream.reply.sync_id[..8].try_into().expect("8 bytes"));
     if let Err(e) = confirm_rollback(settings, reporter, &format!("{host}:{path}")) {
-        super::client::refuse_all(std::slice::from_mut(&mut stream));
+        super::streams::refuse_all(std::slice::from_mut(&mut stream));
         return Err(e);
     }
     let go = Go {
@@ -216,10 +216,10 @@ fn rollback_there(
         sync_id: [0; 16],
         no_read: false,
     };
-    super::client::send_go(&mut stream, go)?;
+    super::streams::send_go(&mut stream, go)?;
     let mut buf = Vec::new();
     let answer = read_frame(&mut stream.conn.reader, &mut buf);
-    super::client::reap(&mut stream.conn.child);
+    super::streams::reap(&mut stream.conn.child);
     match answer {
         Ok((Frame::Source(ToSource::Done { written, read }), _)) => Ok(Restored {
             journals: journals as usize,
