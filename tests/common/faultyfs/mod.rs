@@ -136,6 +136,9 @@ struct Shared {
     eio: AtomicU64,
     /// Requests being held by a delay right now.
     held: AtomicU64,
+    /// With [`FaultyFs::volatile`]: the content as of the last fsync, what a power cut
+    /// leaves.
+    flushed: Mutex<Option<Vec<u8>>>,
 }
 
 /// A mounted faulty filesystem; unmounted, and its threads stopped, on drop.
@@ -195,6 +198,7 @@ impl FaultyFs {
             writes: Mutex::new(Vec::new()),
             eio: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            flushed: Mutex::new(None),
         });
         let dir = tempfile::tempdir().expect("mount point");
         // CLOEXEC: a child (blocksync, dd) holding it would keep the connection alive
@@ -317,6 +321,29 @@ impl FaultyFs {
         assert!(self.shared.writable, "lose_writes needs FaultyFs::writable");
         check_bad(lost);
         self.shared.faults.lock().unwrap().lost = lost.to_vec();
+    }
+
+    /// A disk with a volatile write cache: from now on, what is written is only kept
+    /// once an fsync asks for it; [`FaultyFs::power_cut`] loses the rest.
+    pub fn volatile(&self) {
+        assert!(self.shared.writable, "volatile needs FaultyFs::writable");
+        let now = self.shared.content.read().unwrap().clone();
+        *self.shared.flushed.lock().unwrap() = Some(now);
+    }
+
+    /// The power goes: the file is as it was at the last fsync (or at
+    /// [`FaultyFs::volatile`]), everything written since is lost. The disk keeps serving
+    /// (as it would after power came back).
+    pub fn power_cut(&self) {
+        let kept = self
+            .shared
+            .flushed
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("FaultyFs::volatile first");
+        *self.shared.content.write().unwrap() = kept;
+        self.shared.version.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many requests (reads or writes) the delay is holding right now: with a long

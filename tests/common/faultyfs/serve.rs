@@ -91,7 +91,15 @@ fn answer(shared: &Shared, opcode: u32, nodeid: u64, body: &[u8]) -> Option<Resu
         SETATTR | WRITE | CREATE => Err(libc::EPERM),
         READDIR => readdir(body),
         STATFS => statfs(size),
-        RELEASE | RELEASEDIR | FLUSH | FSYNC | FSYNCDIR | DESTROY => Ok(Vec::new()),
+        FSYNC => {
+            // A volatile disk keeps, from now, what was written until now.
+            let mut flushed = shared.flushed.lock().unwrap();
+            if flushed.is_some() {
+                *flushed = Some(shared.content.read().unwrap().clone());
+            }
+            Ok(Vec::new())
+        }
+        RELEASE | RELEASEDIR | FLUSH | FSYNCDIR | DESTROY => Ok(Vec::new()),
         // Everything else (xattrs, access, lseek, ...) is "not implemented": the kernel
         // remembers and falls back to its defaults.
         _ => Err(libc::ENOSYS),
