@@ -11,6 +11,9 @@ Operands:
   A word with a colon before any slash is host:path. In a two-operand call, a second word
   with neither '/' nor ':' could be a host or a file: blocksync refuses and names both.
 
+The last good copy (see --journal):
+  blocksync rollback [OPTIONS] [HOST:]DST put DST back as it was before its unfinished run
+
 Offline (no live link; see blocksync digest --help, ...):
   blocksync digest TARGET -o FILE        the block digests of a target
   blocksync diff SRC --against FILE      a patch: the blocks of SRC that differ
@@ -61,7 +64,7 @@ impl Args {
     name = "blocksync",
     version,
     about = "Sync a file or block device onto another, locally or over ssh, sending only changed blocks",
-    override_usage = "blocksync [OPTIONS] SRC DST\n       blocksync [OPTIONS] SRC HOST [DST]\n       blocksync [OPTIONS] --pull DST HOST SRC",
+    override_usage = "blocksync [OPTIONS] SRC DST\n       blocksync [OPTIONS] SRC HOST [DST]\n       blocksync [OPTIONS] --pull DST HOST SRC\n       blocksync rollback [OPTIONS] [HOST:]DST",
     max_term_width = 100
 )]
 pub struct Args {
