@@ -300,7 +300,13 @@ impl<'a> Writer<'a> {
             return Ok(());
         };
         self.flush()?;
-        if let Some(size) = size.filter(|&n| d.kind == TargetKind::File && d.size != n) {
+        // Only the stream whose part ends the file resizes it (and journals a cut tail):
+        // with -w, the others saw its size when they opened it.
+        // (An empty part past the end, more streams than chunks, does not own it.)
+        let l = self.config.layout;
+        let owns_end = l.end == l.size && (l.start < l.end || l.start == 0);
+        if let Some(size) = size.filter(|&n| d.kind == TargetKind::File && d.size != n && owns_end)
+        {
             if size < d.size {
                 // The bytes cut off are overwritten too, as far as a rollback goes.
                 self.save(size, d.size - size)?;

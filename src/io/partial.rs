@@ -39,6 +39,16 @@ pub fn as_partial(probe: DestProbe) -> Result<DestProbe> {
         }
     }
     let mut found = probe_destination(&temp)?;
+    if found.path != temp {
+        // A symlink planted since the check: never adopted.
+        return Err(Error::new(
+            Kind::Destination,
+            format!(
+                "{} became a symlink while it was checked; remove it and run again",
+                temp.display()
+            ),
+        ));
+    }
     found.final_path = Some(probe.path);
     Ok(found)
 }

@@ -15,6 +15,10 @@ pub const MAX_RECORD: u64 = 1 << 20;
 const SUM_AT: usize = 4064;
 /// Where the completion flag is: outside the checksum, rewritten in place.
 pub const DONE_AT: u64 = 4088;
+/// The completion flag of the journal that marks its whole run complete: the commit
+/// point of removing a completed run's journals (any journal of its place with a lower
+/// or equal number is then stale, whatever was removed before a crash).
+pub const COMPLETE: u8 = 2;
 /// Longest source label kept.
 const MAX_LABEL: usize = 1024;
 
@@ -80,7 +84,8 @@ impl Header {
         p
     }
 
-    /// Reads a header page; also whether the run's stream completed.
+    /// Reads a header page; also whether the run's stream completed (its flag 1, or 2:
+    /// the whole run completed, see [`COMPLETE`]).
     pub fn decode(page: &[u8]) -> Result<(Header, bool), String> {
         if page.len() < HEADER_LEN || &page[..8] != MAGIC {
             return Err("not a blocksync journal".into());
@@ -102,7 +107,7 @@ impl Header {
             return Err("its header is damaged".into());
         }
         let source = String::from_utf8_lossy(r.take(n).map_err(short)?).into_owned();
-        let done = page[DONE_AT as usize] == 1;
+        let done = page[DONE_AT as usize] >= 1;
         let [dev, ino, rdev, size_before, created] = v;
         let h = Header {
             run_id,

@@ -29,6 +29,8 @@ pub struct Found {
     pub header: Header,
     /// Its stream completed.
     pub done: bool,
+    /// It marks its whole run complete (see [`super::format::COMPLETE`]).
+    pub complete: bool,
     /// Open for reading.
     pub file: File,
 }
@@ -132,6 +134,18 @@ impl Place {
             found.push(open_trusted(&e.path())?);
         }
         found.sort_by_key(|f| (f.header.seq, f.header.stream));
+        // A completed run's removal cut short: everything up to its mark is stale.
+        if let Some(upto) = found
+            .iter()
+            .filter(|f| f.complete)
+            .map(|f| f.header.seq)
+            .max()
+        {
+            let (stale, live): (Vec<Found>, Vec<Found>) =
+                found.into_iter().partition(|f| f.header.seq <= upto);
+            remove_in_order(&self.dir, stale.iter().map(|f| f.path.as_path()))?;
+            found = live;
+        }
         Ok(found)
     }
 }
@@ -161,10 +175,12 @@ pub fn open_trusted(path: &Path) -> Result<Found> {
         .map_err(|e| journal_error(path, &os(&e)))?;
     page.truncate(n);
     let (header, done) = Header::decode(&page).map_err(|why| journal_error(path, &why))?;
+    let complete = page.get(super::format::DONE_AT as usize) == Some(&super::format::COMPLETE);
     Ok(Found {
         path: path.to_path_buf(),
         header,
         done,
+        complete,
         file,
     })
 }
@@ -208,6 +224,21 @@ pub fn record_completed(path: &Path, id: &Identity) -> io::Result<()> {
         .unwrap_or_default()
         .as_secs();
     std::fs::write(rec, format!("{}\n{when}\n", path.display()))
+}
+
+/// Removes `paths` one at a time, each removal durable before the next (the order is
+/// the caller's: what is left after a crash must still be a consistent set).
+pub fn remove_in_order<'a>(dir: &Path, paths: impl Iterator<Item = &'a Path>) -> Result<()> {
+    for p in paths {
+        match std::fs::remove_file(p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(journal_error(p, &format!("cannot remove it: {}", os(&e))));
+            }
+            _ => {}
+        }
+        sync_dir(dir).map_err(|e| journal_error(dir, &os(&e)))?;
+    }
+    Ok(())
 }
 
 /// Fsyncs a directory, so names created or removed in it survive a power cut.

@@ -3,8 +3,11 @@
 //! each byte the oldest saved contents win; then a file is cut back to its old size,
 //! everything flushed, and each restored range read back and checked.
 
-use super::format::{HEADER_LEN, PAGE, Record, checksum, decode_index, index_len};
-use super::place::{Found, Place, belongs_to, journal_error, sync_dir};
+use super::format::{
+    HEADER_LEN, MAX_ENTRIES, MAX_RECORD, PAGE, Record, checksum, decode_index, index_len,
+};
+use super::place::{Found, Place, belongs_to, journal_error};
+use super::undo::GROUP;
 use crate::error::{Error, Kind, Result, os_text};
 use crate::io::target::{self, Target, TargetKind};
 use std::collections::BTreeMap;
@@ -23,25 +26,41 @@ pub struct Restored {
 /// The groups of `f` that check out, in order: where each starts and its records. A
 /// group that does not (cut short or damaged) ends the journal: it is the commit being
 /// written when the run died, and none of its writes had been made.
-fn groups(f: &Found) -> Vec<(u64, Vec<Record>)> {
-    let len = f.file.metadata().map_or(0, |m| m.len());
+fn groups(f: &Found) -> Result<Vec<(u64, Vec<Record>)>> {
+    let io_err =
+        |e: std::io::Error| journal_error(&f.path, &format!("cannot read it: {}", os_text(&e)));
+    let len = f.file.metadata().map_err(io_err)?.len();
     let mut at = HEADER_LEN as u64;
     let mut out = Vec::new();
     let mut data = Vec::new();
+    // A group that does not check out is the torn last one only if no more than one
+    // group's worth of the file follows; otherwise the journal is damaged inside.
+    let end = |at: u64, out| {
+        if len - at > MAX_GROUP_BYTES {
+            Err(journal_error(
+                &f.path,
+                &format!(
+                    "is damaged at byte {at}, before its end; it is kept, nothing was restored from it"
+                ),
+            ))
+        } else {
+            Ok(out)
+        }
+    };
     while at + PAGE as u64 <= len {
         let mut first = vec![0u8; PAGE];
-        if target::read_full_at(&f.file, &mut first, at).ok() != Some(PAGE) {
-            break;
+        if target::read_full_at(&f.file, &mut first, at).map_err(io_err)? != PAGE {
+            return end(at, out);
         }
         let Some(n) = index_len(&first).filter(|&n| at + n <= len) else {
-            break;
+            return end(at, out);
         };
         let mut index = vec![0u8; n as usize];
-        if target::read_full_at(&f.file, &mut index, at).ok() != Some(n as usize) {
-            break;
+        if target::read_full_at(&f.file, &mut index, at).map_err(io_err)? != n as usize {
+            return end(at, out);
         }
         let Some(records) = decode_index(&index) else {
-            break;
+            return end(at, out);
         };
         let mut payload = at + n;
         let sound = records.iter().all(|r| {
@@ -51,13 +70,18 @@ fn groups(f: &Found) -> Vec<(u64, Vec<Record>)> {
             ok
         });
         if !sound {
-            break;
+            return end(at, out);
         }
         out.push((at + n, records));
         at = payload;
     }
-    out
+    Ok(out)
 }
+
+/// The most a group takes in the file: its index, and payloads up to two groups' worth
+/// and a record (the writer commits once a group reaches [`GROUP`]).
+const MAX_GROUP_BYTES: u64 =
+    (MAX_ENTRIES as u64 * 40 + PAGE as u64) + 2 * GROUP as u64 + 2 * MAX_RECORD;
 
 /// The payload of `rec` at `at` in the journal, checked against its checksum.
 fn read_checked<'a>(f: &Found, at: u64, rec: &Record, data: &'a mut Vec<u8>) -> Option<&'a [u8]> {
@@ -73,7 +97,7 @@ fn read_checked<'a>(f: &Found, at: u64, rec: &Record, data: &'a mut Vec<u8>) -> 
 
 /// Calls `each` for every sound record of `f`, first to last.
 fn forwards(f: &Found, mut each: impl FnMut(&Record) -> Result<()>) -> Result<()> {
-    for (_, records) in groups(f) {
+    for (_, records) in groups(f)? {
         records.iter().try_for_each(&mut each)?;
     }
     Ok(())
@@ -82,7 +106,7 @@ fn forwards(f: &Found, mut each: impl FnMut(&Record) -> Result<()>) -> Result<()
 /// Calls `each` for every sound record of `f` with its bytes, last first.
 fn backwards(f: &Found, mut each: impl FnMut(&Record, &[u8]) -> Result<()>) -> Result<()> {
     let mut data = Vec::new();
-    for (start, records) in groups(f).into_iter().rev() {
+    for (start, records) in groups(f)?.into_iter().rev() {
         // Where each payload starts: after the index, in order.
         let mut at = start;
         let starts: Vec<u64> = records
@@ -167,18 +191,9 @@ pub fn rollback(dest: &Target, place: &Place) -> Result<Restored> {
     }
     dest.file.sync_all().map_err(write_err)?;
     verify(dest, &found)?;
-    for f in &found {
-        std::fs::remove_file(&f.path).map_err(|e| {
-            journal_error(
-                &f.path,
-                &format!(
-                    "restored and verified, but cannot remove it: {}",
-                    os_text(&e)
-                ),
-            )
-        })?;
-    }
-    sync_dir(&place.dir).map_err(|e| journal_error(&place.dir, &os_text(&e)))?;
+    // Newest first, each removal durable: what a crash leaves is an oldest prefix of the
+    // set, which applied again changes nothing.
+    super::place::remove_in_order(&place.dir, found.iter().rev().map(|f| f.path.as_path()))?;
     Ok(done)
 }
 

@@ -56,9 +56,9 @@ fn data_zeros_and_a_cut_tail_come_back() {
     j.save(&t.file, 250_000, 50_000).unwrap(); // the tail a shorter source cuts
     j.commit().unwrap();
     t.file.set_len(250_000).unwrap();
-    overwrite(&mut j, &t, 240_000, &bytes(20_000, 9)); // grows it past the cut again
-    // The last write saves the cut-off bytes again (as zeros): the older record wins.
-    assert_eq!(j.saved(), 5000 + 65536 + 50_000 + 20_000);
+    assert_eq!(j.saved(), 5000 + 65536 + 50_000);
+    // Saving past the cut would keep bytes that are no longer the old ones: refused.
+    assert!(j.save(&t.file, 240_000, 20_000).is_err());
     drop(j); // the run dies
     let done = rollback(&t, &p.place).unwrap();
     assert_eq!(done.journals, 1);
@@ -135,4 +135,54 @@ fn a_journal_others_can_write_is_never_used() {
         std::fs::read(&path).unwrap() != before,
         "nothing was written back"
     );
+}
+
+#[test]
+fn a_completed_runs_mark_makes_what_is_left_of_its_journals_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    std::fs::write(&path, bytes(10_000, 1)).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let mut first = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut first, &t, 0, &bytes(100, 2));
+    drop(first);
+    let second = Journal::begin(&p, &t).unwrap();
+    drop(second);
+    // The second run completed and marked it, then died before removing the first.
+    let newest = p.place.list().unwrap().pop().unwrap().path;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap();
+    target::write_full_at(&f, &[super::format::COMPLETE], super::format::DONE_AT).unwrap();
+    assert!(p.place.list().unwrap().is_empty(), "stale: never applied");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "and removed"
+    );
+}
+
+#[test]
+fn damage_inside_a_journal_is_refused_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let before = bytes(64 << 20, 3);
+    std::fs::write(&path, &before).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let mut j = Journal::begin(&p, &t).unwrap();
+    // Three full groups, then damage in the first: more than a torn group follows it.
+    for g in 0..3u64 {
+        j.save(&t.file, g * (8 << 20), 8 << 20).unwrap();
+        j.commit().unwrap();
+    }
+    drop(j);
+    let jp = p.place.list().unwrap().remove(0).path;
+    let f = std::fs::OpenOptions::new().write(true).open(&jp).unwrap();
+    target::write_full_at(&f, &[0xff; 16], 4096 + 8192).unwrap();
+    let e = rollback(&t, &p.place).unwrap_err();
+    assert!(e.message.contains("damaged"), "{e}");
+    assert_eq!(p.place.list().unwrap().len(), 1, "the journal is kept");
 }

@@ -206,9 +206,14 @@ impl Journal {
             self.room(room);
             let start = self.at + self.used;
             let got = target::read_full_at(dest, &mut self.buf[start..start + n as usize], at)?;
-            // Past the end (never, unless the destination shrank), and the page's
-            // padding: zeros.
-            self.buf[start + got..start + room].fill(0);
+            if got < n as usize {
+                // Shorter than when the run began: its old bytes are not there to keep.
+                return Err(io::Error::other(format!(
+                    "the destination is shorter than when the run began ({} bytes); nothing more is written",
+                    at + got as u64
+                )));
+            }
+            self.buf[start + got..start + room].fill(0); // the page's padding
             let data = &self.buf[start..start + n as usize];
             let zero = target::is_zero(data);
             self.records.push(Record {
@@ -292,17 +297,22 @@ impl Journal {
         let all_done =
             (0..self.streams).all(|s| ours.iter().any(|f| f.header.stream == s && f.done));
         if all_done {
-            let paths = found
+            // The commit point: from here on this run counts as complete (a crash while
+            // the journals are removed leaves them stale, never a partial set to apply).
+            target::write_full_at(&self.file, &[super::format::COMPLETE], DONE_AT)
+                .and_then(|()| self.file.sync_data())
+                .map_err(fail)?;
+            let others = found
                 .iter()
-                .map(|f| f.path.clone())
-                .chain(self.place.leftovers());
-            for p in paths {
-                match std::fs::remove_file(&p) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(fail(e)),
-                    _ => {}
-                }
-            }
-            sync_dir(&self.place.dir).map_err(fail)?;
+                .map(|f| f.path.as_path())
+                .filter(|p| *p != self.path);
+            super::place::remove_in_order(&self.place.dir, others)?;
+            let last = self.place.leftovers();
+            let last = last
+                .iter()
+                .map(PathBuf::as_path)
+                .chain([self.path.as_path()]);
+            super::place::remove_in_order(&self.place.dir, last)?;
         }
         Ok(())
     }
