@@ -8,21 +8,9 @@ mod common;
 use common::sshd::Sshd;
 use common::*;
 use std::fs;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const M: usize = 1024 * 1024;
-
-/// Starts a slow run (`-p` pauses after every block) of `args`.
-fn slow(args: &[&str]) -> std::process::Child {
-    Command::new(bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start blocksync")
-}
 
 /// The second run is refused at once, naming `first`'s pid; then `first` completes.
 /// `dst` is the file the first run holds.
@@ -59,7 +47,7 @@ fn a_second_local_run_is_refused() {
     fs::write(&a, data(8 * M, 1)).unwrap();
     fs::write(&b, data(8 * M, 2)).unwrap();
     fs::write(&dst, data(8 * M, 3)).unwrap();
-    let first = slow(&["-f", "-p", "40", "-b", "256K", s(&a), s(&dst)]);
+    let first = spawn(&["-f", "-p", "40", "-b", "256K", s(&a), s(&dst)]);
     second_is_refused(first, &dst, &["-f", s(&b), s(&dst)]);
     assert_eq!(fs::read(&dst).unwrap(), fs::read(&a).unwrap());
     // A dry run is refused too while a run writes; once it is over, it runs.
@@ -77,7 +65,7 @@ fn a_second_run_onto_a_file_being_created_is_refused() {
     );
     fs::write(&a, data(8 * M, 4)).unwrap();
     fs::write(&b, data(8 * M, 5)).unwrap();
-    let first = slow(&["-f", "-p", "40", "-b", "256K", s(&a), s(&dst)]);
+    let first = spawn(&["-f", "-p", "40", "-b", "256K", s(&a), s(&dst)]);
     // Written under its temporary name until complete: that is what is locked.
     let partial = dir.path().join(".new.blocksync-partial");
     second_is_refused(first, &partial, &["-f", s(&b), s(&dst)]);
@@ -112,7 +100,7 @@ fn a_second_push_with_two_streams_is_refused() {
     ];
     let mut first_args = base.to_vec();
     first_args.extend_from_slice(&["--bwlimit", "2M", s(&a), &target]);
-    let mut first = slow(&first_args);
+    let mut first = spawn(&first_args);
     // The remote servers hold the locks: wait until both streams have theirs.
     wait_while_running(
         &mut first,

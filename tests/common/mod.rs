@@ -365,7 +365,7 @@ impl Rng {
 }
 
 /// Starts blocksync with `args`, stdin closed, stdout dropped, stderr piped.
-pub fn spawn(args: &[String]) -> std::process::Child {
+pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Child {
     Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
