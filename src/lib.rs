@@ -39,8 +39,8 @@ pub mod testing {
     pub use crate::ssh::deploy::{ROOT_STEP, STALE_EXIT, hash_hex, sudoers_rule};
     pub use crate::wire::frame::{
         Data, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_NO_READ, FLAG_TRACK_ID, FLAG_VERIFY, Frame,
-        GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_SIZE, MAX_TEXT, Reply, Role, RunPart,
-        VERSION, read_frame, read_frame_with, write_frame, write_raw_frame,
+        GREETING, Go, Hello, MAX_DIGESTS, MAX_FRAME, MAX_REPORT, MAX_SIZE, MAX_TEXT, Reply, Role,
+        RunPart, VERSION, read_frame, read_frame_with, write_frame, write_raw_frame,
     };
     pub use crate::wire::link::{Peer, recv_from_dest, recv_from_source};
 }

@@ -281,7 +281,7 @@ fn an_odd_but_decodable_go_then_a_lost_client_ends_quickly() {
         // A source server checks the size against its file first.
         let full = match role {
             Role::Dest => SOURCE_SIZE,
-            Role::Source | Role::Rollback => DEST_SIZE as u64,
+            _ => DEST_SIZE as u64,
         };
         for (what, g) in [
             ("the largest size", (max, 0, max)),

@@ -11,8 +11,12 @@ Operands:
   A word with a colon before any slash is host:path. In a two-operand call, a second word
   with neither '/' nor ':' could be a host or a file: blocksync refuses and names both.
 
-The last good copy (see --journal):
+The last good copy (see --journal, --keep-versions):
   blocksync rollback [OPTIONS] [HOST:]DST put DST back as it was before its unfinished run
+  blocksync versions [OPTIONS] [HOST:]DST list the versions kept of DST (newest is 1)
+  blocksync restore [OPTIONS] [HOST:]DST --version K -o OUT
+                       write DST as it was K runs ago into OUT (a new file or a device, on
+                       DST's machine), verified; DST is not touched
 
 Offline (no live link; see blocksync digest --help, ...):
   blocksync digest TARGET -o FILE        the block digests of a target
@@ -64,7 +68,7 @@ impl Args {
     name = "blocksync",
     version,
     about = "Sync a file or block device onto another, locally or over ssh, sending only changed blocks",
-    override_usage = "blocksync [OPTIONS] SRC DST\n       blocksync [OPTIONS] SRC HOST [DST]\n       blocksync [OPTIONS] --pull DST HOST SRC\n       blocksync rollback [OPTIONS] [HOST:]DST",
+    override_usage = "blocksync [OPTIONS] SRC DST\n       blocksync [OPTIONS] SRC HOST [DST]\n       blocksync [OPTIONS] --pull DST HOST SRC\n       blocksync rollback|versions [OPTIONS] [HOST:]DST\n       blocksync restore [OPTIONS] [HOST:]DST --version K -o OUT",
     max_term_width = 100
 )]
 pub struct Args {
@@ -75,6 +79,22 @@ pub struct Args {
     /// `blocksync rollback DST`: put DST back as it was before an unfinished run.
     #[arg(long, hide = true)]
     pub rollback: bool,
+
+    /// `blocksync versions DST`: list the versions kept.
+    #[arg(long, hide = true)]
+    pub versions: bool,
+
+    /// `blocksync restore DST --version K -o OUT`.
+    #[arg(long, hide = true, requires_all = ["restore_version", "restore_out"])]
+    pub restore: bool,
+
+    /// `blocksync restore`'s `--version K` (renamed: `--version` is the program's).
+    #[arg(long, hide = true, value_name = "K", requires = "restore")]
+    pub restore_version: Option<u32>,
+
+    /// `blocksync restore`'s `-o OUT` (renamed: `-o` is the log file's).
+    #[arg(long, hide = true, value_name = "OUT", requires = "restore")]
+    pub restore_out: Option<PathBuf>,
 
     /// Pull: the first operand is the local destination, the last the remote source.
     #[arg(long)]
@@ -141,6 +161,12 @@ pub struct Args {
     /// (default for a destination a run completed onto before, or with an unfinished run).
     #[arg(long, conflicts_with = "no_journal")]
     pub journal: bool,
+
+    /// Keep the undo journals of the last N completed runs as versions (compressed, on
+    /// the destination's machine): blocksync versions lists them, blocksync restore
+    /// writes one out. Later runs keep as many unless told otherwise; 0 removes them.
+    #[arg(long, value_name = "N", conflicts_with = "no_journal")]
+    pub keep_versions: Option<u32>,
 
     /// Keep no undo journal: an interrupted run leaves no way back.
     #[arg(long)]

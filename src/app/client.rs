@@ -136,6 +136,8 @@ pub(super) fn hello_for(
                 .journal_dir
                 .as_ref()
                 .map_or(String::new(), |d| d.display().to_string()),
+            keep: settings.keep_versions,
+            ..RunPart::default()
         },
     }
 }
@@ -292,12 +294,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     // Everything until the go may still refuse: then no stream writes anything.
     let prepared = (|| {
         let undo = match here.probe() {
-            Some(p) => Some(Undo::decide(
-                settings.journal,
-                settings.journal_dir.as_deref(),
-                p,
-                settings.dry_run,
-            )?),
+            Some(p) => Some(Undo::decide(&settings.undo_wanted(), p, settings.dry_run)?),
             None => None,
         };
         let existing = check_sides(settings, reporter, to, &here, &reply, size, undo.as_ref())?;

@@ -45,12 +45,7 @@ pub(crate) fn run(
         target::check_destination(dst_path, existing, src.size, settings.force_mounted)?;
     }
     note_busy_source(reporter, &src);
-    let undo = Undo::decide(
-        settings.journal,
-        settings.journal_dir.as_deref(),
-        &probe,
-        settings.dry_run,
-    )?;
+    let undo = Undo::decide(&settings.undo_wanted(), &probe, settings.dry_run)?;
     super::undo::note_unavailable(reporter, undo.decision, &dst_path.display().to_string());
     if let Some(existing) = &probe.shown() {
         let change = Change {

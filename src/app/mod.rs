@@ -5,6 +5,7 @@ pub(crate) mod badmap;
 mod cli;
 mod client;
 mod endpoint;
+mod history;
 mod interact;
 mod local;
 mod offline;
@@ -18,7 +19,7 @@ mod verdict;
 use cli::Args;
 use endpoint::Endpoint;
 use report::Reporter;
-use settings::Settings;
+use settings::{Command, Settings};
 
 /// Parses the command line, runs, reports, and returns the process exit code.
 pub fn main_entry() -> i32 {
@@ -35,13 +36,13 @@ pub fn main_entry() -> i32 {
     {
         return offline::main(cmd);
     }
-    // `blocksync rollback [OPTIONS] DST`: the sync's options (ssh, --journal-dir, -f).
-    let args = if first.as_ref().is_some_and(|a| a == "rollback") {
-        let mut words: Vec<std::ffi::OsString> = std::env::args_os().collect();
-        words[1] = "--rollback".into();
-        Args::from_words(words)
-    } else {
-        Args::from_command_line()
+    // `blocksync rollback|versions|restore [OPTIONS] DST`: the sync's options (ssh,
+    // --journal-dir, -f).
+    let args = match first.as_ref().and_then(|a| a.to_str()) {
+        Some(cmd @ ("rollback" | "versions" | "restore")) => {
+            Args::from_words(undo_words(cmd, std::env::args_os().collect()))
+        }
+        _ => Args::from_command_line(),
     };
     let reporter = match settings::reporter(&args) {
         Ok(r) => r,
@@ -60,13 +61,58 @@ pub fn main_entry() -> i32 {
     }
 }
 
+/// The words of `blocksync CMD ...` as the sync's command line parses them: the command
+/// becomes its hidden flag, and a restore's `--version K` and `-o OUT` (names the sync
+/// gives to other things) become their own.
+fn undo_words(cmd: &str, mut words: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    words[1] = format!("--{cmd}").into();
+    if cmd != "restore" {
+        return words;
+    }
+    let mut out = Vec::with_capacity(words.len());
+    let mut rest = words.into_iter();
+    for w in rest.by_ref() {
+        let Some(t) = w.to_str() else {
+            out.push(w);
+            continue;
+        };
+        if t == "--" {
+            out.push(w);
+            break;
+        }
+        let renamed = match t {
+            "--version" => "--restore-version".to_string(),
+            "-o" | "--output" => "--restore-out".to_string(),
+            _ => match (t.strip_prefix("--version="), t.strip_prefix("--output=")) {
+                (Some(k), _) => format!("--restore-version={k}"),
+                (_, Some(o)) => format!("--restore-out={o}"),
+                _ => match t
+                    .strip_prefix("-o")
+                    .filter(|o| !o.is_empty() && !t.starts_with("--"))
+                {
+                    Some(o) => format!("--restore-out={}", o.strip_prefix('=').unwrap_or(o)),
+                    None => t.to_string(),
+                },
+            },
+        };
+        out.push(renamed.into());
+    }
+    out.extend(rest);
+    out
+}
+
 /// Runs the sync the settings describe.
 fn run(settings: &Settings, reporter: &Reporter) -> crate::error::Result<()> {
     for n in &settings.notes {
         reporter.note(n);
     }
-    if settings.rollback {
-        return undo::rollback(settings, reporter);
+    match &settings.command {
+        Command::Sync => {}
+        Command::Rollback => return undo::rollback(settings, reporter),
+        Command::Versions => return history::versions(settings, reporter),
+        Command::Restore { version, out } => {
+            return history::restore_cmd(settings, reporter, *version, out);
+        }
     }
     match (&settings.pair.source, &settings.pair.destination) {
         (Endpoint::Local(s), Endpoint::Local(d)) => local::run(settings, reporter, s, d),

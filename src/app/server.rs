@@ -2,7 +2,7 @@
 //! on stdin/stdout, runs the source or destination half the client asks for, and makes
 //! the same checks as a local run before writing anything.
 
-use super::undo::{Pending, RollbackOptions, Undo, rollback_here};
+use super::undo::{Pending, RollbackOptions, Undo, Wanted, rollback_here};
 use crate::engine::messages::ToSource;
 use crate::engine::{Compare, Config, Layout, RunOptions, Salvage, Stats, VerifyLog};
 use crate::error::{Error, Kind, Result};
@@ -137,6 +137,7 @@ pub fn serve(input: &mut File, output: &mut File) -> Result<()> {
         Role::Dest => serve_dest(&hello, input, output),
         Role::Source => serve_source(&hello, input, output),
         Role::Rollback => serve_rollback(&hello, input, output),
+        Role::Versions | Role::Restore => super::history::serve(&hello, input, output),
     }
 }
 
@@ -188,12 +189,12 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         target::check_destination(path, existing, hello.source_size, force_mounted)?;
     }
     let track = hello.flags & FLAG_TRACK_ID != 0;
-    let undo = Undo::decide(
-        journal::Mode::from_byte(hello.run.journal),
-        Some(Path::new(&hello.run.journal_dir)).filter(|d| !d.as_os_str().is_empty()),
-        &probe,
-        hello.flags & FLAG_DRY_RUN != 0,
-    )?;
+    let want = Wanted {
+        mode: journal::Mode::from_byte(hello.run.journal),
+        dir: Some(PathBuf::from(&hello.run.journal_dir)).filter(|d| !d.as_os_str().is_empty()),
+        keep: hello.run.keep,
+    };
+    let undo = Undo::decide(&want, &probe, hello.flags & FLAG_DRY_RUN != 0)?;
     let reply = Reply {
         size: probe.shown().map_or(0, |e| e.size),
         kind: probe.shown().map_or(0, |e| kind_byte(e.kind)),
@@ -336,7 +337,15 @@ fn serve_rollback(hello: &Hello, input: &mut File, output: &mut File) -> Result<
     Ok(())
 }
 
-fn lost_client(e: std::io::Error) -> Error {
+/// Waits for the client's go; a refusal is `refused`.
+pub(super) fn expect_go(input: &mut impl Read, refused: &str) -> Result<()> {
+    match read_go(input)? {
+        go if go.proceed => Ok(()),
+        _ => Err(Error::new(Kind::NotConfirmed, refused.to_string())),
+    }
+}
+
+pub(super) fn lost_client(e: std::io::Error) -> Error {
     Error::new(
         Kind::Remote,
         format!("the client went away: {}", crate::error::os_text(&e)),

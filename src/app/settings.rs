@@ -60,8 +60,10 @@ pub(crate) struct Settings {
     pub digest: Option<DigestOptions>,
     /// `-w`: ssh streams.
     pub workers: u32,
-    /// `blocksync rollback DST`: the destination is put back, no sync.
-    pub rollback: bool,
+    /// A sync, or one of the commands about the last good copy.
+    pub command: Command,
+    /// `--keep-versions N`.
+    pub keep_versions: Option<u32>,
     /// `--journal`, `--no-journal`, or neither.
     pub journal: crate::journal::Mode,
     /// `--journal-dir DIR`: on the destination's machine.
@@ -82,17 +84,80 @@ pub(crate) struct RemoteSettings {
     pub bwlimit: u64,
 }
 
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A sync.
+    Sync,
+    /// `blocksync rollback DST`: the destination is put back, no sync.
+    Rollback,
+    /// `blocksync versions DST`: the versions kept are listed.
+    Versions,
+    /// `blocksync restore DST --version K -o OUT`.
+    Restore {
+        /// K: 1 is the image before the last run.
+        version: u32,
+        /// OUT, on the destination's machine.
+        out: PathBuf,
+    },
+}
+
+impl Command {
+    fn of(args: &Args) -> Command {
+        match (&args.restore_version, &args.restore_out) {
+            (Some(k), Some(out)) if args.restore => Command::Restore {
+                version: *k,
+                out: out.clone(),
+            },
+            _ if args.rollback => Command::Rollback,
+            _ if args.versions => Command::Versions,
+            _ => Command::Sync,
+        }
+    }
+
+    /// The command's name, for messages; `None` for a sync.
+    fn name(&self) -> Option<&'static str> {
+        match self {
+            Command::Sync => None,
+            Command::Rollback => Some("rollback"),
+            Command::Versions => Some("versions"),
+            Command::Restore { .. } => Some("restore"),
+        }
+    }
+}
+
 impl Settings {
+    /// What the run asks of the undo journal.
+    pub fn undo_wanted(&self) -> super::undo::Wanted {
+        super::undo::Wanted {
+            mode: self.journal,
+            dir: self.journal_dir.clone(),
+            keep: self.keep_versions,
+        }
+    }
+
     /// Checks every option and operand.
     pub fn resolve(args: &Args) -> Result<Settings> {
-        let pair = match (args.rollback, args.operands.as_slice()) {
-            (true, [dst]) => Pair {
+        let command = Command::of(args);
+        let pair = match (command.name(), args.operands.as_slice()) {
+            (Some(_), [dst]) => Pair {
                 source: Endpoint::Local(PathBuf::new()),
                 destination: endpoint::modern(dst).map_err(usage)?,
             },
-            (true, _) => return Err(usage("rollback takes one operand: DST or HOST:DST")),
-            (false, ops) => endpoint::parse_operands(ops, args.pull).map_err(usage)?,
+            (Some(name), _) => {
+                return Err(usage(format!("{name} takes one operand: DST or HOST:DST")));
+            }
+            (None, ops) => endpoint::parse_operands(ops, args.pull).map_err(usage)?,
         };
+        if let Some(k) = args
+            .keep_versions
+            .filter(|&k| k > crate::wire::frame::MAX_VERSIONS)
+        {
+            return Err(usage(format!(
+                "--keep-versions {k}: at most {} versions are kept",
+                crate::wire::frame::MAX_VERSIONS
+            )));
+        }
         let block = block_size(
             &args.block_size,
             "block size",
@@ -168,7 +233,8 @@ impl Settings {
                 dry_run: args.dry_run,
             }),
             workers: args.workers,
-            rollback: args.rollback,
+            command,
+            keep_versions: args.keep_versions,
             journal: match (args.journal, args.no_journal) {
                 (true, _) => crate::journal::Mode::On,
                 (_, true) => crate::journal::Mode::Off,

@@ -13,34 +13,44 @@ use crate::journal::{self, Decision, Mode, Place, Plan};
 use crate::wire::frame::{Frame, Go, Role, read_frame};
 use std::path::Path;
 
+/// What the command line (or a server's hello) asks of the journal.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Wanted {
+    /// `--journal`, `--no-journal`, or neither.
+    pub mode: Mode,
+    /// `--journal-dir DIR`.
+    pub dir: Option<std::path::PathBuf>,
+    /// `--keep-versions N`.
+    pub keep: Option<u32>,
+}
+
 /// The journal decision for a run's destination on this machine.
 pub(crate) struct Undo {
     /// Journaled or not, and why.
     pub decision: Decision,
     /// Where its journals are (an existing destination only).
     pub place: Option<Place>,
+    /// `--keep-versions`.
+    keep: Option<u32>,
 }
 
 impl Undo {
     /// Decides for the destination `probe` (before the confirmation); a dry run or a
     /// new destination keeps nothing.
-    pub fn decide(
-        mode: Mode,
-        dir: Option<&Path>,
-        probe: &DestProbe,
-        dry_run: bool,
-    ) -> Result<Undo> {
+    pub fn decide(want: &Wanted, probe: &DestProbe, dry_run: bool) -> Result<Undo> {
         let Some(existing) = probe.shown().filter(|_| !dry_run) else {
             return Ok(Undo {
                 decision: Decision::Nothing,
                 place: None,
+                keep: want.keep,
             });
         };
-        let place = Place::of(&probe.path, &existing.id, dir);
-        let decision = journal::decide(mode, &probe.path, &existing.id, &place)?;
+        let place = Place::of(&probe.path, &existing.id, want.dir.as_deref());
+        let decision = journal::decide(want.mode, &probe.path, &existing.id, &place, want.keep)?;
         Ok(Undo {
             decision,
             place: Some(place),
+            keep: want.keep,
         })
     }
 
@@ -64,6 +74,7 @@ impl Undo {
             stream: stream.0,
             streams: stream.1,
             source,
+            keep: self.keep,
         }))
     }
 }

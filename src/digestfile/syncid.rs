@@ -81,7 +81,7 @@ pub fn key(path: &std::path::Path, id: &Identity) -> String {
 /// device's size and the identifiers the kernel knows it by (a disk's WWN or serial, a
 /// mapped volume's uuid, a loop device's backing file), so a disk swapped in under the
 /// same name has no record.
-fn state_of(path: &std::path::Path, id: &Identity) -> String {
+pub fn state_of(path: &std::path::Path, id: &Identity) -> String {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(path) else {
         return String::new();

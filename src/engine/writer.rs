@@ -347,7 +347,7 @@ impl<'a> Writer<'a> {
             // now holds a copy worth journaling next time.
             if let Some(j) = self.journal.take() {
                 Stats::add(&self.stats.journaled, j.bytes());
-                j.finish()?;
+                j.finish(path)?;
             }
             let _ = crate::journal::place::record_completed(path, &d.id);
         } else if let Some(j) = &self.journal {

@@ -6,7 +6,9 @@
 use crate::io::codec::{Rd, put_u8, put_u32, put_u64};
 
 /// First bytes of a journal file.
-pub const MAGIC: &[u8; 8] = b"BSUNDO01";
+pub const MAGIC: &[u8; 8] = b"BSUNDO02";
+/// The first format, without the state the journal began in (read, never written).
+const MAGIC_1: &[u8; 8] = b"BSUNDO01";
 /// The header takes the first page; records follow.
 pub const HEADER_LEN: usize = 4096;
 /// Largest range one record holds (larger ones are split).
@@ -21,6 +23,8 @@ pub const DONE_AT: u64 = 4088;
 pub const COMPLETE: u8 = 2;
 /// Longest source label kept.
 const MAX_LABEL: usize = 1024;
+/// Longest state kept (what says the destination is unchanged, see `syncid::state_of`).
+pub const MAX_STATE: usize = 1024;
 
 const GROUP_MAGIC: &[u8; 8] = b"BSUNDOGR";
 /// Bytes of an entry in a group's index.
@@ -54,6 +58,9 @@ pub struct Header {
     pub created: u64,
     /// What the run synced from, for `versions` and messages.
     pub source: String,
+    /// The destination's state when the journal began (`syncid::state_of`): a version
+    /// made of it follows on from the previous one only if that ended in this state.
+    pub state: String,
 }
 
 impl Header {
@@ -77,6 +84,9 @@ impl Header {
         let label = truncated(&self.source, MAX_LABEL);
         put_u32(&mut p, label.len() as u32);
         p.extend_from_slice(label.as_bytes());
+        let state = truncated(&self.state, MAX_STATE);
+        put_u32(&mut p, state.len() as u32);
+        p.extend_from_slice(state.as_bytes());
         p.resize(SUM_AT, 0);
         let sum = blake3::hash(&p);
         p.extend_from_slice(&sum.as_bytes()[..16]);
@@ -87,7 +97,7 @@ impl Header {
     /// Reads a header page; also whether the run's stream completed (its flag 1, or 2:
     /// the whole run completed, see [`COMPLETE`]).
     pub fn decode(page: &[u8]) -> Result<(Header, bool), String> {
-        if page.len() < HEADER_LEN || &page[..8] != MAGIC {
+        if page.len() < HEADER_LEN || (&page[..8] != MAGIC && &page[..8] != MAGIC_1) {
             return Err("not a blocksync journal".into());
         }
         if blake3::hash(&page[..SUM_AT]).as_bytes()[..16] != page[SUM_AT..SUM_AT + 16] {
@@ -107,6 +117,15 @@ impl Header {
             return Err("its header is damaged".into());
         }
         let source = String::from_utf8_lossy(r.take(n).map_err(short)?).into_owned();
+        let state = if &page[..8] == MAGIC {
+            let n = r.u32().map_err(short)? as usize;
+            if n > MAX_STATE {
+                return Err("its header is damaged".into());
+            }
+            String::from_utf8_lossy(r.take(n).map_err(short)?).into_owned()
+        } else {
+            String::new()
+        };
         let done = page[DONE_AT as usize] >= 1;
         let [dev, ino, rdev, size_before, created] = v;
         let h = Header {
@@ -120,12 +139,13 @@ impl Header {
             size_before,
             created,
             source,
+            state,
         };
         Ok((h, done))
     }
 }
 
-fn truncated(s: &str, max: usize) -> &str {
+pub fn truncated(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -257,6 +277,7 @@ mod tests {
             size_before: 1 << 30,
             created: 1_700_000_000,
             source: "vm.img".into(),
+            state: "4096 1.2 3.4".into(),
         };
         let mut page = h.encode();
         assert_eq!(page.len(), HEADER_LEN);

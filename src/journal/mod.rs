@@ -8,8 +8,10 @@
 
 pub(crate) mod format;
 pub(crate) mod place;
+pub(crate) mod restore;
 pub(crate) mod rollback;
 pub(crate) mod undo;
+pub(crate) mod version;
 
 pub use place::Place;
 pub use undo::{Journal, Plan};
@@ -126,18 +128,28 @@ impl Decision {
 /// Decides for an existing destination at `path` (resolved) with identity `id`. Asked
 /// for (`--journal`, or an unfinished run to continue) where none can be kept is an
 /// error, before anything is written; by default the confirmation says so.
+///
+/// Versions kept (`keep` above 0, or versions there and `keep` not given) need the
+/// journal: the run is journaled as with `--journal`.
 pub fn decide(
     mode: Mode,
     path: &Path,
     id: &Identity,
     place: &Place,
+    keep: Option<u32>,
 ) -> crate::error::Result<Decision> {
-    let unfinished = !place.list()?.is_empty();
+    let live = place.list()?;
+    let unfinished = !live.is_empty();
+    let versions = match keep {
+        Some(k) => k > 0,
+        None => !version::list(place, live.first().map(|f| f.header.seq))?.is_empty(),
+    };
     let decision = match (mode, unfinished) {
         (Mode::Off, true) => Decision::Drops,
         (Mode::Off, false) => Decision::Off,
         (_, true) => Decision::Continues,
         (Mode::On, false) => Decision::On,
+        (Mode::Auto, false) if versions => Decision::On,
         (Mode::Auto, false) if place::completed_before(path, id) => Decision::On,
         (Mode::Auto, false) => Decision::Off,
     };

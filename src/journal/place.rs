@@ -59,6 +59,19 @@ impl Place {
         }
     }
 
+    /// Every version of the destination is named `VPREFIX<seq>` (see [`super::version`]).
+    pub fn version_prefix(&self) -> String {
+        match self.prefix.strip_suffix("undo.") {
+            Some(stem) => format!("{stem}version."),
+            None => format!("{}version.", self.prefix),
+        }
+    }
+
+    /// The version made of the journals up to number `seq`.
+    pub fn version_name(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{}{seq:08}", self.version_prefix()))
+    }
+
     /// The journal of `stream` in the run numbered `seq`.
     pub fn name(&self, seq: u64, stream: u32) -> PathBuf {
         self.dir.join(format!("{}{seq:08}.{stream}", self.prefix))
@@ -153,6 +166,25 @@ impl Place {
 /// Opens a journal and checks it is ours: a regular file (never through a symlink) of
 /// this user, writable by nobody else, with a sound header.
 pub fn open_trusted(path: &Path) -> Result<Found> {
+    let file = open_checked(path)?;
+    let mut page = vec![0u8; HEADER_LEN];
+    let n = crate::io::target::read_full_at(&file, &mut page, 0)
+        .map_err(|e| journal_error(path, &os(&e)))?;
+    page.truncate(n);
+    let (header, done) = Header::decode(&page).map_err(|why| journal_error(path, &why))?;
+    let complete = page.get(super::format::DONE_AT as usize) == Some(&super::format::COMPLETE);
+    Ok(Found {
+        path: path.to_path_buf(),
+        header,
+        done,
+        complete,
+        file,
+    })
+}
+
+/// Opens a journal or version for reading if it is ours: a regular file (never through
+/// a symlink) of this user, writable by nobody else.
+pub fn open_checked(path: &Path) -> Result<File> {
     let file = File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -170,19 +202,7 @@ pub fn open_trusted(path: &Path) -> Result<Found> {
             ),
         ));
     }
-    let mut page = vec![0u8; HEADER_LEN];
-    let n = crate::io::target::read_full_at(&file, &mut page, 0)
-        .map_err(|e| journal_error(path, &os(&e)))?;
-    page.truncate(n);
-    let (header, done) = Header::decode(&page).map_err(|why| journal_error(path, &why))?;
-    let complete = page.get(super::format::DONE_AT as usize) == Some(&super::format::COMPLETE);
-    Ok(Found {
-        path: path.to_path_buf(),
-        header,
-        done,
-        complete,
-        file,
-    })
+    Ok(file)
 }
 
 /// Whether `found` undoes the destination `id`.

@@ -26,7 +26,7 @@ pub struct Restored {
 /// The groups of `f` that check out, in order: where each starts and its records. A
 /// group that does not (cut short or damaged) ends the journal: it is the commit being
 /// written when the run died, and none of its writes had been made.
-fn groups(f: &Found) -> Result<Vec<(u64, Vec<Record>)>> {
+pub(super) fn groups(f: &Found) -> Result<Vec<(u64, Vec<Record>)>> {
     let io_err =
         |e: std::io::Error| journal_error(&f.path, &format!("cannot read it: {}", os_text(&e)));
     let len = f.file.metadata().map_err(io_err)?.len();
@@ -84,7 +84,12 @@ const MAX_GROUP_BYTES: u64 =
     (MAX_ENTRIES as u64 * 40 + PAGE as u64) + 2 * GROUP as u64 + 2 * MAX_RECORD;
 
 /// The payload of `rec` at `at` in the journal, checked against its checksum.
-fn read_checked<'a>(f: &Found, at: u64, rec: &Record, data: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+pub(super) fn read_checked<'a>(
+    f: &Found,
+    at: u64,
+    rec: &Record,
+    data: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
     data.clear();
     if !rec.zero {
         data.resize(rec.len as usize, 0);
@@ -241,7 +246,7 @@ fn verify(dest: &Target, found: &[Found]) -> Result<()> {
 }
 
 /// Adds `start..end` to a set of merged ranges.
-fn insert(set: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+pub(super) fn insert(set: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
     if let Some((&s, &e)) = set.range(..=start).next_back()
         && e >= start
     {

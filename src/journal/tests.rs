@@ -25,6 +25,7 @@ fn plan(dir: &Path, t: &Target) -> Plan {
         stream: 0,
         streams: 1,
         source: "test".into(),
+        keep: None,
     }
 }
 
@@ -109,7 +110,7 @@ fn a_completed_run_removes_its_journals() {
     let p = plan(dir.path(), &t);
     let mut j = Journal::begin(&p, &t).unwrap();
     overwrite(&mut j, &t, 0, &bytes(100, 2));
-    j.finish().unwrap();
+    j.finish(&path).unwrap();
     assert!(p.place.list().unwrap().is_empty());
     let e = rollback(&t, &p.place).unwrap_err();
     assert_eq!(e.kind, crate::error::Kind::Journal);
@@ -185,4 +186,60 @@ fn damage_inside_a_journal_is_refused_not_skipped() {
     let e = rollback(&t, &p.place).unwrap_err();
     assert!(e.message.contains("damaged"), "{e}");
     assert_eq!(p.place.list().unwrap().len(), 1, "the journal is kept");
+}
+
+/// A version of a run that continued an unfinished one holds the bytes from before the
+/// first (the oldest win), and restores them exactly; one made by a run that died before
+/// its commit point (its journals still there) is stale and removed when found.
+#[test]
+fn a_version_holds_the_oldest_bytes_and_a_stale_one_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let before = bytes(20_000, 1);
+    std::fs::write(&path, &before).unwrap();
+    let t = open(&path);
+    let mut p = plan(dir.path(), &t);
+    p.keep = Some(2);
+    let mut first = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut first, &t, 0, &bytes(100, 2));
+    drop(first); // killed
+    p.run_id = [10; 16];
+    let mut second = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut second, &t, 50, &bytes(9000, 3));
+    let made = second.finish(&path).unwrap().expect("a version");
+    assert!(p.place.list().unwrap().is_empty());
+    let versions = version::list(&p.place, None).unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].path, made);
+    assert_eq!(versions[0].header.bytes, 9050);
+    let out_path = dir.path().join("out");
+    let out_file = std::fs::File::create(&out_path).unwrap();
+    let out = restore::Out {
+        file: &out_file,
+        path: &out_path,
+        device: None,
+    };
+    let t = open(&path);
+    restore::restore(&t, &p.place, 1, &out, false).unwrap();
+    assert!(std::fs::read(&out_path).unwrap() == before);
+
+    // A third run makes its version, then dies before marking itself complete.
+    p.run_id = [11; 16];
+    let mut third = Journal::begin(&p, &t).unwrap();
+    overwrite(&mut third, &t, 0, &bytes(10, 4));
+    let live = p.place.list().unwrap();
+    let made = version::Made {
+        state_after: String::new(),
+        size_after: 20_000,
+        keep: 2,
+        place: &p.place,
+    };
+    version::make(&live, &made).unwrap();
+    assert_eq!(version::list(&p.place, None).unwrap().len(), 2);
+    let from = live.first().map(|f| f.header.seq);
+    assert_eq!(
+        version::list(&p.place, from).unwrap().len(),
+        1,
+        "the stale one goes"
+    );
 }

@@ -28,6 +28,9 @@ pub struct Plan {
     pub streams: u32,
     /// What the run syncs from (kept in the header).
     pub source: String,
+    /// `--keep-versions N`; `None`: as many as the destination's newest version asked
+    /// for (none without versions).
+    pub keep: Option<u32>,
 }
 
 /// An open journal of this run's stream.
@@ -37,6 +40,9 @@ pub struct Journal {
     place: Place,
     run_id: [u8; 16],
     streams: u32,
+    keep: Option<u32>,
+    /// The destination (its state goes into a version).
+    dest_id: crate::io::target::Identity,
     /// Bytes of the destination that existed when the run began: only those have old
     /// contents to keep (a file grown by the run is cut back instead).
     size_before: u64,
@@ -64,6 +70,10 @@ impl Journal {
     /// must be of this destination). Durable, name included, before it returns.
     pub fn begin(plan: &Plan, dest: &Target) -> Result<Journal> {
         let place = &plan.place;
+        // Before anything of this run is written (no stream writes before its journal
+        // is named, and the lowest number is named first): the state a version of this
+        // run goes back to.
+        let state = crate::digestfile::syncid::state_of(&dest.path, &dest.id);
         place.ensure_dir().map_err(|e| {
             journal_error(&place.dir, &format!("cannot create it: {}", os_text(&e)))
         })?;
@@ -77,7 +87,16 @@ impl Journal {
                 ),
             ));
         }
-        let mut seq = found.iter().map(|f| f.header.seq).max().unwrap_or(0) + 1;
+        // Numbers go on from the versions kept too: a version is named by its last.
+        let kept = super::version::list(place, None)?;
+        let mut seq = found
+            .iter()
+            .map(|f| f.header.seq)
+            .chain(kept.iter().map(|v| v.header.seq))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        drop(kept);
         let header = |seq| Header {
             run_id: plan.run_id,
             seq,
@@ -92,6 +111,7 @@ impl Journal {
                 .unwrap_or_default()
                 .as_secs(),
             source: plan.source.clone(),
+            state: state.clone(),
         };
         // Made complete under a temporary name, then renamed into place: a journal found
         // by its name always has its header (another stream may be listing them now).
@@ -146,6 +166,8 @@ impl Journal {
             place: place.clone(),
             run_id: plan.run_id,
             streams: plan.streams,
+            keep: plan.keep,
+            dest_id: dest.id,
             size_before: dest.size,
             direct: target::reopen_direct_file(&file),
             file,
@@ -281,8 +303,10 @@ impl Journal {
 
     /// The run's stream completed and the destination is flushed: marks this journal
     /// done, and once every stream of the run is done, removes all the destination's
-    /// journals (this run's and those of the unfinished runs it finished).
-    pub fn finish(self) -> Result<()> {
+    /// journals (this run's and those of the unfinished runs it finished), after
+    /// making a version of them when versions are kept. `path` is where the
+    /// destination now is (a new file renamed into place); returns the version made.
+    pub fn finish(self, path: &std::path::Path) -> Result<Option<PathBuf>> {
         let fail = |e: io::Error| {
             journal_error(&self.path, &format!("cannot complete it: {}", os_text(&e)))
         };
@@ -296,7 +320,32 @@ impl Journal {
             .collect();
         let all_done =
             (0..self.streams).all(|s| ours.iter().any(|f| f.header.stream == s && f.done));
+        let mut made = None;
         if all_done {
+            // A version a crash left before its run's commit point goes first.
+            let kept = super::version::list(&self.place, found.first().map(|f| f.header.seq))?;
+            let keep = match self.keep {
+                Some(k) => k,
+                None => kept.first().map_or(0, |v| v.header.keep),
+            };
+            drop(kept);
+            if keep > 0 {
+                // Durable before the commit point: a crash between leaves the journals
+                // live, and this version stale (removed when found).
+                let state_after = crate::digestfile::syncid::state_of(path, &self.dest_id);
+                let size_after = std::fs::metadata(path).map_or(0, |m| m.len());
+                let size_after = match self.dest_id.rdev {
+                    Some(_) => self.size_before,
+                    None => size_after,
+                };
+                let v = super::version::Made {
+                    state_after,
+                    size_after,
+                    keep,
+                    place: &self.place,
+                };
+                made = Some(super::version::make(&found, &v)?);
+            }
             // The commit point: from here on this run counts as complete (a crash while
             // the journals are removed leaves them stale, never a partial set to apply).
             target::write_full_at(&self.file, &[super::format::COMPLETE], DONE_AT)
@@ -313,8 +362,11 @@ impl Journal {
                 .map(PathBuf::as_path)
                 .chain([self.path.as_path()]);
             super::place::remove_in_order(&self.place.dir, last)?;
+            if keep > 0 || self.keep == Some(0) {
+                super::version::prune(&self.place, keep as usize)?;
+            }
         }
-        Ok(())
+        Ok(made)
     }
 }
 

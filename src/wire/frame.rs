@@ -24,8 +24,8 @@ use crate::io::pool::Slice;
 pub use crate::wire::data::Data;
 pub use crate::wire::handshake::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_NO_READ, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, GREETING, Go, Hello, MAX_STREAMS,
-    Reply, Role, RunPart, VERSION,
+    FLAG_NO_READ, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_UNCHECKED, FLAG_VERIFY, GREETING, Go, Hello,
+    MAX_STREAMS, MAX_VERSIONS, Reply, Role, RunPart, VERSION,
 };
 pub use crate::wire::stream::{
     ReadError, read_frame, read_frame_with, write_frame, write_raw_frame,
@@ -60,6 +60,10 @@ const T_FINDING: u8 = 26;
 const T_CHECK: u8 = 27;
 const T_TALLY: u8 = 28;
 const T_ALIVE: u8 = 29;
+const T_REPORT: u8 = 30;
+
+/// Longest [`Frame::Report`].
+pub const MAX_REPORT: usize = 4 << 20;
 
 /// One decoded frame: the handshake, or an engine message as it crosses the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +81,9 @@ pub enum Frame {
     /// Either way: a pump with nothing to send says it is still there (so a stalled
     /// peer can be told from a quiet one, see `--timeout`). Carries nothing.
     Alive,
+    /// From a server: the outcome of a command that is not a sync (`blocksync versions
+    /// host:DST`, `restore`), as a JSON document (at most [`MAX_REPORT`] bytes).
+    Report(String),
 }
 
 /// A frame that could not be decoded.
@@ -296,6 +303,12 @@ impl Frame {
             }
             Frame::Source(ToSource::Bytes { data, .. }) => match *data {},
             Frame::Alive => T_ALIVE,
+            Frame::Report(text) => {
+                let text = &text.as_bytes()[..text.len().min(MAX_REPORT)];
+                crate::io::codec::put_u32(&mut p, text.len() as u32);
+                p.extend_from_slice(text);
+                T_REPORT
+            }
         };
         (t, p)
     }
@@ -369,6 +382,14 @@ impl Frame {
                 Frame::Source(ToSource::Failed { kind, message })
             }
             T_ALIVE => Frame::Alive,
+            T_REPORT => {
+                let n = r.u32()? as usize;
+                if n > MAX_REPORT {
+                    return Err(DecodeError::TooLarge("report"));
+                }
+                let text = std::str::from_utf8(r.take(n)?).map_err(|_| DecodeError::BadText)?;
+                Frame::Report(text.to_string())
+            }
             x => return Err(DecodeError::Unknown("frame type", x.into())),
         };
         r.end()?;

@@ -9,7 +9,7 @@ use crate::wire::frame::{DecodeError, MAX_DIGESTS, MAX_SIZE, put_text, text};
 /// or a shell error.
 pub const GREETING: &[u8; 8] = b"BLKSYNC\x01";
 /// Protocol version; a mismatch ends the handshake with a clear error on both sides.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 
 /// Hello flag: report only, write nothing.
 pub const FLAG_DRY_RUN: u32 = 1;
@@ -32,6 +32,10 @@ pub const FLAG_TRACK_ID: u32 = 128;
 /// digest file); it only answers `ToDest::Check` spot-checks.
 pub const FLAG_NO_READ: u32 = 256;
 
+/// Hello flag: a restore goes on where it cannot check that nothing else wrote to the
+/// destination between runs (`-f`: a device's counters started over with a restart).
+pub const FLAG_UNCHECKED: u32 = 512;
+
 /// Which half the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -42,6 +46,11 @@ pub enum Role {
     /// The server puts its destination back as it was before an unfinished run
     /// (`blocksync rollback host:DST`).
     Rollback,
+    /// The server lists its destination's versions (`blocksync versions host:DST`).
+    Versions,
+    /// The server writes an old version of its destination into a new file or a device
+    /// there (`blocksync restore host:DST --version K -o OUT`).
+    Restore,
 }
 
 /// The client's opening message.
@@ -91,7 +100,16 @@ pub struct RunPart {
     pub journal: u8,
     /// Where journals are kept on the server (`--journal-dir`); empty: the default place.
     pub journal_dir: String,
+    /// `--keep-versions N`; `None`: as the destination's versions say.
+    pub keep: Option<u32>,
+    /// For a restore: which version (1 = before the last run).
+    pub version: u32,
+    /// For a restore: the file or device it writes, on the server.
+    pub out: String,
 }
+
+/// The most versions a destination keeps.
+pub const MAX_VERSIONS: u32 = 10_000;
 
 /// Never journal (`--no-journal`).
 pub const JOURNAL_OFF: u8 = 2;
@@ -158,6 +176,8 @@ impl Hello {
                 Role::Source => 1,
                 Role::Dest => 2,
                 Role::Rollback => 3,
+                Role::Versions => 4,
+                Role::Restore => 5,
             },
         );
         put_text(p, &self.path);
@@ -180,6 +200,9 @@ impl Hello {
         put_u32(p, self.run.streams);
         put_u8(p, self.run.journal);
         put_text(p, &self.run.journal_dir);
+        put_u32(p, self.run.keep.unwrap_or(u32::MAX));
+        put_u32(p, self.run.version);
+        put_text(p, &self.run.out);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Hello, DecodeError> {
@@ -191,6 +214,8 @@ impl Hello {
             1 => Role::Source,
             2 => Role::Dest,
             3 => Role::Rollback,
+            4 => Role::Versions,
+            5 => Role::Restore,
             x => return Err(DecodeError::Unknown("role", x.into())),
         };
         let path = text(r)?;
@@ -233,12 +258,21 @@ fn run_part(r: &mut Rd) -> Result<RunPart, DecodeError> {
     if journal > JOURNAL_OFF {
         return Err(DecodeError::Unknown("journal mode", journal.into()));
     }
+    let journal_dir = text(r)?;
+    let keep = match r.u32()? {
+        u32::MAX => None,
+        k if k <= MAX_VERSIONS => Some(k),
+        _ => return Err(DecodeError::TooLarge("versions kept")),
+    };
     Ok(RunPart {
         id,
         stream,
         streams,
         journal,
-        journal_dir: text(r)?,
+        journal_dir,
+        keep,
+        version: r.u32()?,
+        out: text(r)?,
     })
 }
 

@@ -20,6 +20,7 @@ pub fn check_frame(f: &Frame) {
             );
         }
         Frame::Reply(r) => assert!(r.kind <= 2 && r.size <= MAX_SIZE, "{r:?}"),
+        Frame::Report(text) => assert!(text.len() <= blocksync::testing::MAX_REPORT),
         Frame::Go(g) => {
             assert!(
                 g.start <= g.end && g.end <= g.size && g.size <= MAX_SIZE,

@@ -167,8 +167,8 @@ pub fn handshake_server(data: &[u8]) {
                 stream_from_dest(&mut r);
             }
         }
-        // A rollback's server sends one answer after the go: nothing more to decode.
-        Role::Rollback => {}
+        // These servers send one answer after the go: nothing more to decode.
+        Role::Rollback | Role::Versions | Role::Restore => {}
     }
 }
 

@@ -24,6 +24,28 @@ fn samples() -> Vec<Frame> {
                 ..Default::default()
             },
         }),
+        Frame::Hello(Hello {
+            role: Role::Restore,
+            path: "/srv/vm.img".into(),
+            block: 1 << 20,
+            hash: HashKind::Blake3,
+            compress: 0,
+            flags: FLAG_UNCHECKED,
+            pause_ms: 0,
+            source_size: 0,
+            bwlimit: 0,
+            refine: 0,
+            max_errors: 0,
+            source_mode: 0,
+            run: RunPart {
+                streams: 1,
+                keep: Some(3),
+                version: 2,
+                out: "/srv/old.img".into(),
+                ..Default::default()
+            },
+        }),
+        Frame::Report("{\"versions\":[]}".into()),
         Frame::Reply(Reply {
             size: 99,
             kind: 2,
