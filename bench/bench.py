@@ -1230,8 +1230,8 @@ def journal_facts(case: Case, wd: Workdir) -> tuple[dict | None, JournalWatch]:
 def journal_size_lines(pairs: list[tuple[Case, Case]], wd: Workdir,
                        size_target: float | None) -> list[str]:
     """journal_bytes / bytes_written of each --journal case (from --json); a push
-    reports none, so it gets what was seen beside dst and the local figure for
-    the same data. And: its --no-journal twin made no journal."""
+    by a binary that reports none gets what was seen beside dst and the local
+    figure for the same data. And: its --no-journal twin made no journal."""
     lines, local_ratio = [], None
     for j, nj in pairs:
         s, watch = journal_facts(j, wd)

@@ -257,7 +257,7 @@ fn rounds(sshd: Option<&Sshd>, modes: &[Mode], n: u32, seed: u64) {
 
 #[test]
 fn local_runs_killed_then_rolled_back_or_finished() {
-    rounds(None, &[Mode::Local], 16, 0x10ca1);
+    rounds(None, &[Mode::Local], 22, 0x10ca1);
 }
 
 #[test]
@@ -274,7 +274,8 @@ fn pulls_killed_then_rolled_back_or_finished() {
 
 /// A first copy killed midway leaves no file under the destination's name, only its
 /// temporary one; the next run resumes into it (what it holds is not sent again) and
-/// gives it the name once complete. Locally, in a push and in a pull.
+/// gives it the name once complete. Locally, in a push and in a pull, with one stream
+/// and with two (the last to complete renames it).
 #[test]
 fn an_interrupted_first_copy_never_looks_finished() {
     let sshd = Sshd::start();
@@ -282,10 +283,14 @@ fn an_interrupted_first_copy_never_looks_finished() {
     let src = dir.path().join("src");
     let content = data(8 * M, 77);
     fs::write(&src, &content).unwrap();
-    for (i, mode) in [Mode::Local, Mode::Push(1), Mode::Pull(1)]
-        .into_iter()
-        .enumerate()
-    {
+    let modes = [
+        Mode::Local,
+        Mode::Push(1),
+        Mode::Pull(1),
+        Mode::Push(2),
+        Mode::Pull(2),
+    ];
+    for (i, mode) in modes.into_iter().enumerate() {
         let dst = dir.path().join(format!("new{i}"));
         let partial = dir.path().join(format!(".new{i}.blocksync-partial"));
         let r = Round {
@@ -320,6 +325,13 @@ fn an_interrupted_first_copy_never_looks_finished() {
         assert_eq!(code(&out), 0, "{mode:?}: {}", stderr(&out));
         assert!(fs::read(&dst).unwrap() == content, "{mode:?}");
         assert!(!partial.exists(), "{mode:?}: the temporary name is gone");
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!(".new{i}.")))
+            .collect();
+        assert!(left.is_empty(), "{mode:?}: left beside it: {left:?}");
         let j = json(&out);
         assert_eq!(j["destination_created"], true, "{mode:?}: {j}");
         assert!(

@@ -68,7 +68,7 @@ impl History {
 
     /// Changes the source (scattered 4 KiB writes; `resize` to a new length) and syncs
     /// it with `extra`, then records the image the destination holds.
-    fn run(&mut self, extra: &[&str], resize: Option<usize>) {
+    fn run(&mut self, extra: &[&str], resize: Option<usize>) -> Output {
         let mut img = fs::read(&self.src).unwrap();
         for _ in 0..5 {
             let at = self.rng.below(img.len() as u64 / 4096) as usize * 4096;
@@ -92,6 +92,7 @@ impl History {
             fs::metadata(&self.dst).unwrap().len() as usize
         };
         self.images.push(read_all(&self.dst, len));
+        out
     }
 
     /// `blocksync versions --json DST`.
@@ -320,7 +321,11 @@ fn over_ssh_the_versions_live_on_the_destination_machine() {
     h.remote_dst = true;
     h.run(&["--keep-versions", "2", "-w", "2"], None);
     h.run(&["-w", "2"], Some(3 * M - 8192));
-    h.run(&["-w", "2"], None);
+    // The servers report the journal they kept (the bytes overwritten, and framing).
+    let out = h.run(&["-w", "2", "--json"], None);
+    let j = json(&out);
+    let (journal, written) = (j["journal_bytes"].as_u64(), j["bytes_written"].as_u64());
+    assert!(journal >= written && written > Some(0), "{j}");
     let v = h.versions();
     assert_eq!(listed(&v).len(), 2, "{v}");
     assert_eq!(h.version_files(), 2);

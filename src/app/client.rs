@@ -267,9 +267,8 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         Here::Source(src)
     } else {
         let probe = target::probe_destination(to.local)?;
-        // One stream: a new file is written under a temporary name (see io::partial).
-        let single = settings.workers == 1 && !settings.dry_run;
-        Here::Dest(if single {
+        // A new file is written under a temporary name (see io::partial).
+        Here::Dest(if !settings.dry_run {
             crate::io::partial::as_partial(probe)?
         } else {
             probe
@@ -344,6 +343,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         dest: dest.as_ref(),
         journal,
         rename_to: here.probe().and_then(|p| p.final_path.clone()),
+        run_id: hello.run.id,
         stats: &stats,
         cancel: &cancel_on_signals(),
     };
@@ -364,7 +364,6 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         block: settings.block,
         existing,
         source_here: to.push,
-        dest_here: !to.push,
     };
     conclude(settings, reporter, &stats, started, sides, result)
 }
@@ -381,8 +380,10 @@ struct Job<'a> {
     dest: Option<&'a Target>,
     /// A pull's undo journal (each stream keeps its own part).
     journal: Option<Plan>,
-    /// A pull to a new file: the name its temporary one becomes (one stream only).
+    /// A pull to a new file: the name its temporary one becomes.
     rename_to: Option<std::path::PathBuf>,
+    /// The run's id (its streams share the new file).
+    run_id: [u8; 16],
     stats: &'a Stats,
     cancel: &'a AtomicBool,
 }
@@ -398,6 +399,11 @@ impl Job<'_> {
             ..p
         });
         config.rename_to = self.rename_to.clone();
+        config.share = Some(crate::io::partial::Share {
+            run_id: self.run_id,
+            stream: i as u32,
+            streams: n as u32,
+        });
         if let Some(u) = self.cached {
             config.cache = Some(u.cache.clone());
             config.dest_reads = !u.skip_reading;

@@ -118,7 +118,6 @@ pub(crate) fn run(
         block: settings.block,
         existing: probe.shown().map(|e| (e.kind, e.size)),
         source_here: true,
-        dest_here: true,
     };
     conclude(settings, reporter, &stats, started, sides, result)
 }

@@ -433,7 +433,7 @@ impl Summary {
         ));
         if let Some(j) = self.journal_bytes.filter(|&j| j > 0) {
             out.push_str(&format!(
-                "  undo journal: {} (removed, the run completed)\n",
+                "  undo journal: {} (the run completed: removed, or kept as a version with --keep-versions)\n",
                 human(j)
             ));
         }

@@ -175,8 +175,8 @@ pub fn config_for(hello: &Hello, go: &Go) -> Config {
 fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> {
     let path = Path::new(&hello.path);
     let probe = target::probe_destination(path)?;
-    // One stream: a new file is written under a temporary name (see io::partial).
-    let probe = if hello.run.streams == 1 && hello.flags & FLAG_DRY_RUN == 0 {
+    // A new file is written under a temporary name (see io::partial).
+    let probe = if hello.flags & FLAG_DRY_RUN == 0 {
         crate::io::partial::as_partial(probe)?
     } else {
         probe
@@ -218,6 +218,11 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     let stream = (hello.run.stream, hello.run.streams);
     config.journal = undo.plan(hello.run.id, stream, from)?;
     config.rename_to = probe.final_path.clone();
+    config.share = Some(crate::io::partial::Share {
+        run_id: hello.run.id,
+        stream: hello.run.stream,
+        streams: hello.run.streams,
+    });
     let dest: Option<Target> = if config.dry_run {
         match probe.existing {
             Some(_) => Some(target::open_read(path, "destination", Kind::Destination)?),
@@ -332,6 +337,7 @@ fn serve_rollback(hello: &Hello, input: &mut File, output: &mut File) -> Result<
     let end = Frame::Source(ToSource::Done {
         written: done.bytes,
         read: done.size,
+        journaled: 0,
     });
     write_frame(output, &end).map_err(lost_client)?;
     Ok(())

@@ -232,7 +232,7 @@ fn rollback_there(
     let answer = read_frame(&mut stream.conn.reader, &mut buf);
     super::streams::reap(&mut stream.conn.child);
     match answer {
-        Ok((Frame::Source(ToSource::Done { written, read }), _)) => Ok(Restored {
+        Ok((Frame::Source(ToSource::Done { written, read, .. }), _)) => Ok(Restored {
             journals: journals as usize,
             bytes: written,
             size: read,

@@ -22,8 +22,6 @@ pub(crate) struct Sides {
     pub existing: Option<(TargetKind, u64)>,
     /// The source half ran on this machine (its progress is how far the source was read).
     pub source_here: bool,
-    /// The destination half ran on this machine (its journal's size is known here).
-    pub dest_here: bool,
 }
 
 const INTERRUPTED: &str =
@@ -130,7 +128,8 @@ fn summary_of(settings: &Settings, stats: &Stats, started: Instant, sides: &Side
         _ => {}
     }
     summary.status = if settings.dry_run { "dry-run" } else { "ok" };
-    summary.journal_bytes = sides.dest_here.then(|| Stats::get(&stats.journaled));
+    // A push's servers report theirs with their last answer.
+    summary.journal_bytes = Some(Stats::get(&stats.journaled));
     summary
 }
 

@@ -77,6 +77,9 @@ pub struct Config {
     pub journal: Option<crate::journal::Plan>,
     /// A new file written under a temporary name: the name it takes once complete.
     pub rename_to: Option<std::path::PathBuf>,
+    /// With several streams writing that file: which this one is (the last to complete
+    /// renames it).
+    pub share: Option<crate::io::partial::Share>,
 }
 
 /// What a run asks of the engine, the same for each of its streams and on both machines:
@@ -149,6 +152,7 @@ impl Config {
             track: None,
             journal: None,
             rename_to: None,
+            share: None,
         }
     }
 
@@ -172,6 +176,7 @@ impl Config {
             track: None,
             journal: None,
             rename_to: None,
+            share: None,
             ..self.clone()
         }
     }

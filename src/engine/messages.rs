@@ -162,6 +162,8 @@ pub enum ToSource<B = Buf> {
         written: u64,
         /// Bytes read by the destination half.
         read: u64,
+        /// Bytes of undo journal it kept (for the summary of a push).
+        journaled: u64,
     },
     /// The destination half failed and stopped.
     Failed {
@@ -210,7 +212,15 @@ impl<B> ToSource<B> {
             ToSource::Verify { index, blocks } => ToSource::Verify { index, blocks },
             ToSource::Pieces { offset, pieces } => ToSource::Pieces { offset, pieces },
             ToSource::Tally { written, read } => ToSource::Tally { written, read },
-            ToSource::Done { written, read } => ToSource::Done { written, read },
+            ToSource::Done {
+                written,
+                read,
+                journaled,
+            } => ToSource::Done {
+                written,
+                read,
+                journaled,
+            },
             ToSource::Failed { kind, message } => ToSource::Failed { kind, message },
         })
     }

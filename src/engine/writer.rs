@@ -325,14 +325,22 @@ impl<'a> Writer<'a> {
             .sync_all()
             .map_err(|e| io_error(format!("flushing destination {}", d.path.display()), e))?;
         // A new file complete and flushed under its temporary name takes its own.
-        let path = match (size, &self.config.rename_to) {
-            (Some(_), Some(name)) => {
-                crate::io::partial::finish(&d.path, name)?;
-                name.as_path()
-            }
-            _ => d.path.as_path(),
+        // (With several streams, the last to complete; the others leave it, and the
+        // records of the run, to that one.)
+        let (path, named) = match (size, &self.config.rename_to) {
+            (Some(_), Some(name)) => match self.config.share {
+                Some(share) => match crate::io::partial::finish_shared(&d.path, name, share)? {
+                    true => (name.as_path(), true),
+                    false => (d.path.as_path(), false),
+                },
+                None => {
+                    crate::io::partial::finish(&d.path, name)?;
+                    (name.as_path(), true)
+                }
+            },
+            _ => (d.path.as_path(), true),
         };
-        if let Some(id) = self.config.track.as_ref().filter(|_| !stale) {
+        if let Some(id) = self.config.track.as_ref().filter(|_| !stale && named) {
             // Flushed: what the source recorded for this run is now true here (for the
             // blocks it saw confirmed; a stopped run records the rest as unknown).
             crate::digestfile::syncid::store_at(path, &d.id, id).map_err(|e| {
@@ -349,7 +357,9 @@ impl<'a> Writer<'a> {
                 Stats::add(&self.stats.journaled, j.bytes());
                 j.finish(path)?;
             }
-            let _ = crate::journal::place::record_completed(path, &d.id);
+            if named {
+                let _ = crate::journal::place::record_completed(path, &d.id);
+            }
         } else if let Some(j) = &self.journal {
             Stats::add(&self.stats.journaled, j.bytes());
         }
@@ -433,6 +443,7 @@ pub(super) fn write_dest(
         ToSource::Done {
             written: w.written,
             read,
+            journaled: Stats::get(&stats.journaled),
         }
     } else {
         // What was written still counts (a remote source reports it).

@@ -287,9 +287,14 @@ impl Frame {
                 put_kind_and_text(&mut p, *kind, message);
                 T_ABORT
             }
-            Frame::Source(ToSource::Done { written, read }) => {
+            Frame::Source(ToSource::Done {
+                written,
+                read,
+                journaled,
+            }) => {
                 put_u64(&mut p, *written);
                 put_u64(&mut p, *read);
+                put_u64(&mut p, *journaled);
                 T_DONE
             }
             Frame::Source(ToSource::Tally { written, read }) => {
@@ -372,6 +377,7 @@ impl Frame {
             T_DONE => Frame::Source(ToSource::Done {
                 written: r.u64()?,
                 read: r.u64()?,
+                journaled: r.u64()?,
             }),
             T_TALLY => Frame::Source(ToSource::Tally {
                 written: r.u64()?,

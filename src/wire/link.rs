@@ -303,11 +303,20 @@ pub fn recv_from_dest(mut r: impl Read, tx: Sender<ToSource>, stats: &Stats, pee
             Ok((frame, n)) => {
                 count(stats, &frame, n, false);
                 match frame {
-                    Frame::Source(ToSource::Done { written, read }) => {
+                    Frame::Source(ToSource::Done {
+                        written,
+                        read,
+                        journaled,
+                    }) => {
                         // The remote half's counters join ours for the summary.
                         Stats::add(&stats.dest_read, read);
                         Stats::add(&stats.written, written);
-                        ToSource::Done { written, read }
+                        Stats::add(&stats.journaled, journaled);
+                        ToSource::Done {
+                            written,
+                            read,
+                            journaled,
+                        }
                     }
                     Frame::Source(ToSource::Tally { written, read }) => {
                         // The same, from a remote half that stopped early; its failure

@@ -412,6 +412,7 @@ fn out_of_place_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
         Frame::Source(ToSource::Done {
             written: 0,
             read: 0,
+            journaled: 0,
         }),
     );
     cases

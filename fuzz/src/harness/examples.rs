@@ -271,6 +271,7 @@ fn to_source_examples(ty: Ty) -> Vec<Frame> {
         Ty::Done => vec![Frame::Source(ToSource::Done {
             written: 77,
             read: 78,
+            journaled: 79,
         })],
         Ty::Failed => vec![
             Frame::Source(ToSource::Failed {

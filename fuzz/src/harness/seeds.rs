@@ -168,6 +168,7 @@ fn pull_seeds() -> Vec<Vec<u8>> {
             Frame::Source(ToSource::Done {
                 written: 1,
                 read: 2,
+                journaled: 3,
             }),
         ]),
         conversation(&[
@@ -218,6 +219,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
             Frame::Source(ToSource::Done {
                 written: 1,
                 read: 2,
+                journaled: 3,
             }),
         ]),
         greeted(&[
@@ -252,6 +254,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
             Frame::Source(ToSource::Done {
                 written: 4096,
                 read: 8192,
+                journaled: 0,
             }),
         ]),
         greeted(&[Frame::Reply(Reply {

@@ -95,6 +95,7 @@ fn sync(
                     ToDest::Finish { .. } => ToSource::Done {
                         written: 0,
                         read: 0,
+                        journaled: 0,
                     },
                     ToDest::Abort { .. } => return,
                     _ => continue,

@@ -128,6 +128,7 @@ fn samples() -> Vec<Frame> {
         Frame::Source(ToSource::Done {
             written: 77,
             read: 78,
+            journaled: 79,
         }),
         Frame::Source(ToSource::Failed {
             kind: Kind::TooSmall,
@@ -233,6 +234,7 @@ fn trailing_bytes_oversize_and_unknowns_are_rejected() {
     let (t, mut p) = Frame::Source(ToSource::Done {
         written: 1,
         read: 2,
+        journaled: 3,
     })
     .encode();
     p.push(0);
