@@ -519,3 +519,89 @@ fn a_power_cut_midway_rolls_back_or_finishes() {
         );
     }
 }
+
+/// The physical block ranges of `path` (from `filefrag -v`).
+fn physical_extents(path: &Path) -> Vec<(u64, u64)> {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .expect("filefrag (e2fsprogs) runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').map(str::trim).collect();
+            let (a, b) = f.get(2)?.split_once("..")?;
+            Some((a.trim().parse().ok()?, b.trim().parse::<u64>().ok()? + 1))
+        })
+        .collect()
+}
+
+/// On a filesystem with reflinks (XFS here) the journal shares the old blocks with the
+/// destination instead of copying them: the journal of a run killed midway is made of
+/// the destination's old blocks (its data is where the destination's was), and the
+/// rollback gives the old image exactly; a rerun then finishes.
+#[test]
+fn with_reflinks_the_journal_takes_the_old_blocks_instead_of_copying() {
+    let fs = Mounted::with_fs(LoopDev::new(640 * M as u64, &[]), "xfs");
+    let (src, dst) = (fs.dir.path().join("src"), fs.dir.path().join("dst"));
+    let before = data(64 * M, 5);
+    let mut after = before.clone();
+    let mut rng = Rng(0x3f5);
+    for b in 0..64 {
+        if rng.below(10) < 3 {
+            after[b * M..(b + 1) * M].copy_from_slice(&data(M, rng.next()));
+        }
+    }
+    fs::write(&src, &after).unwrap();
+    fs::write(&dst, &before).unwrap();
+    sh("sync", &[]);
+    let old = physical_extents(&dst);
+    assert!(
+        !old.is_empty(),
+        "filefrag found no extents of {}",
+        dst.display()
+    );
+    let r = Round {
+        src: src.clone(),
+        dst: dst.clone(),
+        before: before.clone(),
+        after: after.clone(),
+    };
+    let mut child = spawn(&words(None, Mode::Local, &r, &["--journal", "-p", "20"]));
+    let journal = fs.dir.path().join(".dst.blocksync-undo.00000001.0");
+    wait_while_running(
+        &mut child,
+        "a few groups journaled",
+        Duration::from_secs(60),
+        || fs::metadata(&journal).is_ok_and(|m| m.len() >= 4 * M as u64),
+    );
+    signal(child.id(), "-KILL");
+    let _ = child.wait();
+    wait_released(&dst);
+    let mut inside = 0;
+    let mut total = 0;
+    for (a, b) in physical_extents(&journal) {
+        for blk in a..b {
+            total += 1;
+            inside += old.iter().any(|&(s, e)| blk >= s && blk < e) as u64;
+        }
+    }
+    // All but the header and the groups' index pages were the destination's blocks.
+    assert!(
+        total > 256 && inside * 10 >= total * 9,
+        "{inside} of the journal's {total} blocks were the destination's"
+    );
+    let out = run_within(&["rollback", "-f", "-q", s(&dst)], 60);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        fs::read(&dst).unwrap() == before,
+        "rolled back to the old image"
+    );
+    let args = words(None, Mode::Local, &r, &["--journal"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_within(&args, 60);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == after);
+    assert_eq!(r.journals(), 0);
+}

@@ -10,8 +10,9 @@ use crate::engine::messages::ToSource;
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Claim, TargetKind};
 use crate::journal::Place;
+use crate::journal::restore::{Link, link};
 use crate::journal::restore::{Out, restore};
-use crate::journal::version::{self, Link, link};
+use crate::journal::version;
 use crate::wire::frame::{
     FLAG_FORCE_MOUNTED, FLAG_UNCHECKED, Frame, Go, Hello, Reply, Role, read_frame, write_frame,
 };

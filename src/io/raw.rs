@@ -263,6 +263,35 @@ pub fn zero_out_device(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `dst[dst_offset..][..len]` share the blocks of `src[src_offset..][..len]`
+/// (FICLONERANGE: a reflink, on XFS, btrfs and the like), copying nothing: each side keeps
+/// its bytes when the other is later overwritten. Offsets and the length must be
+/// multiples of the filesystem's block size (the length may instead end at `src`'s end).
+/// An error (EOPNOTSUPP, EXDEV, EINVAL) means: copy instead.
+pub fn clone_range(
+    src: &File,
+    src_offset: u64,
+    len: u64,
+    dst: &File,
+    dst_offset: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let range = libc::file_clone_range {
+        src_fd: src.as_raw_fd() as i64,
+        src_offset,
+        src_length: len,
+        dest_offset: dst_offset,
+    };
+    // SAFETY: FICLONERANGE reads one file_clone_range through the pointer, which lives
+    // for the call.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &range) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Writes `len` zero bytes at `offset`.
 pub fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];

@@ -14,8 +14,8 @@ pub use crate::io::lock::Claim;
 pub use crate::io::outfile::{check_writable, write_atomically};
 pub use crate::io::policy::{check_destination, device_in_use, same_data};
 pub use crate::io::raw::{
-    Advice, DIRECT_ALIGN, Extents, advise, direct_fits, hole_blocks, is_zero, punch_hole,
-    read_blocks_at, read_full_at, reopen_direct, reopen_direct_file, start_writeback,
+    Advice, DIRECT_ALIGN, Extents, advise, clone_range, direct_fits, hole_blocks, is_zero,
+    punch_hole, read_blocks_at, read_full_at, reopen_direct, reopen_direct_file, start_writeback,
     write_full_at, write_zeros, zero_out_device,
 };
 

@@ -50,7 +50,15 @@ pub struct Journal {
     /// from the aligned buffer to the disk, with no copy into the page cache and no
     /// writeback after it.
     direct: Option<File>,
-    /// The records of the group being built, and their payloads in a page-aligned
+    /// The destination again, where its blocks can be shared with the journal
+    /// (reflinks: XFS, btrfs): a record's payload is then cloned from it at the commit
+    /// instead of copied, and costs no write of its bytes. `None`: copied.
+    share: Option<File>,
+    /// Per record of the group: its payload is to be cloned.
+    cloned: Vec<bool>,
+    /// Payload bytes of the group in the file (cloned or copied).
+    pending: usize,
+    /// The records of the group being built, and the payloads copied in a page-aligned
     /// buffer (`buf[at..at + used]`).
     records: Vec<Record>,
     buf: Vec<u8>,
@@ -170,6 +178,9 @@ impl Journal {
             dest_id: dest.id,
             size_before: dest.size,
             direct: target::reopen_direct_file(&file),
+            share: shareable(dest, &place.dir, &file),
+            cloned: Vec::new(),
+            pending: 0,
             file,
             records: Vec::new(),
             buf: Vec::new(),
@@ -182,13 +193,13 @@ impl Journal {
 
     /// Bytes of old contents in the group being built.
     pub fn buffered(&self) -> usize {
-        self.used
+        self.pending
     }
 
     /// Whether the group is big enough to commit (at [`GROUP`] bytes of payload, or
     /// near the most records a group holds).
     pub fn should_commit(&self) -> bool {
-        self.used >= GROUP || self.records.len() + 64 >= MAX_ENTRIES
+        self.pending >= GROUP || self.records.len() + 64 >= MAX_ENTRIES
     }
 
     /// Bytes of the destination saved so far.
@@ -244,8 +255,17 @@ impl Journal {
                 zero,
                 sum: checksum(at, n, zero, if zero { &[] } else { data }),
             });
+            // Whole blocks are shared with the destination at the commit; the bytes
+            // were read for their checksum only.
+            let clone = self.share.is_some()
+                && at.is_multiple_of(PAGE as u64)
+                && n.is_multiple_of(PAGE as u64);
+            self.cloned.push(clone && !zero);
             if !zero {
-                self.used += room;
+                self.pending += room;
+                if !clone {
+                    self.used += room;
+                }
             }
             self.saved += n;
             at += n;
@@ -266,24 +286,69 @@ impl Journal {
         let a = aligned.as_ptr().align_offset(PAGE);
         aligned[a..a + index.len()].copy_from_slice(&index);
         let index = &aligned[a..a + index.len()];
-        let total = (index.len() + self.used) as u64;
+        let total = (index.len() + self.pending) as u64;
         self.check_room(total)?;
-        let payloads = &self.buf[self.at..self.at + self.used];
-        let put = |f: &File| {
-            target::write_full_at(f, index, self.end)
-                .and_then(|()| target::write_full_at(f, payloads, self.end + index.len() as u64))
-        };
-        let written = match &self.direct {
-            Some(d) => put(d).or_else(|_| put(&self.file)), // refused after all: buffered
-            None => put(&self.file),
-        };
-        written
+        let written = if self.cloned.iter().any(|&c| c) {
+            self.put_shared(index)
+        } else {
+            let payloads = &self.buf[self.at..self.at + self.used];
+            let put = |f: &File| {
+                target::write_full_at(f, index, self.end).and_then(|()| {
+                    target::write_full_at(f, payloads, self.end + index.len() as u64)
+                })
+            };
+            match &self.direct {
+                Some(d) => put(d).or_else(|_| put(&self.file)), // refused after all: buffered
+                None => put(&self.file),
+            }
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| no_room_or(&self.path, &e, "cannot write it"))?;
+        };
+        written.map_err(|e| no_room_or(&self.path, &e, "cannot write it"))?;
         self.end += total;
         self.used = 0;
+        self.pending = 0;
         self.records.clear();
+        self.cloned.clear();
         Ok(())
+    }
+
+    /// A group with payloads shared with the destination: each cloned (or, where the
+    /// filesystem refuses, read again and written: the destination is not written
+    /// before the commit), the copied ones written, then the index; then everything,
+    /// the clones' metadata included, made durable.
+    fn put_shared(&mut self, index: &[u8]) -> io::Result<()> {
+        let mut pos = self.end + index.len() as u64;
+        let mut copied = self.at;
+        let mut scratch = Vec::new();
+        for (r, &clone) in self.records.iter().zip(&self.cloned) {
+            if r.zero {
+                continue;
+            }
+            let room = pages(r.len);
+            let shared = match (&self.share, clone) {
+                (Some(d), true) => target::clone_range(d, r.offset, r.len, &self.file, pos).is_ok(),
+                _ => false,
+            };
+            if !shared && clone {
+                // Not shareable after all (another block size, a filesystem that says
+                // no): the bytes, as they still are in the destination.
+                scratch.resize(room as usize, 0);
+                let d = self.share.as_ref().expect("cloned records have a source");
+                let n = target::read_full_at(d, &mut scratch[..r.len as usize], r.offset)?;
+                if n < r.len as usize {
+                    return Err(io::Error::other(
+                        "the destination is shorter than when the run began",
+                    ));
+                }
+                target::write_full_at(&self.file, &scratch, pos)?;
+            } else if !clone {
+                target::write_full_at(&self.file, &self.buf[copied..copied + room as usize], pos)?;
+                copied += room as usize;
+            }
+            pos += room;
+        }
+        target::write_full_at(&self.file, index, self.end)?;
+        self.file.sync_all()
     }
 
     /// The journal may use its filesystem's free space down to a reserve: a twentieth
@@ -368,6 +433,29 @@ impl Journal {
         }
         Ok(made)
     }
+}
+
+/// The destination again, for sharing its blocks with the journal, when both are files
+/// on one filesystem that clones ranges: tried once, into a nameless file beside the
+/// journal (never into the journal: what the trial put there could pass for a group).
+fn shareable(dest: &Target, dir: &std::path::Path, journal: &File) -> Option<File> {
+    use std::os::unix::fs::MetadataExt;
+    if dest.kind != target::TargetKind::File || dest.size < PAGE as u64 {
+        return None;
+    }
+    if journal.metadata().ok()?.dev() != dest.file.metadata().ok()?.dev() {
+        return None;
+    }
+    let trial = File::options()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+        .ok()?;
+    let d = dest.file.try_clone().ok()?;
+    target::clone_range(&d, 0, PAGE as u64, &trial, 0).ok()?;
+    Some(d)
 }
 
 fn full(path: &std::path::Path) -> Error {

@@ -526,45 +526,6 @@ pub(super) fn uncovered(set: &BTreeMap<u64, u64>, start: u64, end: u64) -> Vec<(
     out
 }
 
-/// How two states (`after` of one version, `before` of the next newer) relate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Link {
-    /// The same: nothing wrote to the destination between the runs.
-    Same,
-    /// Different: something did, and older versions no longer apply.
-    Changed,
-    /// A device's counters started over (the machine restarted): nobody can tell.
-    Unknown,
-}
-
-/// Whether the state `later` follows on from `earlier`.
-pub fn link(earlier: &str, later: &str) -> Link {
-    if earlier == later && !earlier.is_empty() {
-        return Link::Same;
-    }
-    let boot = |s: &str| {
-        s.strip_prefix("boot=")
-            .and_then(|r| r.split(';').next())
-            .map(str::to_string)
-    };
-    match (boot(earlier), boot(later)) {
-        (Some(a), Some(b)) if a != b => {
-            // A restart resets the write counter; the rest still has to agree.
-            fn rest(s: &str) -> Vec<&str> {
-                s.split(';')
-                    .filter(|f| !f.starts_with("boot=") && !f.starts_with("written="))
-                    .collect()
-            }
-            if rest(earlier) == rest(later) {
-                Link::Unknown
-            } else {
-                Link::Changed
-            }
-        }
-        _ => Link::Changed,
-    }
-}
-
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -604,23 +565,5 @@ mod tests {
         assert_eq!(Header::decode(&page).unwrap(), h);
         page[20] ^= 1;
         assert!(Header::decode(&page).is_err());
-    }
-
-    #[test]
-    fn links() {
-        assert_eq!(link("a", "a"), Link::Same);
-        assert_eq!(link("a", "b"), Link::Changed);
-        assert_eq!(
-            link("boot=x;written=5;size=9;", "boot=y;written=1;size=9;"),
-            Link::Unknown
-        );
-        assert_eq!(
-            link("boot=x;written=5;size=9;", "boot=y;written=1;size=8;"),
-            Link::Changed
-        );
-        assert_eq!(
-            link("boot=x;written=5;size=9;", "boot=x;written=6;size=9;"),
-            Link::Changed
-        );
     }
 }

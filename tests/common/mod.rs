@@ -130,9 +130,15 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    /// Formats `dev` and mounts it.
+    /// Formats `dev` (ext4) and mounts it.
     pub fn new(dev: LoopDev) -> Self {
-        sh("mkfs.ext4", &["-q", "-F", s(&dev.dev)]);
+        Mounted::with_fs(dev, "ext4")
+    }
+
+    /// Formats `dev` with `mkfs.FS` and mounts it.
+    pub fn with_fs(dev: LoopDev, fs: &str) -> Self {
+        let force = if fs == "ext4" { "-F" } else { "-f" };
+        sh(&format!("mkfs.{fs}"), &["-q", force, s(&dev.dev)]);
         let dir = tempfile::tempdir().unwrap();
         sh("mount", &[s(&dev.dev), s(dir.path())]);
         Mounted { dir, dev }
