@@ -8,5 +8,6 @@ pub(crate) mod outfile;
 pub(crate) mod partial;
 pub(crate) mod policy;
 pub(crate) mod pool;
+pub(crate) mod queue;
 pub(crate) mod raw;
 pub(crate) mod target;

@@ -2,15 +2,65 @@
 //! which bounds memory whatever the device size, and reuse avoids the page faults of
 //! fresh allocations (they cost 2-3x the read time in measurements on this hardware).
 
-use crossbeam_channel::{Receiver, Sender, bounded};
 use std::ops::{Deref, DerefMut, Range};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Where free buffers wait: a list under a lock, and a condition variable a taker
+/// sleeps on. (A channel would do, but its blocking receive spins and yields the CPU a
+/// few times before it sleeps: hundreds of `sched_yield` calls a run.)
+#[derive(Clone)]
+struct Shelf(Arc<(Mutex<Spares>, Condvar, usize)>);
+
+/// The buffers on a shelf.
+type Spares = Vec<Vec<u8>>;
+
+impl Shelf {
+    /// Holds at most `cap` buffers.
+    fn new(cap: usize) -> Shelf {
+        Shelf(Arc::new((
+            Mutex::new(Vec::with_capacity(cap)),
+            Condvar::new(),
+            cap,
+        )))
+    }
+
+    /// Puts `v` back (dropped when the shelf is full), waking one taker.
+    fn put(&self, v: Vec<u8>) {
+        let (list, ready, cap) = &*self.0;
+        let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() < *cap {
+            list.push(v);
+            ready.notify_one();
+        }
+    }
+
+    /// A buffer if one is there.
+    fn try_take(&self) -> Option<Vec<u8>> {
+        let mut list = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.pop()
+    }
+
+    /// A buffer, waiting up to `wait` for one (asleep, not spinning).
+    fn take_within(&self, wait: Duration) -> Option<Vec<u8>> {
+        let (list, ready, _) = &*self.0;
+        let list = list.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut list, _) = ready
+            .wait_timeout_while(list, wait, |l| l.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        list.pop()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.0.lock().unwrap().len()
+    }
+}
 
 /// A pool of `count` buffers of `size` bytes.
 #[derive(Clone)]
 pub struct Pool {
-    take: Receiver<Vec<u8>>,
-    give: Sender<Vec<u8>>,
+    shelf: Shelf,
 }
 
 impl Pool {
@@ -19,18 +69,21 @@ impl Pool {
     /// it never moves): the kernel copies to and from an aligned buffer several times
     /// faster, and large blocks in one can be written with O_DIRECT.
     pub fn new(count: usize, size: usize) -> Self {
-        let (give, take) = bounded(count);
+        let shelf = Shelf::new(count);
         for _ in 0..count {
-            give.send(Vec::with_capacity(size + PAGE))
-                .expect("pool channel has room");
+            shelf.put(Vec::with_capacity(size + PAGE));
         }
-        Pool { take, give }
+        Pool { shelf }
     }
 
     /// Takes a buffer, waiting until one is free; `len` bytes long (contents unspecified).
     #[cfg(test)]
     pub fn get(&self, len: usize) -> Buf {
-        let v = self.take.recv().expect("pool holds its own sender");
+        let v = loop {
+            if let Some(v) = self.shelf.take_within(Duration::from_secs(1)) {
+                break v;
+            }
+        };
         self.wrap(v, len)
     }
 
@@ -42,9 +95,8 @@ impl Pool {
             if stop.load(Ordering::Relaxed) {
                 return None;
             }
-            match self.take.recv_timeout(std::time::Duration::from_millis(20)) {
-                Ok(v) => return Some(self.wrap(v, len)),
-                Err(_) => continue,
+            if let Some(v) = self.shelf.take_within(Duration::from_millis(20)) {
+                return Some(self.wrap(v, len));
             }
         }
     }
@@ -58,7 +110,7 @@ impl Pool {
             data: v,
             at,
             len,
-            home: Some(self.give.clone()),
+            home: Some(self.shelf.clone()),
         }
     }
 }
@@ -67,20 +119,20 @@ impl Pool {
 /// handed to the writer and comes back here once written, so receiving never touches
 /// fresh memory (page faults cost more than the copy they save).
 pub struct Recycler {
-    take: Receiver<Vec<u8>>,
-    give: Sender<Vec<u8>>,
+    shelf: Shelf,
 }
 
 impl Recycler {
     /// Keeps up to `count` spare buffers.
     pub fn new(count: usize) -> Self {
-        let (give, take) = bounded(count);
-        Recycler { take, give }
+        Recycler {
+            shelf: Shelf::new(count),
+        }
     }
 
     /// A spare buffer, or a new empty one.
     pub fn spare(&self) -> Vec<u8> {
-        self.take.try_recv().unwrap_or_default()
+        self.shelf.try_take().unwrap_or_default()
     }
 
     /// A spare buffer with room for `n` bytes starting at an `align`-aligned address,
@@ -103,7 +155,7 @@ pub struct Buf {
     data: Vec<u8>,
     at: usize,
     len: usize,
-    home: Option<Sender<Vec<u8>>>,
+    home: Option<Shelf>,
 }
 
 impl Buf {
@@ -130,7 +182,7 @@ impl Buf {
             data,
             at: 0,
             len,
-            home: Some(recycler.give.clone()),
+            home: Some(recycler.shelf.clone()),
         }
     }
 }
@@ -155,7 +207,7 @@ impl Drop for Buf {
     fn drop(&mut self) {
         if let Some(home) = self.home.take() {
             // The pool may be gone at shutdown; then the buffer is simply freed.
-            let _ = home.try_send(std::mem::take(&mut self.data));
+            home.put(std::mem::take(&mut self.data));
         }
     }
 }
@@ -224,12 +276,12 @@ mod tests {
         let a = pool.get(16);
         let b = pool.get(8);
         assert_eq!(b.len(), 8);
-        assert!(pool.take.try_recv().is_err(), "pool should be empty");
+        assert_eq!(pool.shelf.len(), 0, "pool should be empty");
         drop(a);
         let c = pool.get(4);
         assert_eq!(c.len(), 4);
         drop((b, c));
-        assert_eq!(pool.take.len(), 2);
+        assert_eq!(pool.shelf.len(), 2);
     }
 
     #[test]
@@ -255,9 +307,9 @@ mod tests {
         assert_eq!(&*s1, b"abc");
         assert_eq!(&*s2, b"fgh");
         drop(s1);
-        assert!(pool.take.try_recv().is_err());
+        assert_eq!(pool.shelf.len(), 0);
         drop(s2);
-        assert!(pool.take.try_recv().is_ok());
+        assert_eq!(pool.shelf.len(), 1);
         assert_eq!(&*Slice::owned(b"xy".to_vec()), b"xy");
     }
 }

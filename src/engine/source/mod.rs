@@ -25,7 +25,7 @@ use crate::hash::{BlockInfo, HashKind};
 use crate::io::pool::{Buf, Slice};
 use crate::io::target::{self, Advice, Target};
 use compare::{Changes, Send};
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender};
 use read::{ErrorCount, Readers, read_range};
 use refine::Refiner;
 use std::collections::BTreeMap;
@@ -122,7 +122,8 @@ pub fn run(
     }
     let readers = Readers::new(src, config, stats, cancel);
     std::thread::scope(|s| {
-        let (chunk_tx, chunk_rx) = bounded::<Result<Chunk>>(super::REPORTS_IN_FLIGHT);
+        let (chunk_tx, chunk_rx) =
+            crate::io::queue::bounded::<Result<Chunk>>(super::REPORTS_IN_FLIGHT);
         let readers = &readers;
         for _ in 0..readers.threads {
             let chunk_tx = chunk_tx.clone();
@@ -194,7 +195,7 @@ struct Pass<'a> {
     config: &'a Config,
     stats: &'a Stats,
     cancel: &'a AtomicBool,
-    chunks: &'a Receiver<Result<Chunk>>,
+    chunks: &'a crate::io::queue::Receiver<Result<Chunk>>,
     /// Chunks delivered ahead of their turn (several readers), by index.
     early: BTreeMap<u64, Chunk>,
     /// Unreadable areas so far, counted here because chunks come here in order.

@@ -9,7 +9,6 @@ use crate::error::{Error, Kind, Result};
 use crate::hash::{BlockInfo, HashKind};
 use crate::io::pool::{Buf, Pool, Slice};
 use crate::io::target::{self, Advice, Extents, Target};
-use crossbeam_channel::Sender;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -60,7 +59,7 @@ impl<'a> Readers<'a> {
 
     /// One reader thread: claims and reads chunks until none is left, the run stops, or a
     /// read fails (the failure is the last thing it sends).
-    pub(super) fn read_source(&self, out: Sender<Result<Chunk>>) {
+    pub(super) fn read_source(&self, out: crate::io::queue::Sender<Result<Chunk>>) {
         let layout = self.config.layout;
         let mut thread = ReadThread {
             readers: self,
