@@ -65,6 +65,21 @@ A last measurement (``--rss``, on by default) records the peak RSS of
 blocksync syncing a 16 GiB loop device onto another (over sparse files, so
 every byte is read but the disk is not filled), via ``os.wait4``.
 
+Issue 15 (the figures on this machine, in one run):
+
+  floor (``--floor``, with ``--ssh`` or ``--cache``): BLAKE3 of src and dst, and
+  of src alone, on all cores (``b3sum``, else the ``blake3`` PyPI package
+  in-process; ``--blake3``), and ``ssh benchhost true``.  Without a BLAKE3 the
+  lines that need it say MISS and how to install one.
+  ``--cold-too``: the local and ssh re-syncs, the digest-file run (blake3) and
+  sparse C again with the page cache dropped before every run, each right
+  after its warm table.
+  At the end, every figure of the issue's table against its target
+  (``issue 15: ...`` lines), read from the groups' results.
+
+Every table shows the machine's median CPU seconds (``/proc/stat``), and
+every timed run starts after a ``sync`` (nothing dirty in the page cache).
+
 ``--before PATH``: a second blocksync binary (say, built from the commit
 before a change), copied into the work dir like ``--bin`` and its own remote
 (``-S``).  Every blocksync case is also timed with it (key ``<key>-before``,
@@ -139,6 +154,19 @@ TARGET_SPARSE_LO = 1.05      # new sparse copy over ssh: loopback bytes / data b
 TARGET_SPARSE_RESYNC = 1.3   # re-sync of the sparse file: blocksync / reading both files' data, <=
 TARGET_CACHE_VS_READ = 1.15  # issue 7: sync with a valid digest file / reading the source alone, <=
 TARGET_PATCH_KB = 100        # issue 7: patch for the 10 changes, <= (KB)
+
+# Issue 15: the figures on this machine, all from one run, printed together at the end.
+T15_LOCAL_VS_READ = 1.15        # local re-sync, warm: blocksync / cat src dst, <=
+T15_LOCAL_VS_RSYNC = 0.30       # local re-sync, warm: blocksync / rsync --inplace, <=
+T15_LOCAL_COLD_VS_READ = 1.15   # local re-sync, cold: blocksync / cat src dst (cold), <=
+T15_PUSH_VS_FLOOR = 1.15        # push, warm: blocksync / (ssh login + BLAKE3 of src and dst), <=
+T15_PUSH_VS_RSYNC = 0.60        # push, warm: blocksync / rsync over ssh, <=
+T15_PUSH_CPU_VS_RSYNC = 0.70    # push, warm: machine CPU seconds blocksync / rsync over ssh, <=
+T15_PUSH_COLD_VS_RSYNC = 0.60   # push, cold: blocksync / rsync over ssh (cold), <=
+T15_FIRST_COPY = 0.90           # first copy over ssh: throughput blocksync / ssh 'cat > dst', >=
+T15_SPARSE_VS_CP_SYNC = 1.10    # new sparse copy: blocksync / (cp --sparse=always && sync), <=
+T15_CACHE_XXH3_VS_READ = 1.15   # digest-file run, xxh3: blocksync / cat src, <=
+T15_CACHE_B3_VS_FLOOR = 1.15    # digest-file run, blake3: blocksync / BLAKE3 of src, <=
 
 
 # --------------------------------------------------------------------------
@@ -769,13 +797,17 @@ def case_argv(case: Case, wd: Workdir) -> list[str]:
     return argv
 
 
-def time_run(result: Result, wd: Workdir, i: int, runs: int) -> None:
-    """Prepare, time and verify run `i` of `result.case`; add it to `result`."""
+def time_run(result: Result, wd: Workdir, i: int, runs: int, cold: bool = False) -> None:
+    """Prepare, time and verify run `i` of `result.case`; add it to `result`.
+    Every run starts with nothing dirty in the page cache (sync after the
+    preparation), and with the cache dropped if `cold` or --cold."""
     case = result.case
     argv = case_argv(case, wd)
     prepare(case, wd)
-    if COLD:
+    if COLD or cold:
         drop_caches()
+    else:
+        sync_disks()
     stdin = open(case.stdin(wd), "rb") if case.stdin else subprocess.DEVNULL
     try:
         lo0 = lo_tx_bytes() if case.net else None
@@ -801,22 +833,23 @@ def time_run(result: Result, wd: Workdir, i: int, runs: int) -> None:
     log(f"  {case.key:<10} run {i + 1}/{runs}: {dt:.3f} s{extra}")
 
 
-def time_case(case: Case, wd: Workdir, runs: int) -> Result:
-    """Run `case` `runs` times with the cache warm; return the wall times."""
+def time_case(case: Case, wd: Workdir, runs: int, cold: bool = False) -> Result:
+    """Run `case` `runs` times (cache warm, or dropped if `cold`); return the wall times."""
     result = Result(case, [])
     for i in range(runs):
-        time_run(result, wd, i, runs)
+        time_run(result, wd, i, runs, cold)
     return result
 
 
-def time_pair(case: Case, twin: Case, wd: Workdir, runs: int) -> list[Result]:
+def time_pair(case: Case, twin: Case, wd: Workdir, runs: int,
+              cold: bool = False) -> list[Result]:
     """Time `case` and its --before `twin` in alternating runs (ABBA...: who
     goes first swaps each round), each run prepared as if it were alone, so
     drift and load on the machine fall on both alike."""
     results = [Result(case, []), Result(twin, [])]
     for i in range(runs):
         for r in (results if i % 2 == 0 else results[::-1]):
-            time_run(r, wd, i, runs)
+            time_run(r, wd, i, runs, cold)
     return results
 
 
@@ -849,6 +882,8 @@ class Group:
     The first case is the reference for the ratio column.  `targets` turns the
     results (by key) into the lines printed under the table, followed by
     `notes` and by the lines `after` returns (it runs after the timing).
+    `name` files the results for the issue-15 summary (`-cold` appended when
+    the group ran cold); `cold` drops the page cache before each run.
     """
     title: str
     cases: list[Case]
@@ -858,7 +893,25 @@ class Group:
     lo_unit: tuple[str, int] = ("MB", MB)     # unit of the table's loopback column
     twins: dict[str, Case] = field(default_factory=dict)  # --before case by the key of its case
     pair_names: tuple[str, str] | None = ("after", "before")  # a case / its twin; None: no lines
-    cpu_column: bool = False                  # show the median machine CPU seconds
+    cpu_column: bool = True                   # show the median machine CPU seconds
+    name: str = ""                            # key of the results for the issue-15 summary
+    cold: bool = False                        # page cache dropped before each run (--cold-too)
+
+    @property
+    def measured_name(self) -> str:
+        """`name`, with `-cold` when its runs start from a dropped page cache."""
+        return f"{self.name}-cold" if self.name and (self.cold or COLD) else self.name
+
+
+def cold_copy(group: Group) -> Group:
+    """`group` again with the page cache dropped before each timed run
+    (--cold-too): the same cases and --before twins; no target lines of its own
+    (the issue-15 summary compares the cold figures) and no untimed extra runs."""
+    return dataclasses.replace(
+        group, title=f"cold cache: {group.title}", cold=True,
+        targets=lambda by: [], after=None,
+        notes=["page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each "
+               "timed run, after the usual preparation"])
 
 
 def before_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -918,7 +971,8 @@ def local_targets(by: dict[str, Result]) -> list[str]:
 
 def local_group(args: argparse.Namespace) -> Group:
     return Group("local: SRC DST on this machine",
-                 [case_read(), case_blocksync(args.bin), case_rsync()], local_targets)
+                 [case_read(), case_blocksync(args.bin), case_rsync()], local_targets,
+                 name="local")
 
 
 def lo_text(r: Result) -> str:
@@ -984,7 +1038,7 @@ def ssh_group(args: argparse.Namespace, sshd: Sshd) -> Group:
     return Group(f"ssh: changed blocks over loopback sshd (127.0.0.1:{sshd.port}, "
                  f"{sshd.cipher})",
                  [case_read(), push, pull, case_rsync_ssh(sshd)], ssh_targets,
-                 after=ssh_after([push, pull]))
+                 after=ssh_after([push, pull]), name="ssh")
 
 
 def many_group(args: argparse.Namespace, sshd: Sshd, offsets: list[int]) -> Group:
@@ -1075,7 +1129,7 @@ def first_copy_group(args: argparse.Namespace, sshd: Sshd) -> Group:
     return Group(f"first copy: {human(size)} src to a missing destination over ssh",
                  [case_cat_ssh(sshd), case_cat_ssh_sync(sshd),
                   case_first_copy(args.bin, sshd, 1),
-                  case_first_copy(args.bin, sshd, 2)], targets)
+                  case_first_copy(args.bin, sshd, 2)], targets, name="first-copy")
 
 
 def latency_group(args: argparse.Namespace, sshd: Sshd) -> Group:
@@ -1624,7 +1678,8 @@ def sparse_new_group(args: argparse.Namespace, sp: SparseData) -> Group:
                  notes=["before each run: the copy removed, sync, sp.src's data extents read "
                         "(widened to 1 MiB blocks); after it: sizes, data extents and holes "
                         "compared"],
-                 after=lambda wd, by: alloc_lines(sp, [("sp.cp", sp.cp), ("sp.dst", sp.dst)]))
+                 after=lambda wd, by: alloc_lines(sp, [("sp.cp", sp.cp), ("sp.dst", sp.dst)]),
+                 name="sparse-new")
 
 
 def sparse_ssh_group(args: argparse.Namespace, sp: SparseData, sshd: Sshd) -> Group:
@@ -1722,7 +1777,8 @@ def sparse_resync_group(args: argparse.Namespace, sp: SparseData) -> Group:
                  notes=["before each run: the changed pieces of sp.dst put back, sync, "
                         "data extents of both files read (widened to 1 MiB blocks); "
                         "(c) reads exactly the data extents"],
-                 after=lambda wd, by: alloc_lines(sp, [("sp.dst", sp.dst)]))
+                 after=lambda wd, by: alloc_lines(sp, [("sp.dst", sp.dst)]),
+                 name="sparse-resync")
 
 
 # --------------------------------------------------------------------------
@@ -1770,7 +1826,8 @@ def cache_group(args: argparse.Namespace, hash_name: str) -> Group:
                  "the destination not read", [read, bs], targets,
                  notes=["before each run of (b): dst put back to dst.orig and a digest file "
                         "describing it made (untimed); the timed run reads src, spot-checks "
-                        "8 blocks of dst, writes the changes and the new digest file"])
+                        "8 blocks of dst, writes the changes and the new digest file"],
+                 name=f"cache-{hash_name}")
 
 
 def patch_lines(args: argparse.Namespace, wd: Workdir) -> list[str]:
@@ -1793,6 +1850,288 @@ def patch_lines(args: argparse.Namespace, wd: Workdir) -> list[str]:
             f"{verdict(size <= TARGET_PATCH_KB * 1000)}; diff {t_diff:.2f} s, "
             f"apply (checks, writes, verifies) {t_apply:.2f} s; digest file "
             f"{dig.stat().st_size / MB:.1f} MB"]
+
+
+# --------------------------------------------------------------------------
+# the hashing floor and the ssh login (issue 15)
+# --------------------------------------------------------------------------
+
+BLAKE3_INSTALL = ("install b3sum (apt-get install b3sum, or cargo install b3sum) or the blake3 "
+                  "PyPI package (pip install blake3)")
+
+
+@dataclass
+class Blake3:
+    """The BLAKE3 implementation timed for the hashing floor, on all cores."""
+    kind: str        # "b3sum", "python", or "" when none is available
+    about: str       # name and version, or why there is none and how to install one
+    path: str = ""   # the b3sum binary
+
+
+def find_blake3(choice: str) -> Blake3:
+    """b3sum if installed (and allowed by --blake3), else the blake3 PyPI package
+    (it wraps the Rust crate, the same implementation), else none."""
+    if choice in ("auto", "b3sum"):
+        path = shutil.which("b3sum")
+        if path:
+            cp = subprocess.run([path, "--version"], capture_output=True, text=True)
+            version = cp.stdout.strip() or "b3sum"
+            return Blake3("b3sum", f"{version} ({path}), all cores, mmap", path)
+    if choice in ("auto", "python"):
+        try:
+            import blake3
+        except ImportError:
+            pass
+        else:
+            version = getattr(blake3, "__version__", "?")
+            return Blake3("python", f"blake3 {version} from PyPI (the Rust crate), "
+                                    "update_mmap with max_threads=AUTO, in-process")
+    wanted = {"auto": BLAKE3_INSTALL, "b3sum": "install b3sum (apt-get install b3sum, or "
+              "cargo install b3sum)", "python": "pip install blake3"}[choice]
+    return Blake3("", f"BLAKE3 floor unavailable (--blake3 {choice}): {wanted}")
+
+
+def blake3_files(paths: list[Path]) -> None:
+    """BLAKE3 of each file in turn, each on all cores (the blake3 package's
+    update_mmap: the Rust crate hashing the mapped file with rayon)."""
+    import blake3
+    for p in paths:
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h.update_mmap(str(p))
+        h.digest()
+
+
+def case_blake3(tool: Blake3, key: str, label: str,
+                files: Callable[[Workdir], list[Path]]) -> Case:
+    """Hash `files` with BLAKE3 on all cores; before each run the files are read once."""
+    def setup(wd: Workdir) -> None:
+        warm(*files(wd))
+
+    if tool.kind == "b3sum":
+        return Case(key, label, lambda wd: [tool.path, *map(str, files(wd))],
+                    writes=False, setup=setup)
+    return Case(key, label, lambda wd: [], writes=False, setup=setup,
+                func=lambda wd: blake3_files(files(wd)))
+
+
+def case_ssh_true(sshd: Sshd) -> Case:
+    """(s) The ssh login alone: `ssh benchhost true`."""
+    return Case("ssh-true", "(s) ssh benchhost true (login)",
+                lambda wd: ["ssh", "-F", str(sshd.config), HOST, "true"],
+                writes=False, setup=lambda wd: None)
+
+
+def floor_group(args: argparse.Namespace, tool: Blake3, sshd: Sshd | None) -> Group:
+    """The floors of issue 15: BLAKE3 of src and dst, and of src alone, on all
+    cores; and `ssh benchhost true`.  A push cannot beat the login plus hashing
+    both files; a digest-file run (blake3) cannot beat hashing the source."""
+    cases = []
+    if tool.kind:
+        cases += [case_blake3(tool, "b3-both", f"(h2) BLAKE3 of src and dst ({tool.kind})",
+                              lambda wd: [wd.src, wd.dst]),
+                  case_blake3(tool, "b3-src", f"(h1) BLAKE3 of src ({tool.kind})",
+                              lambda wd: [wd.src])]
+    if sshd:
+        cases.append(case_ssh_true(sshd))
+    size = args.size
+
+    def targets(by: dict[str, Result]) -> list[str]:
+        lines = [] if tool.kind else [f"MISS: {tool.about}"]
+        rates = [f"{key} {n * size / MB / by[key].median:.0f} MB/s"
+                 for key, n in (("b3-both", 2), ("b3-src", 1)) if key in by]
+        if rates:
+            lines.append("BLAKE3 throughput: " + ", ".join(rates))
+        if "b3-both" in by and "ssh-true" in by:
+            a, b = by["ssh-true"], by["b3-both"]
+            lines.append(f"floor of a push = ssh login + BLAKE3 of src and dst = "
+                         f"{a.median:.3f} + {b.median:.3f} = {a.median + b.median:.3f} s "
+                         f"(CPU {a.cpu_median:.2f} + {b.cpu_median:.2f} s)")
+        return lines
+
+    login = ", and the ssh login" if sshd else ""
+    return Group(f"floor: BLAKE3 of the files on all {os.cpu_count()} cores{login}",
+                 cases, targets, name="floor",
+                 notes=[f"BLAKE3: {tool.about}"] if tool.kind else [])
+
+
+# --------------------------------------------------------------------------
+# issue 15: every figure of the issue against its target, from this run
+# --------------------------------------------------------------------------
+
+Measured = dict[str, dict[str, Result]]   # results by Group.measured_name, then by case key
+
+NEEDS = {"local": "--local", "ssh": "--ssh", "floor": "--floor with --ssh or --cache",
+         "first-copy": "--ssh --first-copy", "sparse-new": "--sparse",
+         "sparse-resync": "--sparse", "cache-blake3": "--cache", "cache-xxh3": "--cache"}
+
+
+def needs(name: str) -> str:
+    """Why the figures of group `name` (maybe `-cold`) are missing from the run."""
+    base = name.removesuffix("-cold")
+    if name.endswith("-cold"):
+        return f"not measured: needs {NEEDS[base]} with --cold-too (or --cold)"
+    return f"not measured: needs {NEEDS[base]}" + (" in a warm run (no --cold)" if COLD else "")
+
+
+def either(m: Measured, name: str) -> tuple[str, str]:
+    """For the figures the issue does not split into warm and cold: the group's
+    warm results if present, else its cold ones; and a note saying which."""
+    if name not in m and f"{name}-cold" in m:
+        return f"{name}-cold", ", cold run"
+    return name, ""
+
+
+def med_ratio(m: Measured, name: str, a: str, b: str,
+              other: str | None = None) -> tuple[float | None, str]:
+    """median(a) / median(b) of group `name` (b from group `other` if given),
+    and the two medians as text; (None, "") if either is missing."""
+    ra, rb = m.get(name, {}).get(a), m.get(other or name, {}).get(b)
+    if ra is None or rb is None:
+        return None, ""
+    return ra.median / rb.median, f"{ra.median:.3f} s / {rb.median:.3f} s"
+
+
+def cpu_ratio(m: Measured, name: str, a: str, b: str) -> tuple[float | None, str]:
+    """Machine CPU seconds (medians) of cases a / b of group `name`."""
+    ra, rb = m.get(name, {}).get(a), m.get(name, {}).get(b)
+    if ra is None or rb is None or not ra.cpu_median or not rb.cpu_median:
+        return None, ""
+    return ra.cpu_median / rb.cpu_median, f"{ra.cpu_median:.2f} s / {rb.cpu_median:.2f} s"
+
+
+def t15(row: str, what: str, x: float | None, target: float | None, rel: str = "<=",
+        detail: str = "", missing: str = "") -> str:
+    """One line: `issue 15: ROW: WHAT = X (detail) (target REL T) PASS|MISS`; with
+    no target, the figure is shown for information; with no figure, `missing`
+    (a MISS when it starts with "MISS: ": a floor could not be measured)."""
+    head = f"issue 15: {row}: {what}"
+    if x is None and missing.startswith("MISS: "):
+        return f"{head} = n/a ({missing.removeprefix('MISS: ')}) MISS"
+    if x is None:
+        return f"{head} = n/a ({missing})"
+    text = f"{head} = {x:.2f}" + (f" ({detail})" if detail else "")
+    if target is None:
+        return f"{text} (no target: shown for comparison)"
+    ok = {"<=": x <= target, "<": x < target, ">=": x >= target}[rel]
+    return f"{text} (target {rel} {target:.2f}) {verdict(ok)}"
+
+
+def floor_line(m: Measured, tool: Blake3) -> str:
+    """The floors themselves: BLAKE3 of both files and of src, the ssh login."""
+    name, note = either(m, "floor")
+    fl = m.get(name, {})
+    parts = [f"{label} {fl[key].median:.3f} s (CPU {fl[key].cpu_median:.2f} s)"
+             for key, label in (("b3-both", "BLAKE3 of src and dst"), ("b3-src", "of src"),
+                                ("ssh-true", "ssh benchhost true")) if key in fl]
+    if not tool.kind:
+        parts.insert(0, f"MISS: {tool.about}")
+    return "issue 15: floors: " + ("; ".join(parts) + note if parts else needs("floor"))
+
+
+def push_floor_line(m: Measured, tool: Blake3) -> str:
+    """ssh push, warm, against ssh login + BLAKE3 of both files."""
+    what = "push / (ssh login + BLAKE3 of src and dst)"
+    push, fl = m.get("ssh", {}).get("push"), m.get("floor", {})
+    if push is None:
+        return t15("ssh push re-sync, warm", what, None, T15_PUSH_VS_FLOOR, missing=needs("ssh"))
+    if not tool.kind:
+        return t15("ssh push re-sync, warm", what, None, T15_PUSH_VS_FLOOR,
+                   missing=f"MISS: {tool.about}")
+    if "b3-both" not in fl or "ssh-true" not in fl:
+        return t15("ssh push re-sync, warm", what, None, T15_PUSH_VS_FLOOR,
+                   missing=needs("floor"))
+    login, hashing = fl["ssh-true"].median, fl["b3-both"].median
+    return t15("ssh push re-sync, warm", what, push.median / (login + hashing),
+               T15_PUSH_VS_FLOOR,
+               detail=f"{push.median:.3f} s / ({login:.3f} + {hashing:.3f} s)")
+
+
+def cache_floor_line(m: Measured, tool: Blake3) -> str:
+    """The digest-file run with BLAKE3 against BLAKE3 of the source alone."""
+    row, what = "digest-file run, BLAKE3 (default)", "blocksync / BLAKE3 of src"
+    if "cached-blake3" not in m.get("cache-blake3", {}):
+        return t15(row, what, None, T15_CACHE_B3_VS_FLOOR, missing=needs("cache-blake3"))
+    if not tool.kind:
+        return t15(row, what, None, T15_CACHE_B3_VS_FLOOR, missing=f"MISS: {tool.about}")
+    x, d = med_ratio(m, "cache-blake3", "cached-blake3", "b3-src", other="floor")
+    return t15(row, what, x, T15_CACHE_B3_VS_FLOOR, detail=d, missing=needs("floor"))
+
+
+def issue15_lines(m: Measured, args: argparse.Namespace, tool: Blake3,
+                  rss: float | None, sparse_size: int) -> list[str]:
+    """Every figure of issue 15's table against its target, and the cold figures
+    the issue asks to see (no target of their own), in the table's order."""
+    lines = [floor_line(m, tool)]
+    row = "local re-sync, warm"
+    x, d = med_ratio(m, "local", "blocksync", "read")
+    lines.append(t15(row, "blocksync / cat src dst", x, T15_LOCAL_VS_READ, detail=d,
+                     missing=needs("local")))
+    x, d = med_ratio(m, "local", "blocksync", "rsync")
+    lines.append(t15(row, "blocksync / rsync --inplace --no-whole-file", x, T15_LOCAL_VS_RSYNC,
+                     detail=d, missing=needs("local")))
+    x, d = med_ratio(m, "local-cold", "blocksync", "read")
+    lines.append(t15("local re-sync, cold", "blocksync / cat src dst (cold)", x,
+                     T15_LOCAL_COLD_VS_READ, detail=d, missing=needs("local-cold")))
+
+    row = "ssh push re-sync, warm"
+    lines.append(push_floor_line(m, tool))
+    x, d = med_ratio(m, "ssh", "push", "rsync-ssh")
+    lines.append(t15(row, "push / rsync over ssh", x, T15_PUSH_VS_RSYNC, detail=d,
+                     missing=needs("ssh")))
+    x, d = cpu_ratio(m, "ssh", "push", "rsync-ssh")
+    lines.append(t15(row, "machine CPU push / rsync over ssh", x, T15_PUSH_CPU_VS_RSYNC,
+                     detail=d, missing=needs("ssh")))
+
+    row = "ssh push re-sync, cold"
+    x, d = med_ratio(m, "ssh-cold", "push", "rsync-ssh")
+    lines.append(t15(row, "push / rsync over ssh (cold)", x, T15_PUSH_COLD_VS_RSYNC, detail=d,
+                     missing=needs("ssh-cold")))
+    x, d = med_ratio(m, "ssh-cold", "push", "read")
+    lines.append(t15(row, "push / cat src dst (cold)", x, None, detail=d,
+                     missing=needs("ssh-cold")))
+    x, d = cpu_ratio(m, "ssh-cold", "push", "rsync-ssh")
+    lines.append(t15(row, "machine CPU push / rsync over ssh (cold)", x, None, detail=d,
+                     missing=needs("ssh-cold")))
+
+    name, note = either(m, "first-copy")
+    x, d = med_ratio(m, name, "cat-ssh", "first")      # throughput ratio = inverse time ratio
+    lines.append(t15("first copy over ssh", "throughput blocksync / ssh 'cat > dst'", x,
+                     T15_FIRST_COPY, ">=", detail=d and f"times cat / blocksync: {d}{note}",
+                     missing=needs(name)))
+
+    name, note = either(m, "sparse-new")
+    x, d = med_ratio(m, name, "blocksync", "cp-fsync")
+    lines.append(t15(f"new {human(sparse_size)} sparse copy, local",
+                     "blocksync / (cp --sparse=always && sync)", x, T15_SPARSE_VS_CP_SYNC,
+                     detail=d + note, missing=needs(name)))
+    x, d = med_ratio(m, "sparse-resync-cold", "blocksync", "read-extents")
+    lines.append(t15("sparse re-sync, cold", "blocksync / read of both files' data (cold)",
+                     x, None, detail=d, missing=needs("sparse-resync-cold")))
+
+    x, d = med_ratio(m, "cache-xxh3", "cached-xxh3", "read-src")
+    lines.append(t15("digest-file run, xxh3", "blocksync / cat src", x, T15_CACHE_XXH3_VS_READ,
+                     detail=d, missing=needs("cache-xxh3")))
+    lines.append(cache_floor_line(m, tool))
+    x, d = med_ratio(m, "cache-blake3-cold", "cached-blake3", "read-src")
+    lines.append(t15("digest-file run, BLAKE3, cold", "blocksync / cat src (cold)", x, None,
+                     detail=d, missing=needs("cache-blake3-cold")))
+
+    rss_row = f"issue 15: peak RSS, {human(args.rss_size)}"
+    lines.append(f"{rss_row} = n/a (not measured: needs --rss)" if rss is None else
+                 f"{rss_row} = {rss:.1f} MiB (target < {TARGET_RSS_MIB} MiB) "
+                 f"{verdict(rss < TARGET_RSS_MIB)}")
+    return lines
+
+
+def print_issue15(lines: list[str], args: argparse.Namespace) -> None:
+    """The summary section: all the issue's figures of this run in one place."""
+    title = (f"issue 15: the figures against their targets (this run: {human(args.size)}, "
+             f"medians of {args.runs} runs; CPU: {machine_text()})")
+    print()
+    print(f"### {title}\n" if args.markdown else f"{title}:")
+    for line in lines:
+        print(f"- {line}" if args.markdown else line)
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------
@@ -1831,18 +2170,19 @@ def print_table(results: list[Result], markdown: bool,
         print(fmt.format(*row))
 
 
-def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> None:
-    """Time every case of the group, then print its table and target lines."""
+def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> dict[str, Result]:
+    """Time every case of the group, then print its table and target lines;
+    return the results by key."""
     log(f"group {group.title}")
     results = []
     for case in group.cases:
         twin = group.twins.get(case.key)
         if twin:
             log(f"timing {case.label} and {twin.label}, interleaved ...")
-            results += time_pair(case, twin, wd, args.runs)
+            results += time_pair(case, twin, wd, args.runs, group.cold)
         else:
             log(f"timing {case.label} ...")
-            results.append(time_case(case, wd, args.runs))
+            results.append(time_case(case, wd, args.runs, group.cold))
     by = {r.case.key: r for r in results}
     lines = pair_lines(results, group) + group.targets(by) + group.notes
     if group.after:
@@ -1855,6 +2195,7 @@ def run_group(group: Group, wd: Workdir, args: argparse.Namespace) -> None:
     for line in lines:
         print(f"- {line}" if args.markdown else line)
     sys.stdout.flush()
+    return by
 
 
 # --------------------------------------------------------------------------
@@ -1943,6 +2284,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) "
                          "before every timed run instead of warming it (needs root)")
+    ap.add_argument("--cold-too", action="store_true",
+                    help="issue 15: also time the local re-sync, the ssh re-syncs, the "
+                         "digest-file run (blake3) and the sparse re-sync with the page cache "
+                         "dropped before every run, each right after its warm table (needs "
+                         "root; not with --cold)")
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     on = argparse.BooleanOptionalAction
     ap.add_argument("--local", action=on, default=True,
@@ -1981,6 +2327,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="journal flag for the --bin runs of the other cases: auto (none: "
                          "blocksync's default, which journals a destination a run completed "
                          "onto before), on (--journal), off (--no-journal) (default: auto)")
+    ap.add_argument("--floor", action=on, default=True,
+                    help="with --ssh or --cache: time BLAKE3 of src and dst and of src alone "
+                         "on all cores, and ssh benchhost true (issue 15's floors; default: on)")
+    ap.add_argument("--blake3", choices=("auto", "b3sum", "python"), default="auto",
+                    help="BLAKE3 for --floor: b3sum, or the blake3 PyPI package in-process; "
+                         "auto: b3sum if installed, else the package (default: auto)")
     ap.add_argument("--cache", action=on, default=True,
                     help="time a sync with a digest file and make a patch (default: on)")
     ap.add_argument("--rss", action=on, default=True,
@@ -2009,6 +2361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--journal-unit must be between 1 byte and --size")
     if args.sparse_data < 1 or args.sparse_data > args.sparse_size:
         ap.error("--sparse-data must be between 1 byte and --sparse-size")
+    if args.cold and args.cold_too:
+        ap.error("--cold-too adds cold tables to a warm run; with --cold every table is cold")
+    if (args.cold or args.cold_too) and os.geteuid() != 0:
+        ap.error("--cold and --cold-too drop the page cache: they need root")
     args.bin = args.bin.resolve()
     if args.before is not None:
         args.before = args.before.resolve()
@@ -2016,6 +2372,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--before {args.before} does not exist")
     args.variant = ""              # "-before" in before_args: names that binary's files
     return args
+
+
+def machine_text() -> str:
+    """The CPU model and the number of (logical) cores, for the header lines."""
+    n = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0))
+    return f"{cpu_model()}, {n} cores" + (f" ({usable} usable here)" if usable != n else "")
 
 
 def cpu_model() -> str:
@@ -2038,6 +2401,17 @@ def main(argv: list[str] | None = None) -> int:
     sshd: Sshd | None = None
     proxies: list[DelayProxy] = []
     bargs: argparse.Namespace | None = None     # the cases' args for --before
+    measured: Measured = {}                     # for the issue-15 summary
+    rss: float | None = None
+    tool = find_blake3(args.blake3)
+
+    def timed(group: Group, cold_too: bool = False) -> None:
+        """Run the group (and, if `cold_too` and --cold-too, its cold copy right
+        after); file the results for the issue-15 summary."""
+        for g in [group] + ([cold_copy(group)] if cold_too and args.cold_too else []):
+            by = run_group(g, wd, args)
+            if g.name:
+                measured[g.measured_name] = by
 
     def grouped(build: Callable[..., Group], *extra) -> Group:
         """build(args, *extra), with the --before twin of each blocksync case."""
@@ -2058,7 +2432,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.before:
-            print(f"after: {args.bin}, before: {args.before}; CPU: {cpu_model()}")
+            print(f"after: {args.bin}, before: {args.before}; CPU: {machine_text()}")
             args.before = snapshot_binary(args.before, wd, "blocksync-before")
             bargs = before_args(args)
         args.bin = snapshot_binary(args.bin, wd)
@@ -2067,21 +2441,28 @@ def main(argv: list[str] | None = None) -> int:
                 args.journal_default])
         if args.local or args.ssh or args.cache or args.journal:
             generate_data(wd, args.size, args.changes, args.seed)
+            cache = "cold" if COLD else "warm" + (" and cold (--cold-too)" if args.cold_too else "")
             print(f"blocksync bench: {human(args.size)}, {args.changes} x 4 KiB changes, "
-                  f"{args.runs} runs per case, {'cold' if COLD else 'warm'} cache, "
-                  f"--journal-default {args.journal_default}, {wd.root}; CPU: {cpu_model()}")
+                  f"{args.runs} runs per case, {cache} cache, "
+                  f"--journal-default {args.journal_default}, {wd.root}; CPU: {machine_text()}")
             sys.stdout.flush()
         if args.local:
-            run_group(grouped(local_group), wd, args)
+            timed(grouped(local_group), cold_too=True)
+        if args.floor and (args.ssh or args.cache):
+            group = floor_group(args, tool, start_sshd() if args.ssh else None)
+            if group.cases:
+                timed(group)
+            else:
+                print(f"\nfloor: MISS: {tool.about}")
         if args.ssh:
             start_sshd()
-            run_group(grouped(ssh_group, sshd), wd, args)
+            timed(grouped(ssh_group, sshd), cold_too=True)
             if args.many:
                 offsets = generate_many(wd, args.size, args.many_changes, args.seed,
                                         args.many_align)
                 run_group(grouped(many_group, sshd, offsets), wd, args)
             if args.first_copy:
-                run_group(grouped(first_copy_group, sshd), wd, args)
+                timed(grouped(first_copy_group, sshd))
             if args.latency:
                 for host, delay in ((HOST_PROXY, 0), (HOST_SLOW, args.delay_ms)):
                     proxy = DelayProxy(sshd.port, delay)
@@ -2108,18 +2489,19 @@ def main(argv: list[str] | None = None) -> int:
                 if h == "blake3":
                     group.after = lambda wd, by: patch_lines(args, wd) + (
                         patch_lines(bargs, wd) if bargs else [])
-                run_group(group, wd, args)
+                timed(group, cold_too=h == "blake3")
         if args.sparse:
             sp = generate_sparse(wd, args.sparse_size, args.sparse_data, args.seed)
-            print(f"\nsparse: {sp.describe()}, {args.runs} runs per case, {wd.root}")
+            print(f"\nsparse: {sp.describe()}, {args.runs} runs per case, {wd.root}; "
+                  f"CPU: {machine_text()}")
             sys.stdout.flush()
-            run_group(grouped(sparse_new_group, sp), wd, args)
+            timed(grouped(sparse_new_group, sp))
             if Path(SSHD).exists():
                 run_group(grouped(sparse_ssh_group, sp, start_sshd()), wd, args)
             else:
                 print(f"\nsparse B (over ssh) skipped: {SSHD} missing")
             sparse_resync_setup(args, sp, args.changes, args.seed)
-            run_group(grouped(sparse_resync_group, sp), wd, args)
+            timed(grouped(sparse_resync_group, sp), cold_too=True)
         if args.rss:
             sys.stdout.flush()
             rss = measure_rss(args.bin, wd, args.rss_size, args.changes, args.seed)
@@ -2127,6 +2509,8 @@ def main(argv: list[str] | None = None) -> int:
                 rss_b = measure_rss(args.before, wd, args.rss_size, args.changes, args.seed,
                                     " (blocksync before)")
                 print(f"after / before = {rss / rss_b:.2f} (peak RSS)")
+        if measured or rss is not None:
+            print_issue15(issue15_lines(measured, args, tool, rss, args.sparse_size), args)
     finally:
         for proxy in proxies:
             proxy.stop()
