@@ -6,3 +6,6 @@ cd "$(dirname "$0")"
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release "$@"
+# The Debian package: built (cargo-deb), then installed and checked, then removed.
+./pkg/deb.sh
+./pkg/check-deb.sh

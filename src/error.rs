@@ -47,6 +47,8 @@ pub enum Kind {
     /// The undo journal cannot be kept (no room where it may grow, or it does not match
     /// the destination): the run stopped before overwriting more.
     Journal,
+    /// `--check`: the destination differs from the source (nothing was written).
+    Differs,
     /// Interrupted by a signal (Ctrl-C); what was written is flushed.
     Interrupted,
     /// A bug or an unexpected condition.
@@ -74,12 +76,13 @@ impl Kind {
             Kind::StaleCache => 15,
             Kind::Locked => 16,
             Kind::Journal => 17,
+            Kind::Differs => 18,
             Kind::Interrupted => 130,
         }
     }
 
     /// Every kind, in exit-code order (for docs and tests).
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::Internal,
         Kind::Usage,
         Kind::Source,
@@ -97,6 +100,7 @@ impl Kind {
         Kind::StaleCache,
         Kind::Locked,
         Kind::Journal,
+        Kind::Differs,
         Kind::Interrupted,
     ];
 
@@ -130,7 +134,12 @@ impl Kind {
                 "the digest file or patch does not match the destination (see `--digest-rebuild`)"
             }
             Kind::Locked => "the destination is in use by another blocksync run (its pid is named)",
-            Kind::Journal => "the undo journal has no room or does not match (see `--journal-dir`)",
+            Kind::Journal => {
+                "undo journal: no room (see `--journal-dir`) or no match; or a version cannot be restored"
+            }
+            Kind::Differs => {
+                "`--check`: the destination differs from the source (nothing was written)"
+            }
             Kind::Interrupted => {
                 "interrupted (Ctrl-C); what was written is flushed, run again to finish"
             }

@@ -114,6 +114,32 @@ impl FromStr for HashKind {
     }
 }
 
+/// The hash for a `-1`/`-2` name, and a note when it is not the one named: blocksync.py
+/// passed any hashlib name (its default `sha512`, `md5`, ...); blocksync offers three.
+/// The SHA-2 family maps to SHA-256 (a policy that names SHA-2 is met), every other
+/// cryptographic name to BLAKE3 (at least as strong for comparing blocks, and faster).
+pub fn resolve(name: &str) -> Result<(HashKind, Option<String>), String> {
+    if let Ok(k) = name.parse::<HashKind>() {
+        return Ok((k, None));
+    }
+    let key = name.to_ascii_lowercase().replace('-', "_");
+    let kind = match key.as_str() {
+        "sha224" | "sha384" | "sha512" | "sha512_224" | "sha512_256" => HashKind::Sha256,
+        "md5" | "sha1" | "blake2b" | "blake2s" | "sha3_224" | "sha3_256" | "sha3_384"
+        | "sha3_512" | "shake_128" | "shake_256" | "sm3" | "ripemd160" => HashKind::Blake3,
+        _ => {
+            return Err(format!(
+                "unknown hash '{name}'; use blake3 (default), xxh3 (fast) or sha256 (blocksync.py's hashlib names, such as sha512 and md5, are taken too)"
+            ));
+        }
+    };
+    let note = format!(
+        "hash '{name}' (a blocksync.py name) is not offered; {} is used instead: both sides compare with the same one",
+        kind.name()
+    );
+    Ok((kind, Some(note)))
+}
+
 /// What one side knows of one block without sending its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockInfo {
@@ -148,6 +174,21 @@ mod tests {
             assert!(k.digest_len() <= MAX_DIGEST);
         }
         assert!("md5".parse::<HashKind>().is_err());
+        for (name, kind) in [
+            ("sha512", HashKind::Sha256),
+            ("SHA384", HashKind::Sha256),
+            ("sha224", HashKind::Sha256),
+            ("md5", HashKind::Blake3),
+            ("sha1", HashKind::Blake3),
+            ("blake2b", HashKind::Blake3),
+            ("sha3-256", HashKind::Blake3),
+        ] {
+            let (k, note) = resolve(name).unwrap();
+            assert_eq!(k, kind, "{name}");
+            assert!(note.unwrap().contains(name), "{name}");
+        }
+        assert_eq!(resolve("xxh3").unwrap(), (HashKind::Xxh3, None));
+        assert!(resolve("crc32").unwrap_err().contains("unknown hash"));
         assert_eq!(HashKind::from_id(0), None);
     }
 

@@ -32,7 +32,7 @@ fn readme_and_help_show_the_exit_codes_the_code_uses() {
         .into_iter()
         .map(|(c, m)| (c, m.to_string()))
         .collect();
-    assert_eq!(table.len(), 19, "{table:?}");
+    assert_eq!(table.len(), 20, "{table:?}");
     assert_eq!(readme_exit_codes(), table, "README.md's exit-code table");
 
     let out = run(&["--help"]);

@@ -204,7 +204,7 @@ fn refusals_leave_destination_alone() {
     refused(&["-f", s(&src), s(&link)], 7, "same data");
     refused(&["-f", "-b", "0", s(&src), s(&dst)], 2, "block size 0");
     refused(&["-f", "-b", "1G", s(&src), s(&dst)], 2, "block size 1G");
-    refused(&["-f", "-1", "md5", s(&src), s(&dst)], 2, "unknown hash");
+    refused(&["-f", "-1", "crc32", s(&src), s(&dst)], 2, "unknown hash");
     refused(&[s(&src), s(&dst)], 8, "pass -f");
     refused(&["-f", s(&src), "backup"], 2, "could be a host");
     refused(&["-f", s(&src), "localhost"], 2, "onto itself");

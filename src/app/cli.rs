@@ -18,6 +18,8 @@ The last good copy (see --journal, --keep-versions):
                        write DST as it was K runs ago into OUT (a new file or a device, on
                        DST's machine), verified; DST is not touched
 
+The man page and completions: blocksync --generate man|complete-bash|complete-zsh|complete-fish
+
 Offline (no live link; see blocksync digest --help, ...):
   blocksync digest TARGET -o FILE        the block digests of a target
   blocksync diff SRC --against FILE      a patch: the blocks of SRC that differ
@@ -51,12 +53,21 @@ impl Args {
         Args::from_words(std::env::args_os())
     }
 
+    /// The command as `--help` shows it (with the operands, exit codes and examples).
+    pub fn full_command() -> clap::Command {
+        use clap::CommandFactory;
+        Args::command().after_help(after_help())
+    }
+
+    /// Prints `--help` (on stdout).
+    pub fn print_help_now() {
+        let _ = Args::full_command().print_long_help();
+    }
+
     /// Parses `words` (the program name first).
     pub fn from_words(words: impl IntoIterator<Item = std::ffi::OsString>) -> Args {
-        use clap::{CommandFactory, FromArgMatches};
-        let matches = Args::command()
-            .after_help(after_help())
-            .get_matches_from(words);
+        use clap::FromArgMatches;
+        let matches = Args::full_command().get_matches_from(words);
         Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 }
@@ -112,6 +123,11 @@ pub struct Args {
     /// Report what differs; write nothing, create nothing.
     #[arg(short = 'n', long = "dry-run", visible_alias = "dryrun")]
     pub dry_run: bool,
+
+    /// Compare only, as -n: exit 0 when the destination equals the source, 18 when it
+    /// differs (or is missing), with the same summary.
+    #[arg(long)]
+    pub check: bool,
 
     /// Smallest piece a changed block is narrowed down to before sending (remote), or
     /// compared in (local).
@@ -186,6 +202,8 @@ pub struct Args {
     pub force_mounted: bool,
 
     /// Digest per block for remote syncs: blake3 (default), xxh3 (fast), sha256.
+    /// blocksync.py's names are taken: the SHA-2 ones (sha512, its default) as sha256,
+    /// the others (md5, sha1, blake2b, ...) as blake3, with a note.
     #[arg(
         short = '1',
         long = "hash",
@@ -194,7 +212,8 @@ pub struct Args {
     )]
     pub hash: String,
 
-    /// A second digest per block (remote syncs), same names as --hash.
+    /// Accepted for blocksync.py command lines and not used: one 128-bit digest per block
+    /// is compared (--verify checks every block at full strength).
     #[arg(short = '2', long = "additionalhash", value_name = "NAME")]
     pub additional_hash: Option<String>,
 

@@ -193,6 +193,7 @@ fn check_sides(
                     destination: &remote_name,
                     kind: kind.name(),
                     size: old,
+                    source_size: size,
                     source: &local_name,
                     undo: decision.promise(),
                 };
@@ -212,6 +213,7 @@ fn check_sides(
                     destination: &local_name,
                     kind: existing.kind.name(),
                     size: existing.size,
+                    source_size: size,
                     source: &remote_name,
                     undo: undo.map_or("", |u| u.decision.promise()),
                 };

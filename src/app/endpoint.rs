@@ -7,9 +7,14 @@
 //!   `--pull` the first path is the local destination and the last the remote source;
 //! * the modern form, `SRC DST`, where either side may be `[user@]host:path` like rsync and scp.
 //!
-//! A word is remote (`host:path`) when it has a colon before any slash. A two-operand call
-//! whose second word has neither slash nor colon could be a host (blocksync.py form) or a
-//! file in the current directory; that is refused with both readings named, never guessed.
+//! A word is remote (`host:path`) when it has a colon before any slash. In a two-operand
+//! call, a second word without a colon is read (see [`second_word`]):
+//! - as a local file when it exists, or has a `.` or `/` (`blocksync disk.img
+//!   backup.img`, as cp and rsync would);
+//! - as the host of the blocksync.py form when it is `user@host` (DST = SRC's path);
+//! - `localhost` alone would sync SRC onto itself: refused;
+//! - any other bare word (`backup`) could be either: refused with both readings named,
+//!   never guessed.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -105,8 +110,40 @@ fn check_host(host: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How a two-operand call's second word without a colon reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Second {
+    /// A local path.
+    File,
+    /// `user@host` of the blocksync.py form, DST omitted.
+    Host,
+    /// Could be either.
+    Ambiguous,
+}
+
+/// Reads a second operand that has no colon before a slash; `exists` tells whether a
+/// path is there.
+fn second_word(word: &str, exists: &dyn Fn(&str) -> bool) -> Second {
+    if exists(word) || word.contains('/') || word.contains('.') {
+        Second::File
+    } else if word.contains('@') && !word.starts_with('@') && !word.ends_with('@') {
+        Second::Host
+    } else {
+        Second::Ambiguous
+    }
+}
+
 /// Reads the operands (`SRC HOST [DST]` or `SRC DST`) into a source and destination.
 pub fn parse_operands(operands: &[String], pull: bool) -> Result<Pair, String> {
+    parse_operands_with(operands, pull, &|w| std::path::Path::new(w).exists())
+}
+
+/// [`parse_operands`], with `exists` telling whether a path is there.
+fn parse_operands_with(
+    operands: &[String],
+    pull: bool,
+    exists: &dyn Fn(&str) -> bool,
+) -> Result<Pair, String> {
     let pair = match operands {
         [first, host, last] => {
             // blocksync.py form: the middle word is always the host.
@@ -129,17 +166,47 @@ pub fn parse_operands(operands: &[String], pull: bool) -> Result<Pair, String> {
             }
         }
         [first, second] => {
-            let second_is_word = !second.contains('/') && !second.contains(':');
-            if second_is_word && second == LOCALHOST {
+            let plain = split_remote(second).is_none() && !second.is_empty();
+            if plain && second == LOCALHOST {
                 // blocksync.py form with DST omitted: same path on the same machine.
                 return Err(format!(
                     "'{first} localhost' would sync {first} onto itself; give a destination: {first} localhost DST"
                 ));
             }
-            if second_is_word && !second.is_empty() {
+            match second_word(second, exists) {
+                _ if !plain => {}
+                Second::File => {}
+                Second::Host => {
+                    // The seed's own form: SRC user@host, the destination SRC's path there.
+                    check_host(second)?;
+                    if split_remote(first).is_some() {
+                        return Err(format!(
+                            "'{second}' is given as HOST, so '{first}' must be a plain path, not host:path"
+                        ));
+                    }
+                    return Ok(if pull {
+                        Pair {
+                            source: seed_side(second, first),
+                            destination: Endpoint::Local(PathBuf::from(first)),
+                        }
+                    } else {
+                        Pair {
+                            source: Endpoint::Local(PathBuf::from(first)),
+                            destination: seed_side(second, first),
+                        }
+                    });
+                }
+                Second::Ambiguous => {
+                    return Err(format!(
+                        "'{second}' could be a host (blocksync.py form SRC HOST, destination {first} on {second}) \
+                         or a new local file; write '{second}:{first}' for the host or './{second}' for the file"
+                    ));
+                }
+            }
+            // A host:path word that is also a file here: the user may mean either.
+            if let Some((host, _)) = split_remote(second).filter(|_| exists(second)) {
                 return Err(format!(
-                    "'{second}' could be a host (blocksync.py form SRC HOST, destination {first} on {second}) \
-                     or a local file; write '{second}:{first}' for the host or './{second}' for the file"
+                    "'{second}' reads as host:path (host '{host}'), and a file of that name is here too; write './{second}' for the file"
                 ));
             }
             let a = modern(first)?;
@@ -225,8 +292,33 @@ mod tests {
     }
 
     #[test]
+    fn the_second_word_reads_as_a_file_a_host_or_neither() {
+        let none = |_: &str| false;
+        let p = parse_operands_with(&ops(&["disk.img", "backup.img"]), false, &none).unwrap();
+        assert_eq!(p.destination, local("backup.img"));
+        let p = parse_operands_with(&ops(&["/dev/loop1", "root@host"]), false, &none).unwrap();
+        assert_eq!(p.destination, remote("root@host", "/dev/loop1"));
+        let p = parse_operands_with(&ops(&["/dev/loop1", "root@host"]), true, &none).unwrap();
+        assert_eq!(p.source, remote("root@host", "/dev/loop1"));
+        assert_eq!(p.destination, local("/dev/loop1"));
+        // An existing file named like a host word is the file.
+        let here = |w: &str| w == "backup";
+        let p = parse_operands_with(&ops(&["/a", "backup"]), false, &here).unwrap();
+        assert_eq!(p.destination, local("backup"));
+        // host:path, also a file here: refused, with the ./ way out.
+        let here = |w: &str| w == "with:colon.bin";
+        let e = parse_operands_with(&ops(&["/a", "with:colon.bin"]), false, &here).unwrap_err();
+        assert!(
+            e.contains("host 'with'") && e.contains("./with:colon.bin"),
+            "{e}"
+        );
+        let p = parse_operands_with(&ops(&["/a", "with:colon.bin"]), false, &none).unwrap();
+        assert_eq!(p.destination, remote("with", "colon.bin"));
+    }
+
+    #[test]
     fn seed_form_dst_omitted_is_ambiguous_or_same() {
-        let e = parse_operands(&ops(&["/a", "backup"]), false).unwrap_err();
+        let e = parse_operands_with(&ops(&["/a", "backup"]), false, &|_| false).unwrap_err();
         assert!(
             e.contains("could be a host") && e.contains("./backup"),
             "{e}"

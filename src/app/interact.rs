@@ -15,6 +15,8 @@ pub(crate) struct Change<'a> {
     pub kind: &'a str,
     /// Its size now.
     pub size: u64,
+    /// The source's size: a longer file destination is cut to it.
+    pub source_size: u64,
     /// The source as given.
     pub source: &'a str,
     /// What the undo journal keeps (see [`crate::journal::Decision::promise`]).
@@ -31,11 +33,20 @@ pub(crate) fn confirm_change(settings: &Settings, reporter: &Reporter, c: &Chang
         destination,
         kind,
         size,
+        source_size,
         source,
         undo,
     } = c;
+    let cut = match (*kind, size > source_size) {
+        ("file", true) => format!(", then cut from {size} to {source_size} bytes"),
+        (_, true) => format!(
+            " (its last {} bytes, past the source's end, are kept)",
+            size - source_size
+        ),
+        _ => String::new(),
+    };
     let question = format!(
-        "destination {destination} exists ({kind} of {size} bytes) and will be overwritten where it differs from {source}.{undo} Continue?"
+        "destination {destination} exists ({kind} of {size} bytes) and will be overwritten where it differs from {source}{cut}.{undo} Continue?"
     );
     match reporter.confirm(&question) {
         Some(true) => Ok(()),
@@ -46,7 +57,7 @@ pub(crate) fn confirm_change(settings: &Settings, reporter: &Reporter, c: &Chang
         None => Err(Error::new(
             Kind::NotConfirmed,
             format!(
-                "destination {destination} exists and would be changed; pass -f to go ahead (no terminal to ask on).{undo}"
+                "destination {destination} exists and would be changed{cut}; pass -f to go ahead (no terminal to ask on).{undo}"
             ),
         )),
     }

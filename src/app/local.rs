@@ -52,6 +52,7 @@ pub(crate) fn run(
             destination: &dst_path.display().to_string(),
             kind: existing.kind.name(),
             size: existing.size,
+            source_size: src.size,
             source: &src_path.display().to_string(),
             undo: undo.decision.promise(),
         };

@@ -5,6 +5,7 @@ pub(crate) mod badmap;
 mod cli;
 mod client;
 mod endpoint;
+mod generate;
 mod history;
 mod interact;
 mod local;
@@ -25,8 +26,18 @@ use settings::{Command, Settings};
 pub fn main_entry() -> i32 {
     // The remote end of an ssh sync; not a user-facing mode, so not in --help.
     let first = std::env::args_os().nth(1);
+    // No arguments at all: the full option list, as blocksync.py's users expect.
+    if first.is_none() {
+        Args::print_help_now();
+        return 2;
+    }
     if first.as_ref().is_some_and(|a| a == "--server") {
         return server::main();
+    }
+    // The man page and completions (before clap: they need no operands).
+    if first.as_ref().is_some_and(|a| a == "--generate") {
+        let kind = std::env::args().nth(2);
+        return generate::main(kind.as_deref());
     }
     // `blocksync digest|diff|apply ...`; a file with such a name is written ./digest.
     if let Some(cmd) = first

@@ -36,6 +36,8 @@ pub(crate) struct Settings {
     pub refine: u64,
     /// `-n`: decide and report, write nothing.
     pub dry_run: bool,
+    /// `--check`: a dry run whose exit code says whether the sides differ.
+    pub check: bool,
     /// `-f`: change an existing destination without asking.
     pub force: bool,
     /// `--force-mounted`.
@@ -71,7 +73,7 @@ pub(crate) struct Settings {
     /// How to reach the other machine; `None` for a local sync.
     pub remote: Option<RemoteSettings>,
     /// One-line notes on options that do nothing in this kind of run.
-    pub notes: Vec<&'static str>,
+    pub notes: Vec<String>,
 }
 
 /// The settings of a sync with one side on another machine.
@@ -126,6 +128,9 @@ impl Command {
     }
 }
 
+/// `--min-block`'s default (clap's `default_value`).
+const DEFAULT_MIN_BLOCK: &str = "4K";
+
 impl Settings {
     /// What the run asks of the undo journal.
     pub fn undo_wanted(&self) -> super::undo::Wanted {
@@ -163,11 +168,9 @@ impl Settings {
             "block size",
             "give 512 to 64M with -b (default 1M)",
         )?;
-        let hash: HashKind = args.hash.parse().map_err(usage)?;
+        let (hash, hash_note) = crate::hash::resolve(&args.hash).map_err(usage)?;
         if let Some(extra) = &args.additional_hash {
-            extra
-                .parse::<HashKind>()
-                .map_err(|m| usage(format!("-2/--additionalhash: {m}")))?;
+            crate::hash::resolve(extra).map_err(|m| usage(format!("-2/--additionalhash: {m}")))?;
         }
         if args.workers == 0 || args.workers > crate::wire::frame::MAX_STREAMS {
             return Err(usage(format!(
@@ -187,6 +190,12 @@ impl Settings {
             }
         }
         let min_block = block_size(&args.min_block, "--min-block", "give 512 to the block size")?;
+        if min_block > block && args.min_block != DEFAULT_MIN_BLOCK && !args.no_refine {
+            return Err(usage(format!(
+                "--min-block {} is larger than the block size {}; give 512 up to the block size (-b)",
+                args.min_block, args.block_size
+            )));
+        }
         // No more pieces per block than a frame may list.
         let min_block = min_block.max(block.div_ceil(MAX_DIGESTS as u64));
         let refine = if args.no_refine || min_block >= block {
@@ -213,7 +222,7 @@ impl Settings {
             block,
             hash,
             refine,
-            dry_run: args.dry_run,
+            dry_run: args.dry_run || args.check,
             force: args.force,
             force_mounted: args.force_mounted,
             verify: args.verify,
@@ -230,11 +239,12 @@ impl Settings {
             digest: args.digest_file.as_ref().map(|path| DigestOptions {
                 path: path.clone(),
                 rebuild: args.digest_rebuild,
-                dry_run: args.dry_run,
+                dry_run: args.dry_run || args.check,
             }),
             workers: args.workers,
             command,
             keep_versions: args.keep_versions,
+            check: args.check,
             journal: match (args.journal, args.no_journal) {
                 (true, _) => crate::journal::Mode::On,
                 (_, true) => crate::journal::Mode::Off,
@@ -245,7 +255,11 @@ impl Settings {
                 local_notes(args)
             } else {
                 remote_notes(args)
-            },
+            }
+            .into_iter()
+            .map(String::from)
+            .chain(hash_note.filter(|_| !local))
+            .collect(),
             remote,
         })
     }
@@ -442,7 +456,7 @@ fn remote_notes(args: &Args) -> Vec<&'static str> {
         ),
         (
             args.additional_hash.is_some(),
-            "-2/--additionalhash is accepted and not used: one strong digest per block is enough",
+            "-2/--additionalhash is accepted for blocksync.py command lines and not used: one 128-bit digest per block is compared (--verify checks every block at full strength)",
         ),
     ];
     those_on(&table)
@@ -479,7 +493,7 @@ mod tests {
         assert!(s.drop_local && s.drop_remote && s.sparse && s.remote.is_none());
         assert_eq!(
             s.notes,
-            vec!["-d bit 2 (remote page cache) does not apply to a local sync"]
+            vec!["-d bit 2 (remote page cache) does not apply to a local sync".to_string()]
         );
         let s = resolve(&["-C=5", "-w", "2", "--bwlimit", "8", "./a", "host:b"]).unwrap();
         let r = s.remote.expect("a remote run");
@@ -498,7 +512,11 @@ mod tests {
             (&["-b", "128M", "./a", "./b"], "block size 128M"),
             (&["--min-block", "1", "./a", "./b"], "--min-block 1"),
             (&["-w", "0", "./a", "h:b"], "-w/--workers"),
-            (&["-1", "md5", "./a", "./b"], "md5"),
+            (&["-1", "crc32", "./a", "./b"], "crc32"),
+            (
+                &["-b", "1M", "--min-block", "8M", "./a", "./b"],
+                "--min-block 8M",
+            ),
             (&["-e", "", "./a", "h:b"], "-e/--rsh"),
             (&["--digest-file", "/tmp/d", "h:a", "./b"], "--digest-file"),
             (&["--timeout", "1", "./a", "h:b"], "--timeout"),

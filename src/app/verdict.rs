@@ -183,5 +183,42 @@ fn findings_verdict(settings: &Settings, summary: &mut Summary, findings: &Findi
             ),
         ));
     }
+    if settings.check {
+        return check_verdict(summary);
+    }
     Ok(())
+}
+
+/// `--check`: equal is success; a difference is its own exit code, saying what differs.
+fn check_verdict(summary: &mut Summary) -> Result<()> {
+    let mut what = Vec::new();
+    if summary.destination_created {
+        what.push(format!("{} does not exist", summary.destination));
+    }
+    if summary.blocks_changed > 0 && !summary.destination_created {
+        what.push(format!(
+            "{} of {} blocks differ ({} bytes)",
+            summary.blocks_changed, summary.blocks_total, summary.bytes_changed
+        ));
+    }
+    if let Some(old) = summary.destination_truncated_from {
+        what.push(format!(
+            "it is longer ({old} bytes, the source {})",
+            summary.size
+        ));
+    }
+    if what.is_empty() {
+        summary.status = "equal";
+        return Ok(());
+    }
+    summary.status = "differs";
+    Err(Error::new(
+        Kind::Differs,
+        format!(
+            "{} differs from {}: {}; nothing was written",
+            summary.destination,
+            summary.source,
+            what.join(", ")
+        ),
+    ))
 }

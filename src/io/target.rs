@@ -19,6 +19,20 @@ pub use crate::io::raw::{
     write_full_at, write_zeros, zero_out_device,
 };
 
+/// Whether the directory `path` would be created in is the filesystem mounted at /dev
+/// (the kernel's device nodes), not one mounted below it.
+fn on_dev_itself(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path
+        .ancestors()
+        .skip(1)
+        .find_map(|a| std::fs::metadata(a).ok());
+    match (dir, std::fs::metadata("/dev")) {
+        (Some(d), Ok(dev)) => d.dev() == dev.dev(),
+        _ => true,
+    }
+}
+
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
@@ -226,8 +240,9 @@ pub fn probe_destination(path: &Path) -> Result<DestProbe> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // A missing device name is nearly always a typo: a file created in /dev
-            // would fill its small tmpfs and leave the real disk untouched.
-            if path.starts_with("/dev") {
+            // would fill its small tmpfs and leave the real disk untouched. (A file on
+            // another filesystem mounted under /dev, such as /dev/shm, is a file.)
+            if path.starts_with("/dev") && on_dev_itself(path) {
                 return Err(Error::new(
                     Kind::Destination,
                     format!(
