@@ -242,3 +242,48 @@ fn the_man_page_and_completions_come_from_the_same_definition() {
     let out = run_within(&["--generate", "nroff"], 30);
     assert_eq!(code(&out), 2);
 }
+
+/// Compression options parse as users type them (`-C 9`, `-C9`, `-C=9`, `--compress=9`,
+/// `--compress-level 9`, and blocksync.py's bare `-C`), and an asked-for level
+/// compresses every block: compressible data crosses in a fraction of its size.
+#[test]
+fn compression_levels_parse_as_typed_and_always_compress() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    // Compressible: text-like, repetitive.
+    let text: Vec<u8> = (0..4 * M)
+        .map(|i| b"blocksync compresses this "[i % 26])
+        .collect();
+    fs::write(&src, &text).unwrap();
+    let ssh = ["-e", &sshd.rsh(), "-S", bin()];
+    for (i, form) in [
+        &["-C", "9"][..],
+        &["-C9"],
+        &["-C=9"],
+        &["--compress=9"],
+        &["--compress-level", "9"],
+        &["-C"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dst = dir.path().join(format!("dst{i}"));
+        let there = format!("testhost:{}", s(&dst));
+        let mut args: Vec<&str> = vec!["-f", "--json"];
+        args.extend(ssh);
+        args.extend(form);
+        args.extend([s(&src), there.as_str()]);
+        let out = run_within(&args, 60);
+        assert_eq!(code(&out), 0, "{form:?}: {}", stderr(&out));
+        assert_eq!(fs::read(&dst).unwrap(), text, "{form:?}");
+        let sent = json(&out)["bytes_sent"].as_u64().unwrap();
+        if form != ["-C"] {
+            assert!(
+                sent < text.len() as u64 / 20,
+                "{form:?}: {sent} bytes sent for {}",
+                text.len()
+            );
+        }
+    }
+}

@@ -67,9 +67,57 @@ impl Args {
     /// Parses `words` (the program name first).
     pub fn from_words(words: impl IntoIterator<Item = std::ffi::OsString>) -> Args {
         use clap::FromArgMatches;
+        let words = compat_words(words.into_iter().collect(), &|w| {
+            std::path::Path::new(w).exists()
+        });
         let matches = Args::full_command().get_matches_from(words);
         Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
+}
+
+/// The compression level as users type it, made into `--compress-level=N`: `-CN`,
+/// `-C=N`, `--compress=N`, and `-C N` when N is a number and no file of that name is
+/// here (`exists`), so it is no operand. Everything after `--` is left alone.
+fn compat_words(
+    words: Vec<std::ffi::OsString>,
+    exists: &dyn Fn(&str) -> bool,
+) -> Vec<std::ffi::OsString> {
+    let level = |t: &str| {
+        let digits = t.strip_prefix('-').unwrap_or(t);
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| t.to_string())
+    };
+    let mut out = Vec::with_capacity(words.len());
+    let mut rest = words.into_iter().peekable();
+    while let Some(w) = rest.next() {
+        let Some(t) = w.to_str() else {
+            out.push(w);
+            continue;
+        };
+        if t == "--" {
+            out.push(w);
+            break;
+        }
+        let inline = t
+            .strip_prefix("--compress=")
+            .or_else(|| t.strip_prefix("-C="))
+            .or_else(|| t.strip_prefix("-C").filter(|r| !r.is_empty()))
+            .and_then(level);
+        if let Some(n) = inline {
+            out.push(format!("--compress-level={n}").into());
+            continue;
+        }
+        if t == "-C" || t == "--compress" {
+            let next = rest.peek().and_then(|n| n.to_str()).and_then(level);
+            if let Some(n) = next.filter(|n| !exists(n)) {
+                rest.next();
+                out.push(format!("--compress-level={n}").into());
+                continue;
+            }
+        }
+        out.push(w);
+    }
+    out.extend(rest);
+    out
 }
 
 /// blocksync: sync a file or block device onto another, locally or over ssh, writing only the
@@ -237,13 +285,19 @@ pub struct Args {
     #[arg(short = 'c', long, value_name = "CIPHER")]
     pub cipher: Option<String>,
 
-    /// Compress changed blocks with zstd at LEVEL (remote default 1; write -C or --compress=N).
-    #[arg(short = 'C', long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
-          default_missing_value = "1")]
-    pub compress: Option<i32>,
+    /// Compress changed blocks (blocksync.py's on/off flag; over ssh they are by default,
+    /// with zstd level 1 where that pays).
+    #[arg(short = 'C', long)]
+    pub compress: bool,
+
+    /// Compress every changed block with zstd at LEVEL (-7..22), however fast the link
+    /// (also written -C LEVEL, -CLEVEL, -C=LEVEL, --compress=LEVEL).
+    #[arg(long, value_name = "LEVEL", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-7..=22))]
+    pub compress_level: Option<i32>,
 
     /// Do not compress changed blocks.
-    #[arg(long, conflicts_with = "compress")]
+    #[arg(long, conflicts_with_all = ["compress", "compress_level"])]
     pub no_compress: bool,
 
     /// Limit the rate of sent blocks, like rsync: KiB/s, or with a suffix (10M = 10 MiB/s).
@@ -478,7 +532,7 @@ mod tests {
         assert_eq!(a.workers, 2);
         assert_eq!(a.block_size, "4M");
         assert_eq!(a.hash, "xxh3");
-        assert_eq!(a.compress, Some(1));
+        assert!(a.compress);
         assert_eq!(
             a.extra_params.as_deref(),
             Some("-o StrictHostKeyChecking=no")
@@ -488,11 +542,39 @@ mod tests {
     }
 
     #[test]
-    fn compress_level_needs_equals() {
-        let a = Args::try_parse_from(["blocksync", "--compress=7", "/a", "/b"]).unwrap();
-        assert_eq!(a.compress, Some(7));
-        let a = Args::try_parse_from(["blocksync", "-C", "/a", "/b"]).unwrap();
-        assert_eq!(a.compress, Some(1));
-        assert_eq!(a.operands.len(), 2);
+    fn compression_parses_as_users_type_it() {
+        let parse = |w: &[&str]| {
+            let words: Vec<std::ffi::OsString> =
+                ["blocksync"].iter().chain(w).map(|x| x.into()).collect();
+            Args::try_parse_from(compat_words(words, &|_| false)).unwrap()
+        };
+        for form in [
+            &["-C", "7"][..],
+            &["-C7"],
+            &["-C=7"],
+            &["--compress=7"],
+            &["--compress-level", "7"],
+        ] {
+            let mut w = form.to_vec();
+            w.extend(["/a", "/b"]);
+            let a = parse(&w);
+            assert_eq!(
+                (a.compress_level, a.operands.len()),
+                (Some(7), 2),
+                "{form:?}"
+            );
+        }
+        let a = parse(&["-C", "/a", "/b"]);
+        assert!(a.compress && a.compress_level.is_none() && a.operands.len() == 2);
+        let a = parse(&["-C0", "/a", "/b"]);
+        assert_eq!(a.compress_level, Some(0));
+        // A file named 5 stays an operand.
+        let words: Vec<std::ffi::OsString> = ["blocksync", "-C", "5", "/b"]
+            .iter()
+            .map(|x| x.into())
+            .collect();
+        let a = Args::try_parse_from(compat_words(words, &|w| w == "5")).unwrap();
+        assert!(a.compress && a.operands == ["5", "/b"]);
+        assert!(Args::try_parse_from(["blocksync", "--compress-level", "99", "/a", "/b"]).is_err());
     }
 }

@@ -19,7 +19,7 @@ use crate::journal::{Decision, Plan};
 use crate::ssh::connect::Connection;
 use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Hello, Reply, Role, RunPart,
+    FLAG_LEVEL_FIXED, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Hello, Reply, Role, RunPart,
 };
 use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
@@ -112,6 +112,7 @@ pub(super) fn hello_for(
         (settings.verify, FLAG_VERIFY),
         (settings.salvage.keep_unreadable, FLAG_KEEP_UNREADABLE),
         (settings.digest.is_some(), FLAG_TRACK_ID),
+        (remote.level_fixed, FLAG_LEVEL_FIXED),
     ];
     let flags = bits.iter().filter(|(on, _)| *on).fold(0, |f, (_, b)| f | b);
     Hello {
@@ -473,6 +474,7 @@ impl Job<'_> {
                 let pace = Pace {
                     level: self.remote.level,
                     bwlimit: self.remote.bwlimit / n,
+                    fixed: self.remote.level_fixed,
                 };
                 link.source_over(src, config, pace, self.cancel, reap_it)
             }

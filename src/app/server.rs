@@ -10,8 +10,8 @@ use crate::io::target::{self, Claim, Target, TargetKind};
 use crate::journal;
 use crate::wire::frame::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
-    FLAG_KEEP_UNREADABLE, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame, GREETING, Go, Hello,
-    ReadError, Reply, Role, VERSION, read_frame, write_frame,
+    FLAG_KEEP_UNREADABLE, FLAG_LEVEL_FIXED, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame,
+    GREETING, Go, Hello, ReadError, Reply, Role, VERSION, read_frame, write_frame,
 };
 use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
@@ -301,7 +301,11 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
         stats: &stats,
         peer: &peer,
     };
-    let pace = Pace { level, bwlimit: bw };
+    let pace = Pace {
+        level,
+        bwlimit: bw,
+        fixed: hello.flags & FLAG_LEVEL_FIXED != 0,
+    };
     link.source_over(&src, &config, pace, &cancel, || {})
 }
 

@@ -82,6 +82,9 @@ pub(crate) struct RemoteSettings {
     pub ssh: SshOptions,
     /// zstd level for changed blocks; 0 = off.
     pub level: i32,
+    /// The level was given (`--compress-level`): every block is compressed at it, even
+    /// where the adaptive choice would send it as it is.
+    pub level_fixed: bool,
     /// `--bwlimit` in bytes per second for the whole run; 0 = none.
     pub bwlimit: u64,
 }
@@ -212,8 +215,9 @@ impl Settings {
                 level: if args.no_compress {
                     0
                 } else {
-                    args.compress.unwrap_or(DEFAULT_LEVEL)
+                    args.compress_level.unwrap_or(DEFAULT_LEVEL)
                 },
+                level_fixed: args.compress_level.is_some(),
                 bwlimit: bwlimit(args.bwlimit.as_deref())?,
             })
         };
@@ -396,7 +400,7 @@ fn local_notes(args: &Args) -> Vec<&'static str> {
             "-c/--cipher applies to ssh; ignored for a local sync",
         ),
         (
-            args.compress.is_some(),
+            args.compress || args.compress_level.is_some(),
             "-C/--compress applies to ssh; a local sync copies blocks directly",
         ),
         (
@@ -495,7 +499,16 @@ mod tests {
             s.notes,
             vec!["-d bit 2 (remote page cache) does not apply to a local sync".to_string()]
         );
-        let s = resolve(&["-C=5", "-w", "2", "--bwlimit", "8", "./a", "host:b"]).unwrap();
+        let s = resolve(&[
+            "--compress-level=5",
+            "-w",
+            "2",
+            "--bwlimit",
+            "8",
+            "./a",
+            "host:b",
+        ])
+        .unwrap();
         let r = s.remote.expect("a remote run");
         assert_eq!((r.level, r.bwlimit, s.workers), (5, 8192, 2));
         assert!(s.notes.is_empty());

@@ -36,6 +36,10 @@ pub const FLAG_NO_READ: u32 = 256;
 /// destination between runs (`-f`: a device's counters started over with a restart).
 pub const FLAG_UNCHECKED: u32 = 512;
 
+/// Hello flag: the compression level was asked for: a source server compresses every
+/// block at it (no adaptive skipping).
+pub const FLAG_LEVEL_FIXED: u32 = 1024;
+
 /// Which half the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -125,14 +125,14 @@ fn write_failed(peer: &Peer, e: std::io::Error) -> Error {
 pub fn send_to_dest(
     rx: Receiver<ToDest>,
     w: impl Write + AsFd,
-    level: i32,
-    bwlimit: u64,
+    pace: super::session::Pace,
     stats: &Stats,
     peer: &Peer,
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let mut sent = 0u64;
-    let mut packer = Packer::new(level, bwlimit);
+    let bwlimit = pace.bwlimit;
+    let mut packer = Packer::new(pace.level, bwlimit, pace.fixed);
     // Asks the pipe to ssh how much it holds (FIONREAD works on a pipe's writing end).
     let pipe = w.as_fd().try_clone_to_owned().ok();
     let queued = || {
@@ -152,15 +152,16 @@ pub fn send_to_dest(
                 std::thread::sleep(wait);
             }
         }
-        if let ToDest::Write { data, .. } = &msg {
-            sent += data.len() as u64;
-        }
         // A written block is packed for the link; everything else crosses as it is.
         let packed = msg.try_map(|data| -> Result<Data> {
             let q = queued();
             packer.wrote(log.take(), q);
             Ok(packer.pack(&data, q))
         })?;
+        // --bwlimit counts the bytes as they go on the wire, compressed.
+        if let ToDest::Write { data, .. } = &packed {
+            sent += data.bytes().len() as u64;
+        }
         Ok(Frame::Dest(packed))
     })
 }

@@ -59,6 +59,8 @@ pub(crate) struct Packer {
     link_rate: f64,
     /// `--bwlimit` (0: none).
     bwlimit: f64,
+    /// The level was asked for (`--compress-level`): compress every block at it.
+    fixed: bool,
     /// Blocks sent raw in a row because compression would have kept ssh waiting.
     unmeasured: u32,
     /// When the last block was handed over, and how many bytes the pipe held then.
@@ -70,9 +72,10 @@ pub(crate) struct Packer {
 }
 
 impl Packer {
-    pub(crate) fn new(level: i32, bwlimit: u64) -> Self {
+    pub(crate) fn new(level: i32, bwlimit: u64, fixed: bool) -> Self {
         Packer {
             level,
+            fixed,
             skip: 0,
             backoff: 1,
             pack_rate: f64::INFINITY,
@@ -116,7 +119,7 @@ impl Packer {
     /// compressed, and then carries fewer bytes.
     fn would_stall(&self, len: usize, queued: Option<usize>) -> bool {
         // With --bwlimit this thread sleeps between blocks anyway: time to compress in.
-        if self.bwlimit > 0.0 || self.pack_rate >= FAST_PACKING {
+        if self.fixed || self.bwlimit > 0.0 || self.pack_rate >= FAST_PACKING {
             return false;
         }
         let Some(q) = queued else { return false };
@@ -171,7 +174,7 @@ mod tests {
     /// A packer that has measured: compression at 100 MB/s to a third of the size, and
     /// ssh taking `link` bytes a second.
     fn measured(link: f64) -> Packer {
-        let mut p = Packer::new(1, 0);
+        let mut p = Packer::new(1, 0, false);
         (p.pack_rate, p.pack_ratio, p.link_rate) = (100e6, 0.33, link);
         p
     }
@@ -181,7 +184,7 @@ mod tests {
         let block = text(1 << 20);
         // Nothing measured: compress first (and learn how fast), then one block raw to
         // see how fast ssh takes it.
-        let mut p = Packer::new(1, 0);
+        let mut p = Packer::new(1, 0, false);
         assert!(matches!(p.pack(&block, Some(0)), Data::Zstd { .. }));
         p.pack_rate = 100e6;
         assert!(matches!(p.pack(&block, Some(1 << 20)), Data::Raw(_)));
@@ -205,7 +208,7 @@ mod tests {
 
     #[test]
     fn the_link_is_timed_only_while_raw_blocks_keep_the_pipe_full() {
-        let mut p = Packer::new(1, 0);
+        let mut p = Packer::new(1, 0, false);
         p.was_raw = true;
         p.wrote(0, Some(1 << 20));
         std::thread::sleep(std::time::Duration::from_millis(60));
@@ -226,16 +229,16 @@ mod tests {
         let mut p = measured(500e6);
         p.pack_rate = 2e9; // faster than any ssh: always worth it
         assert!(matches!(p.pack(&block, Some(0)), Data::Zstd { .. }));
-        let mut p = Packer::new(1, 10 << 20); // --bwlimit: the sleeps leave time
+        let mut p = Packer::new(1, 10 << 20, false); // --bwlimit: the sleeps leave time
         (p.pack_rate, p.link_rate) = (100e6, 500e6);
         assert!(matches!(p.pack(&block, Some(0)), Data::Zstd { .. }));
-        let mut p = Packer::new(0, 0);
+        let mut p = Packer::new(0, 0, false);
         assert!(matches!(p.pack(&block, Some(1 << 30)), Data::Raw(_)));
         // Incompressible: backs off, then tries again.
         let mut noise = vec![0u8; 1 << 16];
         blake3::Hasher::new().finalize_xof().fill(&mut noise);
         let noise = Slice::owned(noise);
-        let mut p = Packer::new(1, 0);
+        let mut p = Packer::new(1, 0, false);
         assert!(matches!(p.pack(&noise, None), Data::Raw(_)));
         assert_eq!(p.skip, 1);
     }

@@ -35,8 +35,10 @@ pub struct Link<'a, R, W> {
 pub struct Pace {
     /// zstd level; 0 = off.
     pub level: i32,
-    /// Bytes per second; 0 = unlimited.
+    /// Bytes per second on the wire (compressed as they go); 0 = unlimited.
     pub bwlimit: u64,
+    /// The level was asked for: every block is compressed at it (see `Packer`).
+    pub fixed: bool,
 }
 
 impl<R: Read + Send, W: Write + AsFd + Send> Link<'_, R, W> {
@@ -90,8 +92,7 @@ impl<R: Read + Send, W: Write + AsFd + Send> Link<'_, R, W> {
                     }
                 }
             });
-            let (level, bwlimit) = (pace.level, pace.bwlimit);
-            let sender = s.spawn(move || send_to_dest(from_source, w, level, bwlimit, stats, peer));
+            let sender = s.spawn(move || send_to_dest(from_source, w, pace, stats, peer));
             let result = engine::source::run(src, config, to_dest, from_dest, stats, cancel);
             let sent = sender
                 .join()
