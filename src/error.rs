@@ -112,7 +112,9 @@ impl Kind {
             Kind::Usage => "bad command line: options, ambiguous operands, block size",
             Kind::Source => "source missing, unreadable, or not a file/block device",
             Kind::Destination => "destination cannot be created or opened, or is a directory",
-            Kind::TooSmall => "destination device smaller than the source",
+            Kind::TooSmall => {
+                "destination device smaller than the source, or no room for a new file"
+            }
             Kind::Busy => "destination device mounted or in use (see `--force-mounted`)",
             Kind::SameFile => "source and destination are the same file or device",
             Kind::NotConfirmed => "destination exists and the change was not confirmed (`-f`)",

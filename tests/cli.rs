@@ -287,3 +287,48 @@ fn compression_levels_parse_as_typed_and_always_compress() {
         }
     }
 }
+
+/// A new destination file needs room for the source's data: on a filesystem with less
+/// free space the run is refused before anything is written (locally, in a push and in
+/// a pull), and a sparse source needs room only for its data.
+#[test]
+fn a_new_file_without_room_is_refused_before_writing() {
+    let sshd = Sshd::start();
+    let fs_small = Tmpfs::new(4 * M as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(8 * M, 7)).unwrap();
+    let ssh = ["-e", &sshd.rsh(), "-S", bin()];
+    let dst = fs_small.dir.path().join("dst");
+    let (here, there_src) = (s(&dst).to_string(), format!("testhost:{}", s(&src)));
+    let there_dst = format!("testhost:{}", s(&dst));
+    for (what, words) in [
+        ("local", vec![s(&src), here.as_str()]),
+        ("push", vec![s(&src), there_dst.as_str()]),
+        ("pull", vec![there_src.as_str(), here.as_str()]),
+    ] {
+        let mut args: Vec<&str> = vec!["-q"];
+        args.extend(ssh);
+        args.extend(words);
+        let out = run_within(&args, 60);
+        assert_eq!(code(&out), 5, "{what}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no room for the new file"),
+            "{what}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !dst.exists() && !partial_of(&dst).exists(),
+            "{what}: something was written"
+        );
+    }
+    // Sparse: 64 MiB, 1 MiB of it data.
+    let sparse = dir.path().join("sparse");
+    let f = fs::File::create(&sparse).unwrap();
+    f.set_len(64 * M as u64).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data(M, 8), 5 * M as u64).unwrap();
+    drop(f);
+    let out = run_within(&["-q", s(&sparse), s(&dst)], 60);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(fs::read(&dst).unwrap() == fs::read(&sparse).unwrap());
+}

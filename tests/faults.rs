@@ -22,6 +22,9 @@ fn full_remote_disk_is_an_error_not_a_hang() {
     f.write_all_at(&data(48 * M as usize, 40), 0).unwrap();
     drop(f);
     let dst = small.dir.path().join("dst");
+    // An existing (short) destination: a new one would be refused up front for want of
+    // room; this one grows until the disk is full.
+    fs::write(&dst, b"x").unwrap();
     let target = format!("testhost:{}", s(&dst));
     let out = run_within(
         &["-e", &sshd.rsh(), "-S", bin(), "-f", s(&src), &target],
@@ -40,6 +43,7 @@ fn full_local_disk_is_an_error_not_a_hang() {
     let src = dir.path().join("src");
     fs::write(&src, data(32 * M as usize, 41)).unwrap();
     let dst = small.dir.path().join("dst");
+    fs::write(&dst, b"x").unwrap(); // existing: it grows until the disk is full
     let out = run_within(&["-f", s(&src), s(&dst)], 60);
     assert_eq!(code(&out), 10, "{}", stderr(&out));
     assert!(stderr(&out).contains("No space left"), "{}", stderr(&out));

@@ -138,6 +138,7 @@ pub(super) fn hello_for(
                 .as_ref()
                 .map_or(String::new(), |d| d.display().to_string()),
             keep: settings.keep_versions,
+            source_data: src.map_or(0, crate::io::policy::data_bytes),
             ..RunPart::default()
         },
     }
@@ -205,6 +206,10 @@ fn check_sides(
         Here::Dest(probe) => {
             if let Some(existing) = &probe.existing {
                 target::check_destination(to.local, existing, size, settings.force_mounted)?;
+            }
+            if probe.shown().is_none() && !settings.dry_run {
+                let data = reply.data.min(size);
+                crate::io::policy::check_room_for_new(&probe.path, data, size, settings.sparse)?;
             }
             if let Some(existing) = &probe.shown() {
                 if let Some(u) = undo {

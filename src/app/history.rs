@@ -412,6 +412,7 @@ pub(crate) fn serve(hello: &Hello, input: &mut File, output: &mut File) -> Resul
         sync_id: [0; 16],
         mode: 0,
         journal: 0,
+        data: 0,
     };
     let report = match hello.role {
         Role::Versions => {

@@ -44,6 +44,10 @@ pub(crate) fn run(
         }
         target::check_destination(dst_path, existing, src.size, settings.force_mounted)?;
     }
+    if probe.shown().is_none() && !settings.dry_run {
+        let data = crate::io::policy::data_bytes(&src);
+        crate::io::policy::check_room_for_new(&probe.path, data, src.size, settings.sparse)?;
+    }
     note_busy_source(reporter, &src);
     let undo = Undo::decide(&settings.undo_wanted(), &probe, settings.dry_run)?;
     super::undo::note_unavailable(reporter, undo.decision, &dst_path.display().to_string());

@@ -188,6 +188,11 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
     if let Some(existing) = &probe.existing {
         target::check_destination(path, existing, hello.source_size, force_mounted)?;
     }
+    if probe.shown().is_none() && hello.flags & FLAG_DRY_RUN == 0 {
+        let sparse = hello.flags & FLAG_NO_SPARSE == 0;
+        let (data, size) = (hello.run.source_data, hello.source_size);
+        crate::io::policy::check_room_for_new(&probe.path, data, size, sparse)?;
+    }
     let track = hello.flags & FLAG_TRACK_ID != 0;
     let want = Wanted {
         mode: journal::Mode::from_byte(hello.run.journal),
@@ -204,6 +209,7 @@ fn serve_dest(hello: &Hello, input: &mut File, output: &mut File) -> Result<()> 
         },
         mode: 0,
         journal: undo.decision.byte(),
+        data: 0,
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;
@@ -274,6 +280,7 @@ fn serve_source(hello: &Hello, input: &mut File, output: &mut File) -> Result<()
         sync_id: [0; 16],
         mode: target::copy_mode(&src),
         journal: 0,
+        data: crate::io::policy::data_bytes(&src),
     };
     write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
     let go = read_go(input)?;
@@ -327,6 +334,7 @@ fn serve_rollback(hello: &Hello, input: &mut File, output: &mut File) -> Result<
             sync_id,
             mode: 0,
             journal: 0,
+            data: 0,
         };
         write_frame(output, &Frame::Reply(reply)).map_err(lost_client)?;
         match read_go(input)? {

@@ -128,6 +128,49 @@ fn loop_devices_over(file: &Identity) -> Vec<u64> {
     out
 }
 
+/// The bytes of data `t` holds: a file's allocated blocks (its holes cost nothing), a
+/// device's size.
+pub fn data_bytes(t: &crate::io::target::Target) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    match t.kind {
+        TargetKind::BlockDevice => t.size,
+        TargetKind::File => t
+            .file
+            .metadata()
+            .map_or(t.size, |m| (m.blocks() * 512).min(t.size)),
+    }
+}
+
+/// Refuses a new destination file at `path` whose filesystem has less free space than
+/// the `data` bytes the source holds (less what a partial copy there holds already), so
+/// a copy never stops with a full disk halfway. `sparse: false` (`--no-sparse`) needs
+/// room for `size`, every byte written.
+pub fn check_room_for_new(path: &Path, data: u64, size: u64, sparse: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let need = if sparse { data } else { size };
+    let have = std::fs::metadata(path).map_or(0, |m| m.blocks() * 512);
+    let need = need.saturating_sub(have);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(()); // cannot tell: a full disk is still reported when it happens
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize.max(1));
+    if need <= free {
+        return Ok(());
+    }
+    Err(Error::new(
+        Kind::TooSmall,
+        format!(
+            "no room for the new file {}: the source holds {need} bytes of data and {} has {free} bytes free; free some space or choose another place",
+            path.display(),
+            dir.display()
+        ),
+    ))
+}
+
 /// Refuses a destination that is in use (unless `force_mounted`): a device mounted, swap
 /// or held, or a file that backs such a loop device (writing under a mounted filesystem
 /// damages it); and a destination device smaller than `source_size`.

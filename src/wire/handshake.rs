@@ -110,6 +110,9 @@ pub struct RunPart {
     pub version: u32,
     /// For a restore: the file or device it writes, on the server.
     pub out: String,
+    /// For a destination server: the bytes of data the source holds (allocated), which
+    /// a new destination file needs room for.
+    pub source_data: u64,
 }
 
 /// The most versions a destination keeps.
@@ -136,6 +139,9 @@ pub struct Reply {
     /// From a destination server: whether the run will keep an undo journal, and why
     /// (`journal::Decision` as a byte, 0..=5).
     pub journal: u8,
+    /// From a source server: the bytes of data its file holds (allocated; its size for a
+    /// device), which a new destination file needs room for.
+    pub data: u64,
 }
 
 /// The client's go-ahead (or not) after the reply.
@@ -207,6 +213,7 @@ impl Hello {
         put_u32(p, self.run.keep.unwrap_or(u32::MAX));
         put_u32(p, self.run.version);
         put_text(p, &self.run.out);
+        put_u64(p, self.run.source_data);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Hello, DecodeError> {
@@ -277,6 +284,7 @@ fn run_part(r: &mut Rd) -> Result<RunPart, DecodeError> {
         keep,
         version: r.u32()?,
         out: text(r)?,
+        source_data: r.u64()?,
     })
 }
 
@@ -288,6 +296,7 @@ impl Reply {
         p.extend_from_slice(&self.sync_id);
         put_u32(p, self.mode);
         put_u8(p, self.journal);
+        put_u64(p, self.data);
     }
 
     pub(crate) fn decode(r: &mut Rd) -> Result<Reply, DecodeError> {
@@ -309,6 +318,7 @@ impl Reply {
                 j @ 0..=5 => j,
                 j => return Err(DecodeError::Unknown("journal decision", j.into())),
             },
+            data: r.u64()?,
         })
     }
 }

@@ -397,6 +397,7 @@ fn out_of_place_frames(hello: &Hello) -> Vec<(String, Vec<u8>)> {
             sync_id: [0; 16],
             mode: 0o644,
             journal: 0,
+            data: 0,
         }),
     );
     frame("a second go", go(SOURCE_SIZE));

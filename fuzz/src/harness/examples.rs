@@ -173,6 +173,7 @@ fn handshake_examples(ty: Ty) -> Vec<Frame> {
                 sync_id: NO_ID,
                 mode: 0o644,
                 journal: 0,
+                data: 0,
             }),
             Frame::Reply(Reply {
                 size: 99,
@@ -180,6 +181,7 @@ fn handshake_examples(ty: Ty) -> Vec<Frame> {
                 sync_id: SYNC_ID,
                 mode: 0o644,
                 journal: 0,
+                data: 0,
             }),
             Frame::Reply(Reply {
                 size: 1 << 40,
@@ -187,6 +189,7 @@ fn handshake_examples(ty: Ty) -> Vec<Frame> {
                 sync_id: [0xff; 16],
                 mode: 0o644,
                 journal: 0,
+                data: 0,
             }),
         ],
         Ty::Go => vec![

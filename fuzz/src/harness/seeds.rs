@@ -196,6 +196,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
         sync_id: NO_ID,
         mode: 0o644,
         journal: 0,
+        data: 0,
     });
     // A destination that recorded a sync (asked with FLAG_TRACK_ID), answering spot-checks.
     let tracked = Frame::Reply(Reply {
@@ -204,6 +205,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
         sync_id: SYNC_ID,
         mode: 0o644,
         journal: 0,
+        data: 0,
     });
     vec![
         greeted(&[
@@ -263,6 +265,7 @@ pub(super) fn client_seeds() -> Vec<Vec<u8>> {
             sync_id: NO_ID,
             mode: 0o644,
             journal: 0,
+            data: 0,
         })]),
     ]
 }

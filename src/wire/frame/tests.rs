@@ -52,6 +52,7 @@ fn samples() -> Vec<Frame> {
             sync_id: [3; 16],
             mode: 0o600,
             journal: 0,
+            data: 0,
         }),
         Frame::Dest(ToDest::Check {
             offset: 1 << 20,
@@ -280,6 +281,7 @@ fn sizes_past_off_t_are_rejected() {
             sync_id: [0; 16],
             mode: 0o644,
             journal: 0,
+            data: 0,
         };
         Frame::Reply(r).encode().1
     };
@@ -350,6 +352,7 @@ fn file_modes_past_the_permission_bits_are_rejected() {
             sync_id: [0; 16],
             mode,
             journal: 0,
+            data: 0,
         };
         let (t, p) = Frame::Reply(r).encode();
         Frame::decode(t, &p)
