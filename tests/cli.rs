@@ -332,3 +332,38 @@ fn a_new_file_without_room_is_refused_before_writing() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(fs::read(&dst).unwrap() == fs::read(&sparse).unwrap());
 }
+
+/// `-v` shows the ssh command line and how the remote blocksync was found and which it
+/// is; `-vv` adds the protocol's steps; neither without -v.
+#[test]
+fn verbose_shows_how_the_remote_side_was_reached() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 9)).unwrap();
+    let rsh = sshd.rsh();
+    let there = format!("testhost:{}", s(&dir.path().join("dst")));
+    let run_v = |v: &[&str]| {
+        let mut args: Vec<&str> = vec!["-f", "--no-progress", "-e", &rsh];
+        args.extend(v);
+        args.extend([s(&src), there.as_str()]);
+        let out = run_within(&args, 60);
+        assert_eq!(code(&out), 0, "{v:?}: {}", stderr(&out));
+        stderr(&out)
+    };
+    // Deployed: no -S, so the copy is made (or reused) in the remote cache.
+    let quiet = run_v(&[]);
+    assert!(!quiet.contains("ssh command:"), "{quiet}");
+    let v = run_v(&["-v"]);
+    assert!(v.contains("ssh command: ") && v.contains("testhost"), "{v}");
+    assert!(
+        v.contains("checked (sha256)") && v.contains("protocol "),
+        "{v}"
+    );
+    assert!(!v.contains("replied:"), "{v}");
+    let vv = run_v(&["-vv"]);
+    assert!(
+        vv.contains("replied: a file") && vv.contains("go: "),
+        "{vv}"
+    );
+}

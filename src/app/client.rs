@@ -296,7 +296,24 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     for note in streams.iter().flat_map(|s| &s.conn.notes) {
         reporter.note(note);
     }
+    for d in streams.iter().flat_map(|s| &s.conn.details) {
+        reporter.detail(1, d);
+    }
     let reply = streams[0].reply;
+    reporter.detail(
+        2,
+        &format!(
+            "{}: replied: {} ({} bytes), undo journal decision {}",
+            to.host,
+            match reply.kind {
+                0 => "no such file yet",
+                1 => "a file",
+                _ => "a block device",
+            },
+            reply.size,
+            reply.journal
+        ),
+    );
     let size = here.source().map_or(reply.size, |s| s.size);
     // Everything until the go may still refuse: then no stream writes anything.
     let prepared = (|| {
@@ -330,6 +347,14 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         }
     }
     let whole = Layout::new(size, settings.block);
+    reporter.detail(
+        2,
+        &format!(
+            "go: {size} bytes in {} stream(s), {} byte blocks",
+            streams.len(),
+            settings.block
+        ),
+    );
     send_all_go(&mut streams, whole, cached.as_ref())?;
 
     let stats = Arc::new(Stats::default());

@@ -101,6 +101,17 @@ impl Reporter {
         self.to_log(&line);
     }
 
+    /// What `-v` (`level` 1) or `-vv` (2) adds: how the run goes about its work.
+    pub fn detail(&self, level: u8, msg: &str) {
+        let line = format!("blocksync: {}", crate::error::harmless(msg));
+        if !self.quiet && self.verbose >= level {
+            eprintln!("{line}");
+        }
+        if self.verbose >= level {
+            self.to_log(&line);
+        }
+    }
+
     /// The error that ends the run: one line on stderr, and a JSON object with `--json`.
     pub fn error(&self, err: &Error) {
         let line = format!("blocksync: error: {}", crate::error::harmless(&err.message));

@@ -68,6 +68,9 @@ pub struct Connection {
     /// What the user should know about how the remote side was started (a copy made
     /// again, or put elsewhere than usual).
     pub notes: Vec<String>,
+    /// What `-v` shows: the ssh command line, and how the remote blocksync was found
+    /// (given with -S, reused, or copied there) and which it is.
+    pub details: Vec<String>,
 }
 
 impl SshOptions {
@@ -103,6 +106,19 @@ impl SshOptions {
         cmd.args(&self.extra);
         cmd.arg(host).arg(remote);
         Ok(cmd)
+    }
+
+    /// The command line as `-v` shows it (a password is never on it: sshpass reads it
+    /// from the environment).
+    fn shown_command(&self, host: &str, remote: &str) -> String {
+        match self.command(host, remote) {
+            Ok(cmd) => std::iter::once(cmd.get_program())
+                .chain(cmd.get_args())
+                .map(|a| super::quote::quote(&a.to_string_lossy()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(e) => format!("(cannot be built: {})", e.message),
+        }
     }
 
     pub(super) fn spawn(&self, host: &str, remote: &str, stdin: Stdio) -> Result<(Child, Stderr)> {
@@ -169,6 +185,10 @@ impl SshOptions {
             quote(ROOT_STEP)
         );
         let mut notes = Vec::new();
+        let mut details = vec![format!(
+            "ssh command: {}",
+            self.shown_command(host, &launch)
+        )];
         for attempt in 0..2 {
             let (mut child, stderr) = self.spawn(host, &launch, Stdio::piped())?;
             let writer = child.stdin.take().expect("piped");
@@ -181,6 +201,19 @@ impl SshOptions {
                 // Watched from here on: before the greeting, ssh may be asking for a
                 // password or a host key, which takes as long as the user does.
                 let clock = self.timeout.map(Clock::new);
+                let found = match (&self.remote_bin, attempt) {
+                    (Some(b), _) => format!("the blocksync given with -S ({b})"),
+                    (None, 0) => {
+                        "this binary's copy kept there, checked (sha256) and reused".into()
+                    }
+                    (None, _) => "this binary, copied there now and checked (sha256)".into(),
+                };
+                details.push(format!(
+                    "{host}: runs {found}; blocksync {} here, protocol {}, id {}",
+                    env!("CARGO_PKG_VERSION"),
+                    crate::wire::frame::VERSION,
+                    &id[..id.len().min(16)]
+                ));
                 return Ok(Connection {
                     child,
                     writer: Watched::new(writer, clock.clone()),
@@ -188,6 +221,7 @@ impl SshOptions {
                     stderr: stderr.text,
                     host: host.to_string(),
                     notes,
+                    details,
                 });
             }
             // Not a server: nothing more goes to it. Closing its input first lets a
