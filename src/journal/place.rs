@@ -141,7 +141,15 @@ impl Place {
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&self.prefix)) else {
                 continue;
             };
-            if rest.contains(".tmp") {
+            if let Some((_, pid)) = rest.split_once(".tmp") {
+                // Half made by a run killed while it named it: gone with its process
+                // (one still running is another stream of a run, naming its own).
+                let dead = pid
+                    .parse::<u32>()
+                    .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+                if dead {
+                    let _ = std::fs::remove_file(e.path());
+                }
                 continue;
             }
             found.push(open_trusted(&e.path())?);

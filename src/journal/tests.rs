@@ -243,3 +243,30 @@ fn a_version_holds_the_oldest_bytes_and_a_stale_one_goes() {
         "the stale one goes"
     );
 }
+
+/// A journal half made by a run killed while naming it (its temporary name) is removed
+/// once its process is gone; one of a live process (another stream) is left alone.
+#[test]
+fn a_killed_runs_half_made_journal_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    std::fs::write(&path, bytes(100, 1)).unwrap();
+    let t = open(&path);
+    let p = plan(dir.path(), &t);
+    let dead = dir
+        .path()
+        .join(format!("{}00000001.0.tmp4000000000", p.place.prefix));
+    let live = dir.path().join(format!(
+        "{}00000001.1.tmp{}",
+        p.place.prefix,
+        std::process::id()
+    ));
+    std::fs::write(&dead, b"half").unwrap();
+    std::fs::write(&live, b"half").unwrap();
+    assert!(p.place.list().unwrap().is_empty());
+    assert!(!dead.exists(), "the dead run's leftover stays");
+    assert!(
+        live.exists(),
+        "a live stream's journal in the making was removed"
+    );
+}
