@@ -367,3 +367,38 @@ fn verbose_shows_how_the_remote_side_was_reached() {
         "{vv}"
     );
 }
+
+/// Off a terminal `--progress` prints lines (never nothing), and `--progress=json` one
+/// JSON object a line with the bytes done, the total, the rate and what was written.
+#[test]
+fn progress_off_a_terminal_is_lines_or_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(16 * M, 11)).unwrap();
+    // 50 ms a block: about 0.8 s, several -t 0.1 intervals.
+    let slow = ["-f", "-p", "50", "-t", "0.1"];
+    let dst = dir.path().join("a");
+    let mut args = slow.to_vec();
+    args.extend(["--progress", s(&src), s(&dst)]);
+    let out = run_within(&args, 60);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.lines().filter(|l| l.contains(" / 16.0 MiB (")).count() >= 2,
+        "{e}"
+    );
+    let dst = dir.path().join("b");
+    let mut args = slow.to_vec();
+    args.extend(["--progress=json", "-q", s(&src), s(&dst)]);
+    let out = run_within(&args, 60);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let objs: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(objs.len() >= 2, "{objs:?}");
+    let last = objs.last().unwrap();
+    assert_eq!(last["total"], 16 * M as u64);
+    assert!(last["done"].as_u64().unwrap() > 0 && last["bytes_written"].as_u64().unwrap() > 0);
+    assert_eq!(last["phase"], "sync");
+}

@@ -375,9 +375,12 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
-    /// Show the progress bar even when stderr is not a terminal.
-    #[arg(long, overrides_with = "no_progress")]
-    pub progress: bool,
+    /// Progress: a bar on a terminal, lines (every -t seconds) elsewhere; =lines for lines
+    /// always, =json for one JSON object a line (for wrappers), on stderr.
+    #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "bar", overrides_with = "no_progress",
+          value_parser = ["bar", "lines", "json"])]
+    pub progress: Option<String>,
 
     /// Never show the progress bar.
     #[arg(long)]

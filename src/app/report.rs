@@ -18,8 +18,12 @@ use std::time::{Duration, Instant};
 pub enum ProgressMode {
     /// On a terminal only.
     Auto,
-    /// Always (`--progress`).
+    /// Always (`--progress`): the bar on a terminal, lines elsewhere.
     Always,
+    /// Lines, every `-t` seconds (`--progress=lines`).
+    Lines,
+    /// One JSON object a line, every `-t` seconds (`--progress=json`).
+    Json,
     /// Never (`--no-progress`).
     Never,
 }
@@ -149,17 +153,25 @@ impl Reporter {
     /// handle is finished.
     pub fn start_progress(&self, total: u64, stats: Arc<Stats>) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
+        let tty = std::io::stderr().is_terminal();
         let bar_wanted = match self.progress {
-            ProgressMode::Always => true,
-            ProgressMode::Never => false,
-            ProgressMode::Auto => !self.quiet && std::io::stderr().is_terminal(),
+            ProgressMode::Always => tty,
+            ProgressMode::Auto => !self.quiet && tty,
+            _ => false,
         };
-        let lines_wanted = !bar_wanted && self.verbose > 0 && !self.quiet;
+        // Off a terminal a bar draws nothing: --progress and -v print lines instead.
+        let lines_wanted = !bar_wanted
+            && match self.progress {
+                ProgressMode::Always | ProgressMode::Lines | ProgressMode::Json => true,
+                ProgressMode::Auto | ProgressMode::Never => self.verbose > 0 && !self.quiet,
+            };
+        let json = self.progress == ProgressMode::Json;
         let thread = if bar_wanted {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             bar.set_style(
+                // The bar takes what the terminal's width leaves: it never wraps.
                 ProgressStyle::with_template(
-                    "{bar:30.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                    "{wide_bar:.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
                 )
                 .expect("template is valid")
                 .progress_chars("=> "),
@@ -169,7 +181,11 @@ impl Reporter {
                 loop {
                     let done = stop.load(Ordering::Relaxed);
                     bar.set_position(Stats::get(&stats.done));
-                    bar.set_message(format!("changed {}", Stats::get(&stats.blocks_changed)));
+                    bar.set_message(format!(
+                        "changed {}, written {}",
+                        Stats::get(&stats.blocks_changed),
+                        human(Stats::get(&stats.written).max(Stats::get(&stats.data_sent)))
+                    ));
                     if done {
                         bar.finish_and_clear();
                         return;
@@ -196,13 +212,29 @@ impl Reporter {
                     } else {
                         done as f64 * 100.0 / total as f64
                     };
-                    eprintln!(
-                        "blocksync: {} / {} ({pct:.1}%), {}/s, {} changed blocks",
-                        human(done),
-                        human(total),
-                        human((done as f64 / secs.max(1e-9)) as u64),
-                        Stats::get(&stats.blocks_changed)
-                    );
+                    let rate = done as f64 / secs.max(1e-9);
+                    if json {
+                        let v = serde_json::json!({
+                            "phase": "sync",
+                            "done": done,
+                            "total": total,
+                            "rate_bytes_per_second": rate as u64,
+                            "eta_seconds": if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 },
+                            "blocks_changed": Stats::get(&stats.blocks_changed),
+                            "bytes_written": Stats::get(&stats.written),
+                            "bytes_sent": Stats::get(&stats.wire_sent),
+                        });
+                        eprintln!("{v}");
+                    } else {
+                        eprintln!(
+                            "blocksync: {} / {} ({pct:.1}%), {}/s, {} changed blocks, {} written",
+                            human(done),
+                            human(total),
+                            human(rate as u64),
+                            Stats::get(&stats.blocks_changed),
+                            human(Stats::get(&stats.written).max(Stats::get(&stats.data_sent)))
+                        );
+                    }
                 }
             }))
         } else {

@@ -300,12 +300,12 @@ fn block_size(text: &str, what: &str, give: &str) -> Result<u64> {
 
 /// The reporter the output options ask for.
 pub(crate) fn reporter(args: &Args) -> Result<Reporter> {
-    let progress = if args.no_progress {
-        ProgressMode::Never
-    } else if args.progress {
-        ProgressMode::Always
-    } else {
-        ProgressMode::Auto
+    let progress = match (args.no_progress, args.progress.as_deref()) {
+        (true, _) => ProgressMode::Never,
+        (_, Some("json")) => ProgressMode::Json,
+        (_, Some("lines")) => ProgressMode::Lines,
+        (_, Some(_)) => ProgressMode::Always,
+        (_, None) => ProgressMode::Auto,
     };
     if !(args.interval > 0.0 && args.interval.is_finite()) {
         return Err(usage("-t/--interval must be a positive number of seconds"));

@@ -234,7 +234,9 @@ fn a_version_holds_the_oldest_bytes_and_a_stale_one_goes() {
         keep: 2,
         place: &p.place,
     };
-    version::make(&live, &made).unwrap();
+    version::make(&live, &made).unwrap().expect("made");
+    // A second stream making the same version at the same moment: the first wins.
+    assert_eq!(version::make(&live, &made).unwrap(), None);
     assert_eq!(version::list(&p.place, None).unwrap().len(), 2);
     let from = live.first().map(|f| f.header.seq);
     assert_eq!(

@@ -409,7 +409,12 @@ impl Journal {
                     keep,
                     place: &self.place,
                 };
-                made = Some(super::version::make(&found, &v)?);
+                made = super::version::make(&found, &v)?;
+                if made.is_none() {
+                    // Another stream of this run, done at the same moment, made the
+                    // version: it completes the run too.
+                    return Ok(None);
+                }
             }
             // The commit point: from here on this run counts as complete (a crash while
             // the journals are removed leaves them stale, never a partial set to apply).

@@ -346,8 +346,9 @@ struct Piece {
 }
 
 /// Makes a version of the completed run whose journals are `found` (lowest number
-/// first), durable under its name before it returns.
-pub fn make(found: &[Found], made: &Made) -> Result<PathBuf> {
+/// first), durable under its name before it returns. `None`: another stream of the run,
+/// done at the same moment, made it first (and completes the run).
+pub fn make(found: &[Found], made: &Made) -> Result<Option<PathBuf>> {
     let oldest = &found[0].header;
     let size_before = oldest.size_before;
     let mut covered = BTreeMap::new();
@@ -428,11 +429,17 @@ pub fn make(found: &[Found], made: &Made) -> Result<PathBuf> {
     }
     let path = place.version_name(seq);
     let cwd = rustix::fs::CWD;
-    rustix::fs::renameat_with(cwd, &tmp, cwd, &path, rustix::fs::RenameFlags::NOREPLACE)
-        .map_err(io::Error::from)
-        .and_then(|()| sync_dir(&place.dir))
-        .map_err(|e| journal_error(&path, &format!("cannot name it: {}", os_text(&e))))?;
-    Ok(path)
+    match rustix::fs::renameat_with(cwd, &tmp, cwd, &path, rustix::fs::RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::EXIST) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(None);
+        }
+        named => named
+            .map_err(io::Error::from)
+            .and_then(|()| sync_dir(&place.dir))
+            .map_err(|e| journal_error(&path, &format!("cannot name it: {}", os_text(&e))))?,
+    }
+    Ok(Some(path))
 }
 
 /// Writes the payloads of `pieces` (compressed, after the header page) and returns the
