@@ -402,3 +402,22 @@ fn progress_off_a_terminal_is_lines_or_json() {
     assert!(last["done"].as_u64().unwrap() > 0 && last["bytes_written"].as_u64().unwrap() > 0);
     assert_eq!(last["phase"], "sync");
 }
+
+/// A word read as host:path whose host cannot be reached says how to write a local file
+/// of that name.
+#[test]
+fn an_unreachable_colon_word_says_how_to_name_a_local_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, data(M, 12)).unwrap();
+    let rsh = "ssh -F /dev/null -o ConnectTimeout=5 -o BatchMode=yes";
+    let host = format!("blocksync-no-such-host-{}", std::process::id());
+    let word = format!("{host}:colon.bin");
+    let out = run_within(&["-f", "-e", rsh, s(&src), &word], 60);
+    assert_eq!(code(&out), 11, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("write ./{word}")),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -144,6 +144,18 @@ pub(super) fn hello_for(
     }
 }
 
+/// A word read as `host:path` whose host could not be reached may have been meant as a
+/// local file with a colon in its name: the error says how to write that.
+fn colon_hint(mut e: Error, to: &Remote) -> Error {
+    if e.kind == Kind::Remote && !to.host.contains('@') && !to.host.contains('.') {
+        e.message.push_str(&format!(
+            " ('{}:{}' was read as host:path, host '{}'; for a local file of that name write ./{}:{})",
+            to.host, to.path, to.host, to.host, to.path
+        ));
+    }
+    e
+}
+
 /// While ssh logs in, hashes the local side (see `engine::prehash`); returns the size it
 /// assumed, to check against the real one once known.
 fn start_prehash(settings: &Settings, here: &Here) -> Option<(Prehash, u64)> {
@@ -292,7 +304,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let prehash = start_prehash(settings, &here);
     let connected = connect_all(settings, &remote.ssh, to.host, &hello);
     let mut precomputed = prehash.map(|(p, assumed)| (p.finish(), assumed));
-    let mut streams = connected?;
+    let mut streams = connected.map_err(|e| colon_hint(e, to))?;
     for note in streams.iter().flat_map(|s| &s.conn.notes) {
         reporter.note(note);
     }
