@@ -193,15 +193,7 @@ pub(crate) fn restore_cmd(
                     return Err(e);
                 }
             }
-            let go = Go {
-                proceed: true,
-                size: 0,
-                start: 0,
-                end: 0,
-                sync_id: [0; 16],
-                no_read: false,
-            };
-            super::streams::send_go(&mut stream, go)?;
+            super::streams::send_go(&mut stream, Go::ahead())?;
             finish_there(&mut stream, host)?
         }
     };

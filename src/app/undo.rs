@@ -219,15 +219,7 @@ fn rollback_there(
         super::streams::refuse_all(std::slice::from_mut(&mut stream));
         return Err(e);
     }
-    let go = Go {
-        proceed: true,
-        size: 0,
-        start: 0,
-        end: 0,
-        sync_id: [0; 16],
-        no_read: false,
-    };
-    super::streams::send_go(&mut stream, go)?;
+    super::streams::send_go(&mut stream, Go::ahead())?;
     let mut buf = Vec::new();
     let answer = read_frame(&mut stream.conn.reader, &mut buf);
     super::streams::reap(&mut stream.conn.child);

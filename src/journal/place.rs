@@ -141,15 +141,7 @@ impl Place {
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&self.prefix)) else {
                 continue;
             };
-            if let Some((_, pid)) = rest.split_once(".tmp") {
-                // Half made by a run killed while it named it: gone with its process
-                // (one still running is another stream of a run, naming its own).
-                let dead = pid
-                    .parse::<u32>()
-                    .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
-                if dead {
-                    let _ = std::fs::remove_file(e.path());
-                }
+            if is_leftover(rest, &e.path()) {
                 continue;
             }
             found.push(open_trusted(&e.path())?);
@@ -169,6 +161,22 @@ impl Place {
         }
         Ok(found)
     }
+}
+
+/// Whether the name after a place's prefix (`rest`) is a temporary one (`.tmpPID`): such
+/// a file is half made by a run, and removed here when that run's process is gone (one
+/// still running is another stream of a run, naming its own).
+pub fn is_leftover(rest: &str, path: &Path) -> bool {
+    let Some((_, pid)) = rest.split_once(".tmp") else {
+        return false;
+    };
+    let dead = pid
+        .parse::<u32>()
+        .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+    if dead {
+        let _ = std::fs::remove_file(path);
+    }
+    true
 }
 
 /// Opens a journal and checks it is ours: a regular file (never through a symlink) of

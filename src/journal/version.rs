@@ -269,14 +269,7 @@ pub fn list(place: &Place, live_from: Option<u64>) -> Result<Vec<Version>> {
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
             continue;
         };
-        if let Some((_, pid)) = rest.split_once(".tmp") {
-            // Left by a run killed while it made the version.
-            let dead = pid
-                .parse::<u32>()
-                .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
-            if dead {
-                let _ = std::fs::remove_file(e.path());
-            }
+        if super::place::is_leftover(rest, &e.path()) {
             continue;
         }
         let path = e.path();

@@ -324,6 +324,18 @@ impl Reply {
 }
 
 impl Go {
+    /// Go ahead, for a server that runs no sync (a rollback, a restore): no range.
+    pub fn ahead() -> Go {
+        Go {
+            proceed: true,
+            size: 0,
+            start: 0,
+            end: 0,
+            sync_id: [0; 16],
+            no_read: false,
+        }
+    }
+
     pub(crate) fn encode(&self, p: &mut Vec<u8>) {
         put_u8(p, self.proceed as u8 | (self.no_read as u8) << 1);
         for v in [self.size, self.start, self.end] {
