@@ -179,7 +179,9 @@ fn round(sshd: Option<&Sshd>, mode: Mode, dir: &Path, rng: &mut Rng, tally: &mut
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    if rng.below(2) == 0 {
+    // Until one rollback has restored a journaled run, roll back; then either, at
+    // random (the coin alone could leave none of 14 rounds rolled back).
+    if tally.rolled_back == 0 || rng.below(2) == 0 {
         // Roll back: the destination as it was, exactly; with no journal (the run
         // completed, or died before writing), it is either the old or the new copy.
         let remote = matches!(mode, Mode::Push(_));
