@@ -12,14 +12,15 @@ use super::undo::Undo;
 use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::trust;
 use crate::engine::prehash::{Precomputed, Prehash};
-use crate::engine::{Compare, Config, Layout, RunOptions, Stats};
+use crate::engine::{Compare, Config, Layout, RunOptions, Stats, StreamEnd};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
 use crate::journal::{Decision, Plan};
 use crate::ssh::connect::Connection;
 use crate::wire::frame::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_LEVEL_FIXED, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Hello, Reply, Role, RunPart,
+    FLAG_LEVEL_FIXED, FLAG_NO_SPARSE, FLAG_STREAM, FLAG_TRACK_ID, FLAG_VERIFY, Hello, Reply, Role,
+    RunPart,
 };
 use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
@@ -113,6 +114,7 @@ pub(super) fn hello_for(
         (settings.salvage.keep_unreadable, FLAG_KEEP_UNREADABLE),
         (settings.digest.is_some(), FLAG_TRACK_ID),
         (remote.level_fixed, FLAG_LEVEL_FIXED),
+        (settings.stream_source(), FLAG_STREAM),
     ];
     let flags = bits.iter().filter(|(on, _)| *on).fold(0, |f, (_, b)| f | b);
     Hello {
@@ -125,7 +127,12 @@ pub(super) fn hello_for(
         pause_ms: settings.pause.as_millis() as u64,
         source_size: src.map_or(0, |s| s.size),
         bwlimit: remote.bwlimit / settings.workers as u64,
-        refine: settings.refine,
+        // A stream cannot be read again for the pieces of a block.
+        refine: if settings.stream_source() {
+            0
+        } else {
+            settings.refine
+        },
         max_errors: settings.salvage.max_errors,
         source_mode: src.map_or(0, target::copy_mode),
         run: RunPart {
@@ -161,6 +168,8 @@ fn colon_hint(mut e: Error, to: &Remote) -> Error {
 fn start_prehash(settings: &Settings, here: &Here) -> Option<(Prehash, u64)> {
     let (block, hash) = (settings.block, settings.hash);
     match here {
+        // A stream is read once, by the sync.
+        Here::Source(_) if settings.stream_source() => None,
         Here::Source(s) => {
             let f = s.file.try_clone().ok()?;
             let layout = Layout::new(s.size, block);
@@ -209,6 +218,7 @@ fn check_sides(
                     size: old,
                     source_size: size,
                     source: &local_name,
+                    stream: settings.stream_source(),
                     undo: decision.promise(),
                 };
                 confirm_change(settings, reporter, &change)?;
@@ -233,6 +243,7 @@ fn check_sides(
                     size: existing.size,
                     source_size: size,
                     source: &remote_name,
+                    stream: false,
                     undo: undo.map_or("", |u| u.decision.promise()),
                 };
                 confirm_change(settings, reporter, &change)?;
@@ -282,7 +293,10 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         .expect("a remote run has ssh settings");
     // Local checks first: no ssh connection for a source that does not exist.
     let here = if to.push {
-        let src = target::open_source(to.local)?;
+        let src = match settings.stream_source() {
+            true => target::open_stdin()?,
+            false => target::open_source(to.local)?,
+        };
         note_busy_source(reporter, &src);
         Here::Source(src)
     } else {
@@ -358,7 +372,13 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
             p.drop_from(reply.size);
         }
     }
-    let whole = Layout::new(size, settings.block);
+    let stream = settings
+        .stream_source()
+        .then(|| Arc::new(StreamEnd::default()));
+    let whole = match stream {
+        Some(_) => super::local::stream_layout(existing, settings.block),
+        None => Layout::new(size, settings.block),
+    };
     reporter.detail(
         2,
         &format!(
@@ -381,6 +401,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         remote,
         run: settings.run_options(Compare::Digest(settings.hash)),
         whole,
+        stream: stream.clone(),
         push: to.push,
         precomputed: ahead.map(Arc::new),
         cached: cached.as_ref(),
@@ -396,6 +417,10 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let progress = reporter.start_progress(size, stats.clone());
     let result = job.run_streams(streams);
     progress.finish();
+    let size = match &stream {
+        Some(s) => s.end().unwrap_or(Stats::get(&stats.source_read)),
+        None => size,
+    };
     let result = seal_digests(cached, result, &stats);
     let (source, destination) = if to.push {
         (to.local_name(), to.remote_name())
@@ -418,6 +443,8 @@ struct Job<'a> {
     remote: &'a RemoteSettings,
     run: RunOptions,
     whole: Layout,
+    /// A stream source: where it ended.
+    stream: Option<Arc<StreamEnd>>,
     push: bool,
     precomputed: Option<Arc<Precomputed>>,
     cached: Option<&'a trust::Use>,
@@ -444,6 +471,7 @@ impl Job<'_> {
             ..p
         });
         config.rename_to = self.rename_to.clone();
+        config.stream = self.stream.clone();
         config.share = Some(crate::io::partial::Share {
             run_id: self.run_id,
             stream: i as u32,

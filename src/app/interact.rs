@@ -19,6 +19,8 @@ pub(crate) struct Change<'a> {
     pub source_size: u64,
     /// The source as given.
     pub source: &'a str,
+    /// The source is a stream, whose size is known at its end.
+    pub stream: bool,
     /// What the undo journal keeps (see [`crate::journal::Decision::promise`]).
     pub undo: &'static str,
 }
@@ -35,9 +37,14 @@ pub(crate) fn confirm_change(settings: &Settings, reporter: &Reporter, c: &Chang
         size,
         source_size,
         source,
+        stream,
         undo,
     } = c;
     let cut = match (*kind, size > source_size) {
+        ("file", _) if *stream => ", then cut to the stream's length".to_string(),
+        (_, _) if *stream => {
+            " (bytes past the stream's end are kept; a longer stream is an error once the device is full)".to_string()
+        }
         ("file", true) => format!(", then cut from {size} to {source_size} bytes"),
         (_, true) => format!(
             " (its last {} bytes, past the source's end, are kept)",

@@ -21,7 +21,12 @@ pub(crate) fn run(
     src_path: &Path,
     dst_path: &Path,
 ) -> Result<()> {
-    let src = target::open_source(src_path)?;
+    let stream = src_path == Path::new(target::STDIN);
+    let src = if stream {
+        target::open_stdin()?
+    } else {
+        target::open_source(src_path)?
+    };
     let probe = target::probe_destination(dst_path)?;
     // A new file is written under a temporary name (or an interrupted first copy resumed).
     let probe = if settings.dry_run {
@@ -44,7 +49,7 @@ pub(crate) fn run(
         }
         target::check_destination(dst_path, existing, src.size, settings.force_mounted)?;
     }
-    if probe.shown().is_none() && !settings.dry_run {
+    if probe.shown().is_none() && !settings.dry_run && !stream {
         let data = crate::io::policy::data_bytes(&src);
         crate::io::policy::check_room_for_new(&probe.path, data, src.size, settings.sparse)?;
     }
@@ -58,6 +63,7 @@ pub(crate) fn run(
             size: existing.size,
             source_size: src.size,
             source: &src_path.display().to_string(),
+            stream,
             undo: undo.decision.promise(),
         };
         confirm_change(settings, reporter, &change)?;
@@ -68,8 +74,12 @@ pub(crate) fn run(
     // Every check has passed: only now is the destination opened for writing or created.
     let dest = open_dest_for_run(settings, &probe, target::copy_mode(&src))?;
 
-    let layout = Layout::new(src.size, settings.block);
+    let layout = match (stream, &dest) {
+        (true, d) => stream_layout(d.as_ref().map(|d| (d.kind, d.size)), settings.block),
+        (false, _) => Layout::new(src.size, settings.block),
+    };
     let mut config = Config::build(layout, &settings.run_options(Compare::Bytes));
+    config.stream = stream.then(Default::default);
     config.journal = journal;
     config.rename_to = probe.final_path.clone();
     let cached = match (&dest, &settings.digest) {
@@ -114,18 +124,35 @@ pub(crate) fn run(
     let progress = reporter.start_progress(src.size, stats.clone());
     let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
     progress.finish();
+    let size = match &config.stream {
+        Some(s) => s.end().unwrap_or(Stats::get(&stats.source_read)),
+        None => src.size,
+    };
     drop(config);
     let result = seal_digests(cached, result, &stats);
     let sides = Sides {
         source: src_path.display().to_string(),
         destination: dst_path.display().to_string(),
-        size: src.size,
+        size,
         block: settings.block,
         existing: probe.shown().map(|e| (e.kind, e.size)),
         source_here: true,
     };
     conclude(settings, reporter, &stats, started, sides, result)
 }
+
+/// The layout for a stream source onto a destination of `dest` (kind and size; `None`:
+/// a new file): a device's size bounds it, a file's growth does not.
+pub(crate) fn stream_layout(dest: Option<(TargetKind, u64)>, block: u64) -> Layout {
+    match dest {
+        Some((TargetKind::BlockDevice, size)) => Layout::stream(size, block),
+        _ => Layout::stream(STREAM_BOUND, block),
+    }
+}
+
+/// How long a stream onto a file may be: far past any disk (1 EiB), a multiple of every
+/// chunk size.
+const STREAM_BOUND: u64 = 1 << 60;
 
 /// Warns when the source device is in use: blocks changing under the sync make a
 /// copy that matches no moment of the source.

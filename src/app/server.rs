@@ -10,8 +10,9 @@ use crate::io::target::{self, Claim, Target, TargetKind};
 use crate::journal;
 use crate::wire::frame::{
     DecodeError, FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED,
-    FLAG_KEEP_UNREADABLE, FLAG_LEVEL_FIXED, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_VERIFY, Frame,
-    GREETING, Go, Hello, ReadError, Reply, Role, VERSION, read_frame, write_frame,
+    FLAG_KEEP_UNREADABLE, FLAG_LEVEL_FIXED, FLAG_NO_SPARSE, FLAG_STREAM, FLAG_TRACK_ID,
+    FLAG_VERIFY, Frame, GREETING, Go, Hello, ReadError, Reply, Role, VERSION, read_frame,
+    write_frame,
 };
 use crate::wire::link::Peer;
 use crate::wire::session::{Link, Pace};
@@ -143,7 +144,11 @@ pub fn serve(input: &mut File, output: &mut File) -> Result<()> {
 
 /// The engine settings a hello and go describe, the same on both machines.
 pub fn config_for(hello: &Hello, go: &Go) -> Config {
-    let whole = Layout::new(go.size, hello.block);
+    let whole = Layout {
+        // A stream source: the run may end short of go's size, where the stream did.
+        open_end: hello.flags & FLAG_STREAM != 0,
+        ..Layout::new(go.size, hello.block)
+    };
     let layout = Layout {
         start: go.start,
         end: go.end,

@@ -135,6 +135,11 @@ impl Command {
 const DEFAULT_MIN_BLOCK: &str = "4K";
 
 impl Settings {
+    /// Whether the source is standard input (`-`), a stream read once.
+    pub fn stream_source(&self) -> bool {
+        is_stdin(&self.pair.source)
+    }
+
     /// What the run asks of the undo journal.
     pub fn undo_wanted(&self) -> super::undo::Wanted {
         super::undo::Wanted {
@@ -154,6 +159,11 @@ impl Settings {
             },
             (Some(name), _) => {
                 return Err(usage(format!("{name} takes one operand: DST or HOST:DST")));
+            }
+            (None, [_, .., last]) if last == target::STDIN => {
+                return Err(usage(
+                    "the destination cannot be - (standard output): blocksync writes a file or device in place; give its path",
+                ));
             }
             (None, ops) => endpoint::parse_operands(ops, args.pull).map_err(usage)?,
         };
@@ -207,6 +217,9 @@ impl Settings {
             min_block
         };
         let local = pair.source.is_local() && pair.destination.is_local();
+        let stream = check_stream(args, &pair)?;
+        // Over ssh a block's pieces are read again from the source: a stream cannot be.
+        let refine = if stream && !local { 0 } else { refine };
         let remote = if local {
             None
         } else {
@@ -285,6 +298,38 @@ impl Settings {
     }
 }
 
+fn is_stdin(e: &Endpoint) -> bool {
+    matches!(e, Endpoint::Local(p) if p.as_os_str() == target::STDIN)
+}
+
+/// Whether the source is standard input; refuses what a stream cannot do (it is read
+/// once, from start to end, and its size is known only at its end).
+fn check_stream(args: &Args, pair: &Pair) -> Result<bool> {
+    if !is_stdin(&pair.source) {
+        return Ok(false);
+    }
+    let refused = [
+        (
+            args.workers > 1,
+            "-w/--workers (a stream is read in order, once)",
+        ),
+        (
+            args.verify,
+            "--verify (a stream cannot be read a second time)",
+        ),
+        (
+            args.digest_file.is_some(),
+            "--digest-file (its size is known only at its end)",
+        ),
+    ];
+    if let Some((_, what)) = refused.iter().find(|(on, _)| *on) {
+        return Err(usage(format!(
+            "source - (standard input) does not go with {what}; save the stream to a file first for that"
+        )));
+    }
+    Ok(true)
+}
+
 fn usage(message: impl Into<String>) -> Error {
     Error::new(Kind::Usage, message)
 }
@@ -345,6 +390,7 @@ fn ssh_options(args: &Args) -> Result<SshOptions> {
         remote_bin: args.remote_bin.clone(),
         deploy: !args.no_deploy,
         timeout: timeout(args.timeout)?,
+        share: Default::default(),
     })
 }
 

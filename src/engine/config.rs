@@ -80,6 +80,52 @@ pub struct Config {
     /// With several streams writing that file: which this one is (the last to complete
     /// renames it).
     pub share: Option<crate::io::partial::Share>,
+    /// The source is a stream (standard input), read once from start to end: where it
+    /// ended, once it has (see [`StreamEnd`]).
+    pub stream: Option<Arc<StreamEnd>>,
+}
+
+/// Where a stream source ended. Its size is known only at its end, so the run's layout
+/// is an upper bound (a device's size, or a large one for a file) and the source half
+/// stops at the chunk the stream ended in.
+#[derive(Debug)]
+pub struct StreamEnd {
+    /// The stream's length once its end was read (`u64::MAX` until then).
+    end: std::sync::atomic::AtomicU64,
+    /// The stream went on past the layout's end (a device too small for it).
+    longer: std::sync::atomic::AtomicBool,
+}
+
+impl Default for StreamEnd {
+    fn default() -> Self {
+        StreamEnd {
+            end: std::sync::atomic::AtomicU64::new(u64::MAX),
+            longer: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl StreamEnd {
+    /// The stream's length, once its end has been read.
+    pub fn end(&self) -> Option<u64> {
+        let e = self.end.load(std::sync::atomic::Ordering::SeqCst);
+        (e != u64::MAX).then_some(e)
+    }
+
+    /// The stream ended after `len` bytes.
+    pub fn ended_at(&self, len: u64) {
+        self.end.store(len, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The stream holds more than the layout's end.
+    pub fn went_on(&self) {
+        self.longer.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether it held more than the layout's end.
+    pub fn is_longer(&self) -> bool {
+        self.longer.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// What a run asks of the engine, the same for each of its streams and on both machines:
@@ -153,6 +199,17 @@ impl Config {
             journal: None,
             rename_to: None,
             share: None,
+            stream: None,
+        }
+    }
+
+    /// Byte offset and length of chunk `index`: the layout's, cut where a stream source
+    /// ended.
+    pub fn chunk_at(&self, index: u64) -> (u64, usize) {
+        let (offset, len) = self.layout.chunk_at(index);
+        match self.stream.as_ref().and_then(|s| s.end()) {
+            Some(end) => (offset, end.saturating_sub(offset).min(len as u64) as usize),
+            None => (offset, len),
         }
     }
 
@@ -177,6 +234,7 @@ impl Config {
             journal: None,
             rename_to: None,
             share: None,
+            stream: None,
             ..self.clone()
         }
     }

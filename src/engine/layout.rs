@@ -18,6 +18,9 @@ pub struct Layout {
     pub block: u64,
     /// Chunk size: the unit read and passed between threads, a multiple of `block`.
     pub chunk: u64,
+    /// The source is a stream whose length is known at its end: `size` is an upper
+    /// bound, and the run may finish at any size up to it.
+    pub open_end: bool,
 }
 
 impl Layout {
@@ -31,6 +34,15 @@ impl Layout {
             end: size,
             block,
             chunk: per_chunk * block,
+            open_end: false,
+        }
+    }
+
+    /// A layout for a stream source of at most `bound` bytes.
+    pub fn stream(bound: u64, block: u64) -> Self {
+        Layout {
+            open_end: true,
+            ..Layout::new(bound, block)
         }
     }
 

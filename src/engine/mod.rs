@@ -19,7 +19,7 @@ mod stats;
 mod verifylog;
 mod writer;
 
-pub use config::{Compare, Config, RunOptions, Salvage};
+pub use config::{Compare, Config, RunOptions, Salvage, StreamEnd};
 pub use layout::{CHUNK_TARGET, Layout};
 pub use stats::{Findings, Stats};
 pub use verifylog::VerifyLog;

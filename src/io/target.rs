@@ -184,6 +184,39 @@ pub fn open_source(path: &Path) -> Result<Target> {
     open_read(path, "source", Kind::Source)
 }
 
+/// The word that names standard input as the source.
+pub const STDIN: &str = "-";
+
+/// Standard input as a stream source, read once in order: its size is 0 until its end.
+/// A terminal is refused (nobody types a disk image).
+pub fn open_stdin() -> Result<Target> {
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| {
+        Error::new(
+            Kind::Source,
+            format!("source - (standard input): {}", crate::error::os_text(&e)),
+        )
+    })?;
+    let file = File::from(fd);
+    if file.is_terminal() {
+        return Err(Error::new(
+            Kind::Usage,
+            "source - reads standard input, which is a terminal; pipe an image in, e.g. xzcat disk.img.xz | blocksync - /dev/sdX",
+        ));
+    }
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(Kind::Source, "source", Path::new("-"), &e, "standard input"))?;
+    Ok(Target {
+        path: PathBuf::from("- (standard input)"),
+        file,
+        kind: TargetKind::File,
+        size: 0,
+        id: Identity::of(&meta),
+    })
+}
+
 /// Opens `path` read-only and finds its kind and size; errors call it `what` and have
 /// `kind`.
 pub fn open_read(path: &Path, what: &str, kind: Kind) -> Result<Target> {

@@ -4,6 +4,7 @@
 
 use super::deploy::{DEPLOY_MARK, NO_HASH_MARK, ROOT_STEP, launcher, local_platform, self_id};
 use super::quote::quote;
+use super::share::{Role, Share};
 use super::watch::{Clock, Watched};
 use crate::error::{Error, Kind, Result, harmless, peer_text};
 use crate::wire::frame::GREETING;
@@ -34,6 +35,8 @@ pub struct SshOptions {
     /// `--timeout`: how long the link may stand still while this side waits on it
     /// (`None`: forever).
     pub timeout: Option<Duration>,
+    /// The run's one login, shared by its connections (see [`super::share`]).
+    pub share: Arc<Share>,
 }
 
 /// What a started ssh prints on stderr, gathered by a thread of its own.
@@ -74,44 +77,58 @@ pub struct Connection {
 }
 
 impl SshOptions {
-    fn command(&self, host: &str, remote: &str) -> Result<Command> {
-        let (mut cmd, default_ssh) = match &self.pass_env {
+    /// The remote shell's words up to the host: the program and every option given.
+    fn ssh_words(&self) -> Vec<String> {
+        let mut words = self.program.clone();
+        if self.program.len() == 1 && self.program[0] == "ssh" {
+            // A dead peer or link is noticed in seconds, not at the TCP timeout.
+            words.extend(
+                ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"].map(String::from),
+            );
+        }
+        if let Some(c) = &self.cipher {
+            words.extend(["-c".to_string(), c.clone()]);
+        }
+        if let Some(i) = &self.identity {
+            words.extend(["-i".to_string(), i.clone()]);
+        }
+        words.extend(self.extra.iter().cloned());
+        words
+    }
+
+    fn command(&self, host: &str, remote: &str, role: &Role) -> Result<Command> {
+        let words = self.ssh_words();
+        let mut cmd = match &self.pass_env {
             Some(var) => {
                 let pw = password(var)?;
                 let mut c = Command::new("sshpass");
                 // sshpass -e reads SSHPASS (and clears it), so the password never shows
                 // in ps; the user's variable is kept from ssh and everything it runs.
-                c.arg("-e")
-                    .env_remove(var)
-                    .env("SSHPASS", pw)
-                    .args(&self.program);
-                (c, self.program.len() == 1 && self.program[0] == "ssh")
+                c.arg("-e").env_remove(var).env("SSHPASS", pw).args(&words);
+                c
             }
             None => {
-                let mut c = Command::new(&self.program[0]);
-                c.args(&self.program[1..]);
-                (c, self.program.len() == 1 && self.program[0] == "ssh")
+                let mut c = Command::new(&words[0]);
+                c.args(&words[1..]);
+                c
             }
         };
-        if default_ssh {
-            // A dead peer or link is noticed in seconds, not at the TCP timeout.
-            cmd.args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]);
-        }
-        if let Some(c) = &self.cipher {
-            cmd.args(["-c", c]);
-        }
-        if let Some(i) = &self.identity {
-            cmd.args(["-i", i]);
-        }
-        cmd.args(&self.extra);
+        cmd.args(role.options());
         cmd.arg(host).arg(remote);
         Ok(cmd)
     }
 
+    /// The role of a new connection in the run's shared login; `relay`: it may go
+    /// through the master (see [`super::share`]).
+    pub(super) fn role(&self, host: &str, relay: bool) -> Role {
+        self.share
+            .role(&self.ssh_words(), host, relay || self.pass_env.is_some())
+    }
+
     /// The command line as `-v` shows it (a password is never on it: sshpass reads it
     /// from the environment).
-    fn shown_command(&self, host: &str, remote: &str) -> String {
-        match self.command(host, remote) {
+    fn shown_command(&self, host: &str, remote: &str, role: &Role) -> String {
+        match self.command(host, remote, role) {
             Ok(cmd) => std::iter::once(cmd.get_program())
                 .chain(cmd.get_args())
                 .map(|a| super::quote::quote(&a.to_string_lossy()))
@@ -121,8 +138,14 @@ impl SshOptions {
         }
     }
 
-    pub(super) fn spawn(&self, host: &str, remote: &str, stdin: Stdio) -> Result<(Child, Stderr)> {
-        let mut cmd = self.command(host, remote)?;
+    pub(super) fn spawn(
+        &self,
+        host: &str,
+        remote: &str,
+        role: &Role,
+        stdin: Stdio,
+    ) -> Result<(Child, Stderr)> {
+        let mut cmd = self.command(host, remote, role)?;
         cmd.stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -175,94 +198,130 @@ impl SshOptions {
     /// first when the remote has none (or its copy failed its check).
     pub fn connect(&self, host: &str) -> Result<Connection> {
         let (id, exe) = self_id()?;
+        let mut notes = Vec::new();
+        let mut details = Vec::new();
+        let mut role = self.role(host, false);
+        // A probe that is the shared login's master stays until the connections after
+        // it are made through it (released when this returns).
+        let mut held: Option<Held> = None;
+        let result = (|| {
+            for attempt in 0..2 {
+                let launch = self.launch_words(&id, role.is_master());
+                details.push(format!(
+                    "ssh command: {}",
+                    self.shown_command(host, &launch, &role)
+                ));
+                if let Role::Master(p) = &role {
+                    details.push(format!(
+                        "{host}: one login for this run's connections (ControlMaster {})",
+                        p.display()
+                    ));
+                }
+                let (mut child, stderr) = self.spawn(host, &launch, &role, Stdio::piped())?;
+                let writer = child.stdin.take().expect("piped");
+                let mut reader = child.stdout.take().expect("piped");
+                widen_pipe(&writer);
+                widen_pipe(&reader);
+                let mut head = [0u8; 8];
+                let got = read_up_to(&mut reader, &mut head);
+                if got == GREETING.len() && &head == GREETING {
+                    let found = match (&self.remote_bin, attempt) {
+                        (Some(b), _) => format!("the blocksync given with -S ({b})"),
+                        (None, 0) => {
+                            "this binary's copy kept there, checked (sha256) and reused".into()
+                        }
+                        (None, _) => "this binary, copied there now and checked (sha256)".into(),
+                    };
+                    details.push(format!(
+                        "{host}: runs {found}; blocksync {} here, protocol {}, id {}",
+                        env!("CARGO_PKG_VERSION"),
+                        crate::wire::frame::VERSION,
+                        &id[..id.len().min(16)]
+                    ));
+                    // Watched from here on: before the greeting, ssh may be asking for a
+                    // password or a host key, which takes as long as the user does.
+                    let clock = self.timeout.map(Clock::new);
+                    return Ok(Connection {
+                        child,
+                        writer: Watched::new(writer, clock.clone()),
+                        reader: Watched::new(reader, clock),
+                        stderr: stderr.text,
+                        host: host.to_string(),
+                        notes: std::mem::take(&mut notes),
+                        details: std::mem::take(&mut details),
+                    });
+                }
+                let mut out = head[..got].to_vec();
+                let holding = role.is_master() && attempt == 0;
+                if holding {
+                    read_line(&mut reader, &mut out);
+                }
+                let text = String::from_utf8_lossy(&out).to_string();
+                let (writer, status) = match text.strip_prefix(DEPLOY_MARK) {
+                    Some(_) if holding => (Some(writer), None),
+                    _ => {
+                        // Not a server: nothing more goes to it. Closing its input first
+                        // lets a wrapper in -e that copies stdin (a rate limiter, say) end too.
+                        drop(writer);
+                        let _ = (&mut reader).take(4096).read_to_end(&mut out);
+                        (None, child.wait().ok())
+                    }
+                };
+                let out = String::from_utf8_lossy(&out).to_string();
+                if let Some(mark) = out.strip_prefix(DEPLOY_MARK) {
+                    if let Some(w) = writer {
+                        held = Some(Held { child, writer: w });
+                    }
+                    let (stale, platform) = match mark.trim().strip_prefix("stale ") {
+                        Some(p) => (true, p.trim()),
+                        None => (false, mark.trim()),
+                    };
+                    self.may_deploy(host, platform)?;
+                    if attempt == 0 {
+                        if stale {
+                            notes.push(format!(
+                                "{host}: the copy of blocksync kept there is not this binary (changed or damaged since it was put there); copying it again"
+                            ));
+                        }
+                        role = role.relayed();
+                        notes.extend(self.deploy_to(host, &id, &exe, &role)?);
+                        continue;
+                    }
+                }
+                if out.trim() == NO_HASH_MARK {
+                    return Err(Error::new(
+                        Kind::Remote,
+                        format!(
+                            "sudo on {host}: root has no sha256sum to check the copy of blocksync it would run; install blocksync there and give -S"
+                        ),
+                    ));
+                }
+                return Err(start_failure(host, self, status, &stderr.settled(), &out));
+            }
+            Err(Error::new(
+                Kind::Remote,
+                format!("{host}: the deployed blocksync did not start"),
+            ))
+        })();
+        if let Some(h) = held {
+            h.release();
+        }
+        result
+    }
+
+    /// The remote command that starts the launcher; `hold`: a launcher that asks for a
+    /// deploy waits until its input ends (it carries the shared login meanwhile).
+    fn launch_words(&self, id: &str, hold: bool) -> String {
         let bin = self.remote_bin.clone().unwrap_or_default();
-        let launch = format!(
-            "sh -c {} blocksync {} {} {} {}",
+        format!(
+            "sh -c {} blocksync {} {} {} {} {}",
             quote(&launcher()),
             id,
             if self.sudo { 1 } else { 0 },
             quote(&bin),
-            quote(ROOT_STEP)
-        );
-        let mut notes = Vec::new();
-        let mut details = vec![format!(
-            "ssh command: {}",
-            self.shown_command(host, &launch)
-        )];
-        for attempt in 0..2 {
-            let (mut child, stderr) = self.spawn(host, &launch, Stdio::piped())?;
-            let writer = child.stdin.take().expect("piped");
-            let mut reader = child.stdout.take().expect("piped");
-            widen_pipe(&writer);
-            widen_pipe(&reader);
-            let mut head = [0u8; 8];
-            let got = read_up_to(&mut reader, &mut head);
-            if got == GREETING.len() && &head == GREETING {
-                // Watched from here on: before the greeting, ssh may be asking for a
-                // password or a host key, which takes as long as the user does.
-                let clock = self.timeout.map(Clock::new);
-                let found = match (&self.remote_bin, attempt) {
-                    (Some(b), _) => format!("the blocksync given with -S ({b})"),
-                    (None, 0) => {
-                        "this binary's copy kept there, checked (sha256) and reused".into()
-                    }
-                    (None, _) => "this binary, copied there now and checked (sha256)".into(),
-                };
-                details.push(format!(
-                    "{host}: runs {found}; blocksync {} here, protocol {}, id {}",
-                    env!("CARGO_PKG_VERSION"),
-                    crate::wire::frame::VERSION,
-                    &id[..id.len().min(16)]
-                ));
-                return Ok(Connection {
-                    child,
-                    writer: Watched::new(writer, clock.clone()),
-                    reader: Watched::new(reader, clock),
-                    stderr: stderr.text,
-                    host: host.to_string(),
-                    notes,
-                    details,
-                });
-            }
-            // Not a server: nothing more goes to it. Closing its input first lets a
-            // wrapper in -e that copies stdin (a rate limiter, say) end too.
-            drop(writer);
-            let mut rest = Vec::new();
-            let _ = reader.take(4096).read_to_end(&mut rest);
-            let status = child.wait().ok();
-            let mut out = head[..got].to_vec();
-            out.extend_from_slice(&rest);
-            let out = String::from_utf8_lossy(&out).to_string();
-            if let Some(mark) = out.strip_prefix(DEPLOY_MARK) {
-                let (stale, platform) = match mark.trim().strip_prefix("stale ") {
-                    Some(p) => (true, p.trim()),
-                    None => (false, mark.trim()),
-                };
-                self.may_deploy(host, platform)?;
-                if attempt == 0 {
-                    if stale {
-                        notes.push(format!(
-                            "{host}: the copy of blocksync kept there is not this binary (changed or damaged since it was put there); copying it again"
-                        ));
-                    }
-                    notes.extend(self.deploy_to(host, &id, &exe)?);
-                    continue;
-                }
-            }
-            if out.trim() == NO_HASH_MARK {
-                return Err(Error::new(
-                    Kind::Remote,
-                    format!(
-                        "sudo on {host}: root has no sha256sum to check the copy of blocksync it would run; install blocksync there and give -S"
-                    ),
-                ));
-            }
-            return Err(start_failure(host, self, status, &stderr.settled(), &out));
-        }
-        Err(Error::new(
-            Kind::Remote,
-            format!("{host}: the deployed blocksync did not start"),
-        ))
+            quote(ROOT_STEP),
+            if hold { 1 } else { 0 }
+        )
     }
 
     /// Whether this binary may be copied to `host`, which runs `platform`.
@@ -308,6 +367,36 @@ fn password(var: &str) -> Result<String> {
             ),
         )
     })
+}
+
+/// A probe session kept open: its ssh is the shared login's master.
+struct Held {
+    child: Child,
+    writer: ChildStdin,
+}
+
+impl Held {
+    /// Ends the probe's session. Its ssh, the master, stays while the sessions made
+    /// through it last; a thread reaps it then.
+    fn release(self) {
+        drop(self.writer);
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+    }
+}
+
+/// Reads into `out` until it holds a newline or 4 KiB, or the stream ends.
+fn read_line(r: &mut impl Read, out: &mut Vec<u8>) {
+    let mut byte = [0u8; 1];
+    while !out.contains(&b'\n') && out.len() < 4096 {
+        match r.read(&mut byte) {
+            Ok(1) => out.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {

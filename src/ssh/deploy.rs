@@ -29,8 +29,9 @@ v="/var/tmp/blocksync-$(id -u)""#;
 
 /// Finds a blocksync on the remote and runs it in server mode: `-S` path ($3), else one
 /// on the PATH, else our copy named by its hash ($1) if it still has that hash; otherwise
-/// asks for a deploy. With `-s` ($2), a copy runs through the root step ($4).
-const LAUNCHER_BODY: &str = r##"x=
+/// asks for a deploy, then with $5 = 1 waits until its input ends (its session carries
+/// the run's shared login meanwhile). With `-s` ($2), a copy runs through the root step ($4).
+const LAUNCHER_BODY: &str = r##"x= k="$5"
 if [ -n "$3" ]; then b="$3"
 elif command -v blocksync >/dev/null 2>&1; then b=blocksync
 else
@@ -42,7 +43,7 @@ else
     if [ -z "$s" ] || [ "$s" = "$1" ]; then b="$f"; break; fi
     t="stale "
   done
-  [ -n "$b" ] || { echo "#BSDEPLOY $t$(uname -sm)"; exit 0; }
+  [ -n "$b" ] || { echo "#BSDEPLOY $t$(uname -sm)"; [ "$k" != 1 ] || read -r _; exit 0; }
   x=1
 fi
 if [ "$2" != 1 ]; then
@@ -52,7 +53,7 @@ fi
 [ -n "$x" ] || exec sudo -n "$b" --server
 sudo -n /bin/sh -c "$4" blocksync-root "$1" "$b"
 e=$?
-[ $e != 97 ] || echo "#BSDEPLOY stale $(uname -sm)"
+[ $e != 97 ] || { echo "#BSDEPLOY stale $(uname -sm)"; [ "$k" != 1 ] || read -r _; }
 [ $e != 98 ] || echo "#BSNOHASH"
 exit $e"##;
 
@@ -213,14 +214,20 @@ fn installer_verdict(host: &str, out: &str, stderr: &str) -> Result<Vec<String>>
 impl SshOptions {
     /// Copies this binary to `host` as `blocksync-ID` in a private directory; returns
     /// notes for the user (where it went, when not where expected).
-    pub(super) fn deploy_to(&self, host: &str, id: &str, exe: &[u8]) -> Result<Vec<String>> {
+    pub(super) fn deploy_to(
+        &self,
+        host: &str,
+        id: &str,
+        exe: &[u8],
+        role: &super::share::Role,
+    ) -> Result<Vec<String>> {
         let install = format!(
             "sh -c {} blocksync {} {}",
             quote(&installer()),
             id,
             exe.len()
         );
-        let (mut child, stderr) = self.spawn(host, &install, Stdio::piped())?;
+        let (mut child, stderr) = self.spawn(host, &install, role, Stdio::piped())?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let reader = std::thread::spawn(move || {

@@ -24,8 +24,8 @@ use crate::io::pool::Slice;
 pub use crate::wire::data::Data;
 pub use crate::wire::handshake::{
     FLAG_DISCARD, FLAG_DROP_CACHE, FLAG_DRY_RUN, FLAG_FORCE_MOUNTED, FLAG_KEEP_UNREADABLE,
-    FLAG_LEVEL_FIXED, FLAG_NO_READ, FLAG_NO_SPARSE, FLAG_TRACK_ID, FLAG_UNCHECKED, FLAG_VERIFY,
-    GREETING, Go, Hello, MAX_STREAMS, MAX_VERSIONS, Reply, Role, RunPart, VERSION,
+    FLAG_LEVEL_FIXED, FLAG_NO_READ, FLAG_NO_SPARSE, FLAG_STREAM, FLAG_TRACK_ID, FLAG_UNCHECKED,
+    FLAG_VERIFY, GREETING, Go, Hello, MAX_STREAMS, MAX_VERSIONS, Reply, Role, RunPart, VERSION,
 };
 pub use crate::wire::stream::{
     ReadError, read_frame, read_frame_with, write_frame, write_raw_frame,

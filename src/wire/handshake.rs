@@ -39,6 +39,9 @@ pub const FLAG_UNCHECKED: u32 = 512;
 /// Hello flag: the compression level was asked for: a source server compresses every
 /// block at it (no adaptive skipping).
 pub const FLAG_LEVEL_FIXED: u32 = 1024;
+/// The source is a stream (standard input): the go's size is an upper bound, and the
+/// source finishes at the stream's length.
+pub const FLAG_STREAM: u32 = 2048;
 
 /// Which half the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -73,9 +73,11 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPermitRootLogin yes\n\
              PasswordAuthentication {pw}\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             LogLevel ERROR\nMatch User root\n  SetEnv XDG_CACHE_HOME={d}/cache XDG_STATE_HOME={d}/state\n",
+             LogLevel {level}\nMatch User root\n  SetEnv XDG_CACHE_HOME={d}/cache XDG_STATE_HOME={d}/state\n",
             d = d.display(),
-            pw = if passwords { "yes" } else { "no" }
+            pw = if passwords { "yes" } else { "no" },
+            // With passwords, the log says each login ("Accepted password for").
+            level = if passwords { "INFO" } else { "ERROR" }
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
         let client = format!(

@@ -101,7 +101,7 @@ pub(super) fn changed_ranges(
     mine: Option<&[BlockInfo]>,
 ) -> Changes {
     let block = config.layout.block as usize;
-    let (offset, len) = config.layout.chunk_at(chunk.index);
+    let (offset, len) = config.chunk_at(chunk.index);
     let ahead = mine.or_else(|| config.precomputed.as_ref().and_then(|p| p.get(offset)));
     let mine = |r: &Range<usize>| -> &[u8] {
         &chunk
@@ -212,6 +212,7 @@ mod tests {
             end: size,
             block: 4,
             chunk: 16,
+            open_end: false,
         };
         Config::build(layout, &Default::default())
     }

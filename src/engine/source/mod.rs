@@ -146,7 +146,11 @@ pub fn run(
         drop(chunk_rx);
         let end = match &outcome {
             Ok(()) => ToDest::Finish {
-                size: layout.size,
+                size: config
+                    .stream
+                    .as_ref()
+                    .and_then(|s| s.end())
+                    .unwrap_or(layout.size),
                 counts: counts_since(counts(stats), before),
             },
             Err(e) => ToDest::Abort {
@@ -219,6 +223,15 @@ impl Pass<'_> {
             let chunk = self.next_chunk(index)?;
             self.unreadable(&chunk)?;
             self.one_chunk(chunk)?;
+            if let Some(stream) = &self.config.stream {
+                let (offset, len) = layout.chunk_at(index);
+                if stream.end().is_some_and(|e| e < offset + len as u64) {
+                    break; // it ended in this chunk
+                }
+                if stream.is_longer() {
+                    return Err(read::stream_too_long(self.src, layout.size));
+                }
+            }
         }
         self.refiner.drain()
     }
@@ -301,7 +314,7 @@ impl Pass<'_> {
     /// Compares one chunk and sends what changed (or, in the verify pass, reports it).
     fn one_chunk(&mut self, mut chunk: Chunk) -> Result<()> {
         let (config, stats) = (self.config, self.stats);
-        let (offset, len) = config.layout.chunk_at(chunk.index);
+        let (offset, len) = config.chunk_at(chunk.index);
         let theirs = self.their_report(&chunk)?;
         match (config.verify_pass, config.compare, &theirs) {
             (true, _, ToSource::Verify { blocks, .. }) => {
@@ -373,7 +386,7 @@ impl Pass<'_> {
             ToSource::Digests { blocks, .. } => matches!(blocks.get(j), Some(BlockInfo::Digest(_))),
             _ => false,
         };
-        let (offset, len) = config.layout.chunk_at(chunk.index);
+        let (offset, len) = config.chunk_at(chunk.index);
         let ahead = config.precomputed.as_ref().and_then(|p| p.get(offset));
         Some(match (chunk.infos.take(), ahead, &chunk.data) {
             (Some(hashed), _, _) => hashed, // by the reader

@@ -49,7 +49,12 @@ impl<'a> Readers<'a> {
             pool: Pool::new(config.buffers, config.layout.chunk as usize),
             stop: AtomicBool::new(false),
             next: AtomicU64::new(0),
-            threads: if cached { 2 } else { 1 },
+            // A stream is read in order by one thread.
+            threads: if cached && config.stream.is_none() {
+                2
+            } else {
+                1
+            },
             hash: match config.compare {
                 Compare::Digest(k) if cached => Some(k),
                 _ => None,
@@ -91,6 +96,14 @@ impl<'a> Readers<'a> {
             if out.send(item).is_err() || failed {
                 return;
             }
+            if let Some(stream) = &self.config.stream {
+                if stream.end().is_some() {
+                    return; // nothing follows the end
+                }
+                if index + 1 == layout.chunks() && more_in(self.src) {
+                    stream.went_on();
+                }
+            }
         }
     }
 }
@@ -119,10 +132,11 @@ impl ReadThread<'_> {
             Stats::add(&r.stats.blocks_hole, holes.unwrap_or(0));
             return Some(Ok(Chunk::unread(index, zeros)));
         }
-        // Blocks wholly in holes are zero without reading them.
+        // Blocks wholly in holes are zero without reading them (a stream has none).
         let data_ranges = self
             .extents
             .as_mut()
+            .filter(|_| r.config.stream.is_none())
             .map(|e| e.data_in(offset..offset + len as u64));
         let zeros = match &data_ranges {
             Some(d) => target::hole_blocks(d, offset, len, layout.block),
@@ -168,6 +182,12 @@ impl ReadThread<'_> {
         let (offset, len) = config.layout.chunk_at(index);
         let mut bad = Vec::new();
         let n = match self.read_blocks(offset, &mut data, &mut zeros, ranges, &mut bad) {
+            Ok(n) if config.stream.is_some() => {
+                // The stream may have ended in this chunk: only what it held.
+                data.truncate(n as usize);
+                zeros.truncate((n as usize).div_ceil(config.layout.block as usize));
+                n
+            }
             Ok(n) => n,
             Err(e) => {
                 if !config.verify_pass {
@@ -207,6 +227,9 @@ impl ReadThread<'_> {
     ) -> Result<u64> {
         let src = self.readers.src;
         let block = self.readers.config.layout.block as usize;
+        if let Some(stream) = &self.readers.config.stream {
+            return read_stream(src, stream, (offset, block), data, zeros);
+        }
         let holes = zeros.to_vec();
         let fail = |at: u64, e: &std::io::Error| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => shrank(src, at),
@@ -239,6 +262,59 @@ impl ReadThread<'_> {
         }
         Ok(read)
     }
+}
+
+/// Reads a stream's next `data.len()` bytes (the chunk at `offset`) and marks its zero
+/// blocks; at the stream's end, records its length. Returns the bytes read.
+fn read_stream(
+    src: &Target,
+    stream: &crate::engine::StreamEnd,
+    (offset, block): (u64, usize),
+    data: &mut [u8],
+    zeros: &mut [bool],
+) -> Result<u64> {
+    use std::io::Read;
+    let mut got = 0;
+    while got < data.len() {
+        match (&src.file).read(&mut data[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_error(src, offset + got as u64, &e)),
+        }
+    }
+    if got < data.len() {
+        stream.ended_at(offset + got as u64);
+    }
+    for (k, z) in zeros.iter_mut().enumerate() {
+        let r = (k * block).min(got)..((k + 1) * block).min(got);
+        *z = target::is_zero(&data[r]);
+    }
+    Ok(got as u64)
+}
+
+/// Whether a stream holds more bytes (one is read: only asked once the layout is done).
+fn more_in(src: &Target) -> bool {
+    use std::io::Read;
+    let mut one = [0u8; 1];
+    loop {
+        match (&src.file).read(&mut one) {
+            Ok(n) => return n > 0,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The error of a stream longer than the device it is synced onto.
+pub(super) fn stream_too_long(src: &Target, size: u64) -> Error {
+    Error::new(
+        Kind::TooSmall,
+        format!(
+            "{} holds more than the destination's {size} bytes: those were synced and flushed, the rest of the stream was not; give a larger destination",
+            src.path.display()
+        ),
+    )
 }
 
 /// The unreadable areas met so far, for `--max-errors`: a range continuing the previous

@@ -141,6 +141,7 @@ mod tests {
             end: 14,
             block: 4,
             chunk: 16,
+            open_end: false,
         };
         let old = |b: u8| BlockInfo::Digest(kind.block_digest(&[b; 4]));
         let mut changes = Changes::default();

@@ -25,6 +25,7 @@ fn layout() -> Layout {
         end: SIZE as u64,
         block: BLOCK as u64,
         chunk: SIZE as u64,
+        open_end: false,
     }
 }
 
