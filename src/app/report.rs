@@ -167,20 +167,26 @@ impl Reporter {
             };
         let json = self.progress == ProgressMode::Json;
         let thread = if bar_wanted {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            bar.set_style(
-                // The bar takes what the terminal's width leaves: it never wraps.
-                ProgressStyle::with_template(
+            // A stream's size is known at its end (total 0): no bar, no ETA.
+            let (length, template) = match total {
+                0 => (None, "{spinner} {bytes} {bytes_per_sec} {wide_msg}"),
+                _ => (
+                    Some(total),
+                    // The bar takes what the terminal's width leaves: it never wraps.
                     "{wide_bar:.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-                )
-                .expect("template is valid")
-                .progress_chars("=> "),
+                ),
+            };
+            let bar = ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("template is valid")
+                    .progress_chars("=> "),
             );
             let stop = stop.clone();
             Some(std::thread::spawn(move || {
                 loop {
                     let done = stop.load(Ordering::Relaxed);
-                    bar.set_position(Stats::get(&stats.done));
+                    bar.set_position(stats.progress());
                     bar.set_message(format!(
                         "changed {}, written {}",
                         Stats::get(&stats.blocks_changed),
@@ -205,7 +211,7 @@ impl Reporter {
                         continue;
                     }
                     next += interval;
-                    let done = Stats::get(&stats.done);
+                    let done = stats.progress();
                     let secs = start.elapsed().as_secs_f64();
                     let pct = if total == 0 {
                         100.0
@@ -216,6 +222,7 @@ impl Reporter {
                     if json {
                         let v = serde_json::json!({
                             "phase": "sync",
+                            "elapsed_seconds": secs,
                             "done": done,
                             "total": total,
                             "rate_bytes_per_second": rate as u64,
@@ -226,10 +233,13 @@ impl Reporter {
                         });
                         eprintln!("{v}");
                     } else {
+                        let of = match total {
+                            0 => " so far".to_string(), // a stream
+                            _ => format!(" / {} ({pct:.1}%)", human(total)),
+                        };
                         eprintln!(
-                            "blocksync: {} / {} ({pct:.1}%), {}/s, {} changed blocks, {} written",
+                            "blocksync: {}{of}, {}/s, {} changed blocks, {} written",
                             human(done),
-                            human(total),
                             human(rate as u64),
                             Stats::get(&stats.blocks_changed),
                             human(Stats::get(&stats.written).max(Stats::get(&stats.data_sent)))

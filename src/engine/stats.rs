@@ -93,6 +93,10 @@ pub struct Stats {
     pub digests_received: AtomicU64,
     /// Source bytes compared so far (progress).
     pub done: AtomicU64,
+    /// Block data the compare has sent on that is not yet on the wire (a push) or taken
+    /// by the writer (a local run): the progress stays behind by it, so that rate and
+    /// ETA tell what crossed, also under `--bwlimit`.
+    pub in_flight: AtomicU64,
     /// Bytes compared at full strength by `--verify`.
     pub verified: AtomicU64,
     /// Unreadable, mismatched and changed ranges.
@@ -111,6 +115,20 @@ impl Stats {
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes `n` from a counter, stopping at zero (the halves of a run on two machines
+    /// count their own parts).
+    pub(crate) fn take(counter: &AtomicU64, n: u64) {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
+    }
+
+    /// Source bytes done as the progress shows them: compared, and what changed in
+    /// them sent on or written.
+    pub fn progress(&self) -> u64 {
+        Self::get(&self.done).saturating_sub(Self::get(&self.in_flight))
     }
 
     /// Records a finding.

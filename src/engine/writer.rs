@@ -406,7 +406,10 @@ pub(super) fn write_dest(
             Err(TryRecvError::Disconnected) => Err(()),
         };
         match msg {
-            Ok(ToDest::Write { offset, data }) => w.change(Op::Write(offset, data))?,
+            Ok(ToDest::Write { offset, data }) => {
+                Stats::take(&stats.in_flight, data.len() as u64);
+                w.change(Op::Write(offset, data))?
+            }
             Ok(ToDest::Zero { offset, len }) => w.change(Op::Zero(offset, len))?,
             Ok(ToDest::Check { offset, len }) => {
                 let pieces = w.pieces(offset, len, len)?;

@@ -152,6 +152,9 @@ pub fn send_to_dest(
                 std::thread::sleep(wait);
             }
         }
+        if let ToDest::Write { data, .. } = &msg {
+            Stats::take(&stats.in_flight, data.len() as u64);
+        }
         // A written block is packed for the link; everything else crosses as it is.
         let packed = msg.try_map(|data| -> Result<Data> {
             let q = queued();

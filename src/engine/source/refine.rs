@@ -60,6 +60,9 @@ impl<'a> Refiner<'a> {
     }
 
     pub(super) fn send(&self, msg: ToDest) -> Result<()> {
+        if let ToDest::Write { data, .. } = &msg {
+            Stats::add(&self.stats.in_flight, data.len() as u64);
+        }
         self.to_dest.send(msg).map_err(|_| why_gone(self.from_dest))
     }
 
