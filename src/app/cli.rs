@@ -10,6 +10,8 @@ Operands:
   --pull DST HOST SRC  blocksync.py pull: local destination first, remote source last
   A word with a colon before any slash is host:path. In a two-operand call, a second word
   with neither '/' nor ':' could be a host or a file: blocksync refuses and names both.
+  SRC '-' reads standard input once (a stream: its size is known at its end; a file DST is
+  cut to it, a device keeps what lies past it; no -w, --verify or --digest-file).
 
 The last good copy (see --journal, --keep-versions):
   blocksync rollback [OPTIONS] [HOST:]DST put DST back as it was before its unfinished run
@@ -35,6 +37,7 @@ Examples:
   blocksync --verify vm.img backup:/srv/vm.img sync, then compare both sides in full
   blocksync --bad-blocks sda.map /dev/sda /dev/sdb   rescue a failing disk, map what was lost
   blocksync --digest-file vm.digests vm.img backup:/srv/vm.img   nightly: backup not read
+  xzcat disk.img.xz | blocksync - /dev/sdb    restore a stream, writing only what differs
 ";
 
 /// The text after the options in `--help`: operands, examples, and the exit codes from

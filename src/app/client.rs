@@ -285,29 +285,58 @@ fn prepare_digests(
     Ok(Some(u))
 }
 
+/// This machine's side, opened and checked before any ssh connection (none for a source
+/// that does not exist).
+fn open_here(settings: &Settings, reporter: &Reporter, to: &Remote) -> Result<Here> {
+    if to.push {
+        let src = match settings.stream_source() {
+            true => target::open_stdin()?,
+            false => target::open_source(to.local)?,
+        };
+        note_busy_source(reporter, &src);
+        return Ok(Here::Source(src));
+    }
+    let probe = target::probe_destination(to.local)?;
+    // A new file is written under a temporary name (see io::partial).
+    Ok(Here::Dest(if !settings.dry_run {
+        crate::io::partial::as_partial(probe)?
+    } else {
+        probe
+    }))
+}
+
+/// What the user hears of the started streams: notes, and with -v how they were reached
+/// and what the server replied.
+fn tell_connected(reporter: &Reporter, streams: &[Stream], host: &str) {
+    for note in streams.iter().flat_map(|s| &s.conn.notes) {
+        reporter.note(note);
+    }
+    for d in streams.iter().flat_map(|s| &s.conn.details) {
+        reporter.detail(1, d);
+    }
+    let reply = streams[0].reply;
+    reporter.detail(
+        2,
+        &format!(
+            "{host}: replied: {} ({} bytes), undo journal decision {}",
+            match reply.kind {
+                0 => "no such file yet",
+                1 => "a file",
+                _ => "a block device",
+            },
+            reply.size,
+            reply.journal
+        ),
+    );
+}
+
 /// Runs a sync between this machine and `to`.
 pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Result<()> {
     let remote = settings
         .remote
         .as_ref()
         .expect("a remote run has ssh settings");
-    // Local checks first: no ssh connection for a source that does not exist.
-    let here = if to.push {
-        let src = match settings.stream_source() {
-            true => target::open_stdin()?,
-            false => target::open_source(to.local)?,
-        };
-        note_busy_source(reporter, &src);
-        Here::Source(src)
-    } else {
-        let probe = target::probe_destination(to.local)?;
-        // A new file is written under a temporary name (see io::partial).
-        Here::Dest(if !settings.dry_run {
-            crate::io::partial::as_partial(probe)?
-        } else {
-            probe
-        })
-    };
+    let here = open_here(settings, reporter, to)?;
     // One run at a time: a pulled-to destination is locked before any check.
     let _held = match here.probe() {
         Some(p) => target::hold(p, target::Claim::whole(!settings.dry_run))?,
@@ -319,27 +348,8 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let connected = connect_all(settings, &remote.ssh, to.host, &hello);
     let mut precomputed = prehash.map(|(p, assumed)| (p.finish(), assumed));
     let mut streams = connected.map_err(|e| colon_hint(e, to))?;
-    for note in streams.iter().flat_map(|s| &s.conn.notes) {
-        reporter.note(note);
-    }
-    for d in streams.iter().flat_map(|s| &s.conn.details) {
-        reporter.detail(1, d);
-    }
+    tell_connected(reporter, &streams, to.host);
     let reply = streams[0].reply;
-    reporter.detail(
-        2,
-        &format!(
-            "{}: replied: {} ({} bytes), undo journal decision {}",
-            to.host,
-            match reply.kind {
-                0 => "no such file yet",
-                1 => "a file",
-                _ => "a block device",
-            },
-            reply.size,
-            reply.journal
-        ),
-    );
     let size = here.source().map_or(reply.size, |s| s.size);
     // Everything until the go may still refuse: then no stream writes anything.
     let prepared = (|| {

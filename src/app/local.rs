@@ -82,31 +82,7 @@ pub(crate) fn run(
     config.stream = stream.then(Default::default);
     config.journal = journal;
     config.rename_to = probe.final_path.clone();
-    let cached = match (&dest, &settings.digest) {
-        (Some(d), Some(opts)) => {
-            let state = trust::DestState {
-                label: std::fs::canonicalize(dst_path)
-                    .unwrap_or_else(|_| dst_path.to_path_buf())
-                    .display()
-                    .to_string(),
-                size: probe.existing.map_or(0, |e| e.size),
-                size_after: match d.kind {
-                    TargetKind::File => src.size,
-                    TargetKind::BlockDevice => d.size,
-                },
-                sync_id: syncid::load(d),
-            };
-            Some(trust::prepare(
-                opts,
-                settings.hash,
-                settings.block,
-                src.size,
-                &state,
-                1,
-            )?)
-        }
-        _ => None,
-    };
+    let cached = prepare_cache(settings, dst_path, &probe, dest.as_ref(), src.size)?;
     if let Some(u) = &cached {
         config.cache = Some(u.cache.clone());
         config.track = (!settings.dry_run).then_some(u.new_id);
@@ -153,6 +129,41 @@ pub(crate) fn stream_layout(dest: Option<(TargetKind, u64)>, block: u64) -> Layo
 /// How long a stream onto a file may be: far past any disk (1 EiB), a multiple of every
 /// chunk size.
 const STREAM_BOUND: u64 = 1 << 60;
+
+/// With `--digest-file`: whether the file may stand in for reading the destination.
+fn prepare_cache(
+    settings: &Settings,
+    dst_path: &Path,
+    probe: &DestProbe,
+    dest: Option<&Target>,
+    src_size: u64,
+) -> Result<Option<trust::Use>> {
+    Ok(match (dest, &settings.digest) {
+        (Some(d), Some(opts)) => {
+            let state = trust::DestState {
+                label: std::fs::canonicalize(dst_path)
+                    .unwrap_or_else(|_| dst_path.to_path_buf())
+                    .display()
+                    .to_string(),
+                size: probe.existing.map_or(0, |e| e.size),
+                size_after: match d.kind {
+                    TargetKind::File => src_size,
+                    TargetKind::BlockDevice => d.size,
+                },
+                sync_id: syncid::load(d),
+            };
+            Some(trust::prepare(
+                opts,
+                settings.hash,
+                settings.block,
+                src_size,
+                &state,
+                1,
+            )?)
+        }
+        _ => None,
+    })
+}
 
 /// Warns when the source device is in use: blocks changing under the sync make a
 /// copy that matches no moment of the source.

@@ -152,21 +152,7 @@ impl Settings {
     /// Checks every option and operand.
     pub fn resolve(args: &Args) -> Result<Settings> {
         let command = Command::of(args);
-        let pair = match (command.name(), args.operands.as_slice()) {
-            (Some(_), [dst]) => Pair {
-                source: Endpoint::Local(PathBuf::new()),
-                destination: endpoint::modern(dst).map_err(usage)?,
-            },
-            (Some(name), _) => {
-                return Err(usage(format!("{name} takes one operand: DST or HOST:DST")));
-            }
-            (None, [_, .., last]) if last == target::STDIN => {
-                return Err(usage(
-                    "the destination cannot be - (standard output): blocksync writes a file or device in place; give its path",
-                ));
-            }
-            (None, ops) => endpoint::parse_operands(ops, args.pull).map_err(usage)?,
-        };
+        let pair = operands(args, &command)?;
         if let Some(k) = args
             .keep_versions
             .filter(|&k| k > crate::wire::frame::MAX_VERSIONS)
@@ -296,6 +282,25 @@ impl Settings {
             verify: self.verify.then(|| VerifyLog::new(self.hash)),
         }
     }
+}
+
+/// The operands as endpoints (the commands take one, a sync two or three).
+fn operands(args: &Args, command: &Command) -> Result<Pair> {
+    Ok(match (command.name(), args.operands.as_slice()) {
+        (Some(_), [dst]) => Pair {
+            source: Endpoint::Local(PathBuf::new()),
+            destination: endpoint::modern(dst).map_err(usage)?,
+        },
+        (Some(name), _) => {
+            return Err(usage(format!("{name} takes one operand: DST or HOST:DST")));
+        }
+        (None, [_, .., last]) if last == target::STDIN && !args.pull => {
+            return Err(usage(
+                "the destination cannot be - (standard output): blocksync writes a file or device in place; give its path",
+            ));
+        }
+        (None, ops) => endpoint::parse_operands(ops, args.pull).map_err(usage)?,
+    })
 }
 
 fn is_stdin(e: &Endpoint) -> bool {

@@ -228,10 +228,11 @@ impl Pass<'_> {
                 if stream.end().is_some_and(|e| e < offset + len as u64) {
                     break; // it ended in this chunk
                 }
-                if stream.is_longer() {
-                    return Err(read::stream_too_long(self.src, layout.size));
-                }
             }
+        }
+        if self.config.stream.as_ref().is_some_and(|s| s.is_longer()) {
+            // Set by the reader before it sent the last chunk.
+            return Err(read::stream_too_long(self.src, layout.size));
         }
         self.refiner.drain()
     }

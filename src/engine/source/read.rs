@@ -93,16 +93,18 @@ impl<'a> Readers<'a> {
                 return; // stopped while waiting for a buffer
             };
             let failed = item.is_err();
-            if out.send(item).is_err() || failed {
-                return;
-            }
-            if let Some(stream) = &self.config.stream {
-                if stream.end().is_some() {
-                    return; // nothing follows the end
-                }
+            let stream = self.config.stream.as_ref();
+            if let Some(stream) = stream.filter(|s| s.end().is_none()) {
+                // Known before the last chunk goes, so the compare sees it with it.
                 if index + 1 == layout.chunks() && more_in(self.src) {
                     stream.went_on();
                 }
+            }
+            if out.send(item).is_err() || failed {
+                return;
+            }
+            if stream.is_some_and(|s| s.end().is_some()) {
+                return; // nothing follows the end
             }
         }
     }
