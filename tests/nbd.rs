@@ -195,6 +195,45 @@ fn a_dirty_bitmap_marks_only_what_was_written() {
     assert!(e.message.contains("no dirty bitmap \"nope\""), "{e}");
 }
 
+/// The dirty extents of bitmap `name` of `img`, through a read-only qemu-nbd.
+fn dirty_extents(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let q = serve(img, |o| {
+        o.read_only = true;
+        o.bitmap = Some(name.into());
+    });
+    let bitmap = Context::DirtyBitmap(name.into());
+    let mut c = connect(&q.uri(), vec![bitmap.clone()]);
+    let dirty = c
+        .block_status(0, c.size(), &bitmap)
+        .unwrap()
+        .iter()
+        .filter(|e| e.is_dirty())
+        .map(|e| (e.offset, e.length))
+        .collect();
+    c.close().unwrap();
+    dirty
+}
+
+#[test]
+fn writes_through_qemu_nbd_reach_the_bitmap_and_leave_it_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qcow2(dir.path(), "16M");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    let q = serve(&img, |_| {});
+    let mut c = connect(&q.uri(), vec![]);
+    c.write_at(2 * MIB, &pattern(64 << 10, 8)).unwrap();
+    c.flush().unwrap();
+    c.close().unwrap();
+    drop(q);
+    // Stopped cleanly, qemu-nbd stored the bitmap: a killed one leaves it "in-use".
+    let info = qemu_img(&["info", "--output=json", s(&img)]);
+    assert!(
+        info.contains("\"b0\"") && !info.contains("in-use"),
+        "{info}"
+    );
+    assert_eq!(dirty_extents(&img, "b0"), vec![(2 * MIB, 64 << 10)]);
+}
+
 /// Writes a pattern over 4 MiB, then zeroes the first MiB keeping it allocated, the
 /// second punching it, and trims the third: all three read as zeroes after.
 fn zeroes_and_trim_take_effect(c: &mut Client) {

@@ -246,6 +246,8 @@ impl Conn {
             let why = format!("{}: sending a request failed: {}", self.who, os_text(&e));
             self.shared.fail(Kind::Io, why);
             self.stream.shutdown();
+            self.in_flight.remove(&handle);
+            self.bytes -= read_len;
             // The reader may know better why (the server's last words).
             return Err(self.broken().unwrap_or_else(|| Error::new(Kind::Io, "")));
         }

@@ -1,10 +1,12 @@
 //! `qemu-nbd` serving one image file on a unix socket in a private directory, so an
 //! image in any format qemu opens (qcow2, vmdk, vhdx, raw...) is read and written as
 //! the disk the guest sees. The server lives as long as the [`QemuNbd`] value: dropping
-//! it kills and reaps the process and removes the directory.
+//! it stops the process (cleanly, so the image and its bitmaps are
+//! closed as they should be), reaps it and removes the directory.
 
 use crate::error::{Error, Kind, Result, os_text, peer_text};
 use crate::io::nbd::uri::Uri;
+use crate::io::nbd::wire;
 use std::ffi::{OsStr, OsString};
 use std::fs::{DirBuilder, File};
 use std::io::Read;
@@ -55,6 +57,8 @@ pub struct QemuNbd {
 /// How long qemu-nbd may take to open the image and listen (a loaded machine, a large
 /// image to check).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long qemu-nbd may take to close the image when asked to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes of qemu-nbd's stderr put in an error.
 const MAX_LOG: u64 = 64 * 1024;
 
@@ -90,7 +94,7 @@ fn private_dir() -> std::io::Result<PathBuf> {
 }
 
 impl QemuNbd {
-    /// Starts qemu-nbd for `o.image` and waits until its socket accepts connections.
+    /// Starts qemu-nbd for `o.image` and waits until it serves it.
     pub fn start(o: &QemuOptions) -> Result<QemuNbd> {
         let path = std::env::var_os("PATH")
             .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"));
@@ -121,7 +125,7 @@ impl QemuNbd {
         Ok(q)
     }
 
-    /// Polls until the socket accepts, qemu-nbd exits, or the deadline passes.
+    /// Polls until qemu-nbd greets on its socket, exits, or the deadline passes.
     fn wait_listening(&mut self, o: &QemuOptions) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let image = o.image.display();
@@ -135,7 +139,7 @@ impl QemuNbd {
                     ),
                 ));
             }
-            if UnixStream::connect(&self.socket).is_ok() {
+            if self.greets() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -150,6 +154,18 @@ impl QemuNbd {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether qemu-nbd sends its greeting: it listens before it opens the image, but
+    /// greets only once the image is open.
+    fn greets(&self) -> bool {
+        let Ok(mut s) = UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let mut magic = [0u8; 8];
+        s.set_read_timeout(Some(Duration::from_secs(1))).is_ok()
+            && s.read_exact(&mut magic).is_ok()
+            && u64::from_be_bytes(magic) == wire::NBDMAGIC
     }
 
     /// What qemu-nbd wrote to stderr, bounded and made harmless.
@@ -200,8 +216,18 @@ fn args(o: &QemuOptions, socket: &Path) -> Vec<OsString> {
 }
 
 impl Drop for QemuNbd {
+    /// Asks qemu-nbd to stop (SIGTERM), so it closes the image cleanly: its qcow2
+    /// metadata written and its persistent dirty bitmaps stored and no longer marked in
+    /// use (a killed qemu-nbd leaves them unusable). Killed only if it does not exit in
+    /// time.
     fn drop(&mut self) {
-        // Best effort: it may have exited already.
+        let pid = rustix::process::Pid::from_child(&self.child);
+        // Best effort throughout: it may have exited already.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
