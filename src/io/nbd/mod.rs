@@ -11,7 +11,7 @@
 //! capped at 64 KiB, no allocation is sized from peer data without a cap, and anything
 //! unexpected (a wrong magic, handle or chunk type) is a protocol error, never a panic.
 //! The protocol subset blocksync needs is small: the fixed newstyle handshake,
-//! structured replies, `base:allocation` and `qemu:dirty-bitmap:NAME`, and eight
+//! structured replies, `base:allocation` and `qemu:dirty-bitmap:NAME`, and seven
 //! commands.
 //!
 //! Use: [`Client::connect`] with a [`Uri`] and [`Options`]; then [`Client::read_at`],
