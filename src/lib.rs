@@ -34,6 +34,10 @@ pub mod testing {
     pub use crate::engine::{CHUNK_TARGET, Layout, Stats};
     pub use crate::error::exit_codes;
     pub use crate::hash::{BlockInfo, HashKind};
+    pub use crate::io::nbd::{
+        Address, BlockSizes, Client, Context, Extent, Flags, Handle, MAX_PAYLOAD, Options, QemuNbd,
+        QemuOptions, Uri, qemu_nbd_in,
+    };
     pub use crate::io::pool::{Recycler, Slice};
     pub use crate::size::{MAX_BLOCK, MIN_BLOCK};
     pub use crate::ssh::deploy::{ROOT_STEP, STALE_EXIT, hash_hex, sudoers_rule};

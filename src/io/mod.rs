@@ -4,6 +4,7 @@
 
 pub(crate) mod codec;
 pub(crate) mod lock;
+pub(crate) mod nbd;
 pub(crate) mod outfile;
 pub(crate) mod partial;
 pub(crate) mod policy;
