@@ -12,7 +12,7 @@ use super::undo::Undo;
 use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::trust;
 use crate::engine::prehash::{Precomputed, Prehash};
-use crate::engine::{CHUNK_TARGET, Compare, Config, Layout, RunOptions, Stats, StreamEnd};
+use crate::engine::{Compare, Config, Layout, RunOptions, Stats, StreamEnd};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Target, TargetKind};
 use crate::journal::{Decision, Plan};
@@ -386,7 +386,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
         .stream_source()
         .then(|| Arc::new(StreamEnd::default()));
     let whole = match stream {
-        Some(_) => super::local::stream_layout(existing, settings.block, CHUNK_TARGET),
+        Some(_) => super::local::stream_layout(existing, settings.block),
         None => Layout::new(size, settings.block),
     };
     reporter.detail(

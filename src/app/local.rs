@@ -7,7 +7,7 @@ use super::settings::Settings;
 use super::undo::Undo;
 use super::verdict::{Sides, conclude, seal_digests};
 use crate::digestfile::{syncid, trust};
-use crate::engine::{self, Compare, Config, LOCAL_CHUNK_TARGET, Layout, Stats};
+use crate::engine::{self, Compare, Config, Layout, Stats};
 use crate::error::{Error, Kind, Result};
 use crate::io::target::{self, Claim, DestProbe, Target, TargetKind};
 use std::path::Path;
@@ -75,12 +75,8 @@ pub(crate) fn run(
     let dest = open_dest_for_run(settings, &probe, target::copy_mode(&src))?;
 
     let layout = match (stream, &dest) {
-        (true, d) => stream_layout(
-            d.as_ref().map(|d| (d.kind, d.size)),
-            settings.block,
-            LOCAL_CHUNK_TARGET,
-        ),
-        (false, _) => Layout::with_chunks(src.size, settings.block, LOCAL_CHUNK_TARGET),
+        (true, d) => stream_layout(d.as_ref().map(|d| (d.kind, d.size)), settings.block),
+        (false, _) => Layout::new(src.size, settings.block),
     };
     let mut config = Config::build(layout, &settings.run_options(Compare::Bytes));
     config.stream = stream.then(Default::default);
@@ -123,10 +119,10 @@ pub(crate) fn run(
 
 /// The layout for a stream source onto a destination of `dest` (kind and size; `None`:
 /// a new file): a device's size bounds it, a file's growth does not.
-pub(crate) fn stream_layout(dest: Option<(TargetKind, u64)>, block: u64, chunk: u64) -> Layout {
+pub(crate) fn stream_layout(dest: Option<(TargetKind, u64)>, block: u64) -> Layout {
     match dest {
-        Some((TargetKind::BlockDevice, size)) => Layout::stream(size, block, chunk),
-        _ => Layout::stream(STREAM_BOUND, block, chunk),
+        Some((TargetKind::BlockDevice, size)) => Layout::stream(size, block),
+        _ => Layout::stream(STREAM_BOUND, block),
     }
 }
 

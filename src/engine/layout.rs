@@ -5,12 +5,6 @@
 /// and per-message costs vanish, small enough that a few of them bound memory.
 pub const CHUNK_TARGET: u64 = 4 << 20;
 
-/// Chunks of a sync with both halves in one process, comparing bytes: smaller, so each
-/// chunk is compared while the copy the kernel just made of it is still in the CPU's
-/// caches (bench: the warm local re-sync 0.82x the time with 4 MiB chunks; over ssh the
-/// larger chunk is faster, with fewer frames).
-pub const LOCAL_CHUNK_TARGET: u64 = 1 << 20;
-
 /// How the sync's byte range is cut into chunks and blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -32,13 +26,8 @@ pub struct Layout {
 impl Layout {
     /// A layout for all `size` bytes in blocks of `block` bytes.
     pub fn new(size: u64, block: u64) -> Self {
-        Self::with_chunks(size, block, CHUNK_TARGET)
-    }
-
-    /// [`Layout::new`] with chunks of about `target` bytes (whole blocks, at least one).
-    pub fn with_chunks(size: u64, block: u64, target: u64) -> Self {
         assert!(block > 0);
-        let per_chunk = (target / block).max(1);
+        let per_chunk = (CHUNK_TARGET / block).max(1);
         Layout {
             size,
             start: 0,
@@ -49,12 +38,11 @@ impl Layout {
         }
     }
 
-    /// A layout for a stream source of at most `bound` bytes, in chunks of about
-    /// `target` bytes.
-    pub fn stream(bound: u64, block: u64, target: u64) -> Self {
+    /// A layout for a stream source of at most `bound` bytes.
+    pub fn stream(bound: u64, block: u64) -> Self {
         Layout {
             open_end: true,
-            ..Layout::with_chunks(bound, block, target)
+            ..Layout::new(bound, block)
         }
     }
 

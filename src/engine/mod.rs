@@ -20,7 +20,7 @@ mod verifylog;
 mod writer;
 
 pub use config::{Compare, Config, RunOptions, Salvage, StreamEnd};
-pub use layout::{CHUNK_TARGET, LOCAL_CHUNK_TARGET, Layout};
+pub use layout::{CHUNK_TARGET, Layout};
 pub use stats::{Findings, Stats};
 pub use verifylog::VerifyLog;
 
