@@ -127,12 +127,7 @@ pub(super) fn hello_for(
         pause_ms: settings.pause.as_millis() as u64,
         source_size: src.map_or(0, |s| s.size),
         bwlimit: remote.bwlimit / settings.workers as u64,
-        // A stream cannot be read again for the pieces of a block.
-        refine: if settings.stream_source() {
-            0
-        } else {
-            settings.refine
-        },
+        refine: settings.refine,
         max_errors: settings.salvage.max_errors,
         source_mode: src.map_or(0, target::copy_mode),
         run: RunPart {
@@ -427,10 +422,7 @@ pub(crate) fn run(settings: &Settings, reporter: &Reporter, to: &Remote) -> Resu
     let progress = reporter.start_progress(size, stats.clone());
     let result = job.run_streams(streams);
     progress.finish();
-    let size = match &stream {
-        Some(s) => s.end().unwrap_or(Stats::get(&stats.source_read)),
-        None => size,
-    };
+    let size = stream.as_deref().map_or(size, |s| s.size(&stats));
     let result = seal_digests(cached, result, &stats);
     let (source, destination) = if to.push {
         (to.local_name(), to.remote_name())

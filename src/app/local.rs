@@ -21,7 +21,7 @@ pub(crate) fn run(
     src_path: &Path,
     dst_path: &Path,
 ) -> Result<()> {
-    let stream = src_path == Path::new(target::STDIN);
+    let stream = settings.stream_source();
     let src = if stream {
         target::open_stdin()?
     } else {
@@ -100,10 +100,10 @@ pub(crate) fn run(
     let progress = reporter.start_progress(src.size, stats.clone());
     let result = engine::sync_local(&src, dest.as_ref(), &config, &stats, &cancel);
     progress.finish();
-    let size = match &config.stream {
-        Some(s) => s.end().unwrap_or(Stats::get(&stats.source_read)),
-        None => src.size,
-    };
+    let size = config
+        .stream
+        .as_deref()
+        .map_or(src.size, |s| s.size(&stats));
     drop(config);
     let result = seal_digests(cached, result, &stats);
     let sides = Sides {

@@ -4,6 +4,7 @@ use super::Layout;
 use super::VerifyLog;
 use crate::hash::HashKind;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How the source half compares its blocks with the destination's.
@@ -91,16 +92,16 @@ pub struct Config {
 #[derive(Debug)]
 pub struct StreamEnd {
     /// The stream's length once its end was read (`u64::MAX` until then).
-    end: std::sync::atomic::AtomicU64,
+    end: AtomicU64,
     /// The stream went on past the layout's end (a device too small for it).
-    longer: std::sync::atomic::AtomicBool,
+    longer: AtomicBool,
 }
 
 impl Default for StreamEnd {
     fn default() -> Self {
         StreamEnd {
-            end: std::sync::atomic::AtomicU64::new(u64::MAX),
-            longer: std::sync::atomic::AtomicBool::new(false),
+            end: AtomicU64::new(u64::MAX),
+            longer: AtomicBool::new(false),
         }
     }
 }
@@ -108,23 +109,30 @@ impl Default for StreamEnd {
 impl StreamEnd {
     /// The stream's length, once its end has been read.
     pub fn end(&self) -> Option<u64> {
-        let e = self.end.load(std::sync::atomic::Ordering::SeqCst);
+        let e = self.end.load(Ordering::SeqCst);
         (e != u64::MAX).then_some(e)
+    }
+
+    /// The stream's size as far as the run got: its length, or what was read of it (a
+    /// run that stopped early, or one that filled a device).
+    pub fn size(&self, stats: &super::Stats) -> u64 {
+        self.end()
+            .unwrap_or_else(|| super::Stats::get(&stats.source_read))
     }
 
     /// The stream ended after `len` bytes.
     pub fn ended_at(&self, len: u64) {
-        self.end.store(len, std::sync::atomic::Ordering::SeqCst);
+        self.end.store(len, Ordering::SeqCst);
     }
 
     /// The stream holds more than the layout's end.
     pub fn went_on(&self) {
-        self.longer.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.longer.store(true, Ordering::SeqCst);
     }
 
     /// Whether it held more than the layout's end.
     pub fn is_longer(&self) -> bool {
-        self.longer.load(std::sync::atomic::Ordering::SeqCst)
+        self.longer.load(Ordering::SeqCst)
     }
 }
 

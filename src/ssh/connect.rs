@@ -202,111 +202,107 @@ impl SshOptions {
         let mut details = Vec::new();
         let mut role = self.role(host, false);
         // A probe that is the shared login's master stays until the connections after
-        // it are made through it (released when this returns).
-        let mut held: Option<Held> = None;
-        let result = (|| {
-            for attempt in 0..2 {
-                let launch = self.launch_words(&id, role.is_master());
+        // it are made through it (see [`Held`]).
+        let mut _held: Option<Held> = None;
+        for attempt in 0..2 {
+            let launch = self.launch_words(&id, role.is_master());
+            details.push(format!(
+                "ssh command: {}",
+                self.shown_command(host, &launch, &role)
+            ));
+            if let Role::Master(p) = &role {
                 details.push(format!(
-                    "ssh command: {}",
-                    self.shown_command(host, &launch, &role)
+                    "{host}: one login for this run's connections (ControlMaster {})",
+                    p.display()
                 ));
-                if let Role::Master(p) = &role {
-                    details.push(format!(
-                        "{host}: one login for this run's connections (ControlMaster {})",
-                        p.display()
-                    ));
+            }
+            let (mut child, stderr) = self.spawn(host, &launch, &role, Stdio::piped())?;
+            let writer = child.stdin.take().expect("piped");
+            let mut reader = child.stdout.take().expect("piped");
+            widen_pipe(&writer);
+            widen_pipe(&reader);
+            let mut head = [0u8; 8];
+            let got = read_up_to(&mut reader, &mut head);
+            if got == GREETING.len() && &head == GREETING {
+                let found = match (&self.remote_bin, attempt) {
+                    (Some(b), _) => format!("the blocksync given with -S ({b})"),
+                    (None, 0) => {
+                        "this binary's copy kept there, checked (sha256) and reused".into()
+                    }
+                    (None, _) => "this binary, copied there now and checked (sha256)".into(),
+                };
+                details.push(format!(
+                    "{host}: runs {found}; blocksync {} here, protocol {}, id {}",
+                    env!("CARGO_PKG_VERSION"),
+                    crate::wire::frame::VERSION,
+                    &id[..id.len().min(16)]
+                ));
+                // Watched from here on: before the greeting, ssh may be asking for a
+                // password or a host key, which takes as long as the user does.
+                let clock = self.timeout.map(Clock::new);
+                return Ok(Connection {
+                    child,
+                    writer: Watched::new(writer, clock.clone()),
+                    reader: Watched::new(reader, clock),
+                    stderr: stderr.text,
+                    host: host.to_string(),
+                    notes,
+                    details,
+                });
+            }
+            let mut out = head[..got].to_vec();
+            let holding = role.is_master() && attempt == 0;
+            if holding {
+                read_line(&mut reader, &mut out);
+            }
+            let (writer, status) = match out.starts_with(DEPLOY_MARK.as_bytes()) {
+                true if holding => (Some(writer), None),
+                _ => {
+                    // Not a server: nothing more goes to it. Closing its input first
+                    // lets a wrapper in -e that copies stdin (a rate limiter, say) end too.
+                    drop(writer);
+                    let _ = (&mut reader).take(4096).read_to_end(&mut out);
+                    (None, child.wait().ok())
                 }
-                let (mut child, stderr) = self.spawn(host, &launch, &role, Stdio::piped())?;
-                let writer = child.stdin.take().expect("piped");
-                let mut reader = child.stdout.take().expect("piped");
-                widen_pipe(&writer);
-                widen_pipe(&reader);
-                let mut head = [0u8; 8];
-                let got = read_up_to(&mut reader, &mut head);
-                if got == GREETING.len() && &head == GREETING {
-                    let found = match (&self.remote_bin, attempt) {
-                        (Some(b), _) => format!("the blocksync given with -S ({b})"),
-                        (None, 0) => {
-                            "this binary's copy kept there, checked (sha256) and reused".into()
-                        }
-                        (None, _) => "this binary, copied there now and checked (sha256)".into(),
-                    };
-                    details.push(format!(
-                        "{host}: runs {found}; blocksync {} here, protocol {}, id {}",
-                        env!("CARGO_PKG_VERSION"),
-                        crate::wire::frame::VERSION,
-                        &id[..id.len().min(16)]
-                    ));
-                    // Watched from here on: before the greeting, ssh may be asking for a
-                    // password or a host key, which takes as long as the user does.
-                    let clock = self.timeout.map(Clock::new);
-                    return Ok(Connection {
-                        child,
-                        writer: Watched::new(writer, clock.clone()),
-                        reader: Watched::new(reader, clock),
-                        stderr: stderr.text,
-                        host: host.to_string(),
-                        notes: std::mem::take(&mut notes),
-                        details: std::mem::take(&mut details),
+            };
+            let out = String::from_utf8_lossy(&out).to_string();
+            if let Some(mark) = out.strip_prefix(DEPLOY_MARK) {
+                if let Some(w) = writer {
+                    _held = Some(Held {
+                        child: Some(child),
+                        writer: Some(w),
                     });
                 }
-                let mut out = head[..got].to_vec();
-                let holding = role.is_master() && attempt == 0;
-                if holding {
-                    read_line(&mut reader, &mut out);
-                }
-                let text = String::from_utf8_lossy(&out).to_string();
-                let (writer, status) = match text.strip_prefix(DEPLOY_MARK) {
-                    Some(_) if holding => (Some(writer), None),
-                    _ => {
-                        // Not a server: nothing more goes to it. Closing its input first
-                        // lets a wrapper in -e that copies stdin (a rate limiter, say) end too.
-                        drop(writer);
-                        let _ = (&mut reader).take(4096).read_to_end(&mut out);
-                        (None, child.wait().ok())
-                    }
+                let (stale, platform) = match mark.trim().strip_prefix("stale ") {
+                    Some(p) => (true, p.trim()),
+                    None => (false, mark.trim()),
                 };
-                let out = String::from_utf8_lossy(&out).to_string();
-                if let Some(mark) = out.strip_prefix(DEPLOY_MARK) {
-                    if let Some(w) = writer {
-                        held = Some(Held { child, writer: w });
+                self.may_deploy(host, platform)?;
+                if attempt == 0 {
+                    if stale {
+                        notes.push(format!(
+                            "{host}: the copy of blocksync kept there is not this binary (changed or damaged since it was put there); copying it again"
+                        ));
                     }
-                    let (stale, platform) = match mark.trim().strip_prefix("stale ") {
-                        Some(p) => (true, p.trim()),
-                        None => (false, mark.trim()),
-                    };
-                    self.may_deploy(host, platform)?;
-                    if attempt == 0 {
-                        if stale {
-                            notes.push(format!(
-                                "{host}: the copy of blocksync kept there is not this binary (changed or damaged since it was put there); copying it again"
-                            ));
-                        }
-                        role = role.relayed();
-                        notes.extend(self.deploy_to(host, &id, &exe, &role)?);
-                        continue;
-                    }
+                    role = role.relayed();
+                    notes.extend(self.deploy_to(host, &id, &exe, &role)?);
+                    continue;
                 }
-                if out.trim() == NO_HASH_MARK {
-                    return Err(Error::new(
-                        Kind::Remote,
-                        format!(
-                            "sudo on {host}: root has no sha256sum to check the copy of blocksync it would run; install blocksync there and give -S"
-                        ),
-                    ));
-                }
-                return Err(start_failure(host, self, status, &stderr.settled(), &out));
             }
-            Err(Error::new(
-                Kind::Remote,
-                format!("{host}: the deployed blocksync did not start"),
-            ))
-        })();
-        if let Some(h) = held {
-            h.release();
+            if out.trim() == NO_HASH_MARK {
+                return Err(Error::new(
+                    Kind::Remote,
+                    format!(
+                        "sudo on {host}: root has no sha256sum to check the copy of blocksync it would run; install blocksync there and give -S"
+                    ),
+                ));
+            }
+            return Err(start_failure(host, self, status, &stderr.settled(), &out));
         }
-        result
+        Err(Error::new(
+            Kind::Remote,
+            format!("{host}: the deployed blocksync did not start"),
+        ))
     }
 
     /// The remote command that starts the launcher; `hold`: a launcher that asks for a
@@ -369,21 +365,23 @@ fn password(var: &str) -> Result<String> {
     })
 }
 
-/// A probe session kept open: its ssh is the shared login's master.
+/// A probe session kept open while the connections after it are made: its ssh is the
+/// shared login's master. Dropped (when `connect` returns, whichever way), it ends the
+/// probe's session; the master stays while the sessions made through it last, and a
+/// thread reaps it then.
 struct Held {
-    child: Child,
-    writer: ChildStdin,
+    child: Option<Child>,
+    writer: Option<ChildStdin>,
 }
 
-impl Held {
-    /// Ends the probe's session. Its ssh, the master, stays while the sessions made
-    /// through it last; a thread reaps it then.
-    fn release(self) {
-        drop(self.writer);
-        let mut child = self.child;
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.writer.take());
+        if let Some(mut child) = self.child.take() {
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+        }
     }
 }
 
