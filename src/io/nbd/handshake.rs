@@ -330,6 +330,13 @@ mod tests {
         b
     }
 
+    /// The server's answer naming metadata context `name` as `id`.
+    fn meta_context(id: u32, name: &str) -> Vec<u8> {
+        let mut ctx = id.to_be_bytes().to_vec();
+        ctx.extend_from_slice(name.as_bytes());
+        opt_reply(wire::OPT_SET_META_CONTEXT, wire::REP_META_CONTEXT, &ctx)
+    }
+
     fn export_info(size: u64, flags: u16) -> Vec<u8> {
         let mut p = wire::INFO_EXPORT.to_be_bytes().to_vec();
         p.extend_from_slice(&size.to_be_bytes());
@@ -346,13 +353,7 @@ mod tests {
     fn a_good_handshake_reads_size_flags_and_contexts() {
         let mut srv = greeting();
         srv.extend(opt_reply(wire::OPT_STRUCTURED_REPLY, wire::REP_ACK, &[]));
-        let mut ctx = 9u32.to_be_bytes().to_vec();
-        ctx.extend_from_slice(b"base:allocation");
-        srv.extend(opt_reply(
-            wire::OPT_SET_META_CONTEXT,
-            wire::REP_META_CONTEXT,
-            &ctx,
-        ));
+        srv.extend(meta_context(9, "base:allocation"));
         srv.extend(opt_reply(wire::OPT_SET_META_CONTEXT, wire::REP_ACK, &[]));
         let bits = wire::TFLAG_HAS_FLAGS | wire::TFLAG_READ_ONLY | wire::TFLAG_SEND_TRIM;
         srv.extend(opt_reply(
@@ -395,13 +396,7 @@ mod tests {
         assert!(e.message.contains("--bitmap=b0"), "{e}");
 
         let mut stranger = start();
-        let mut ctx = 1u32.to_be_bytes().to_vec();
-        ctx.extend_from_slice(b"qemu:other");
-        stranger.extend(opt_reply(
-            wire::OPT_SET_META_CONTEXT,
-            wire::REP_META_CONTEXT,
-            &ctx,
-        ));
+        stranger.extend(meta_context(1, "qemu:other"));
         let e = run(stranger, &[Context::Allocation]).unwrap_err();
         assert_eq!(e.kind, Kind::Protocol);
 
